@@ -1,0 +1,187 @@
+"""The AR backbone: a plain `transformers.LlamaForCausalLM`, its KV-cached draft loop and sampler.
+
+The model only computes `forward`; sampling and the draft loop are plain functions here
+(LlamaGen's split). The default backbone speaks the SCAN vocabulary of `sequence.py`; a Hub
+backbone (LVM) is the same class with a plain raster vocabulary (see `lvm.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+
+from .sequence import Vocab, answer_positions
+
+
+@dataclass
+class BackboneConfig:
+    """Size of the default in-context model (sized for two CPU cores; DESIGN.md has the timings)."""
+
+    hidden_size: int = 256          # width
+    num_layers: int = 4
+    num_heads: int = 8              # head dim 32
+    intermediate_size: int = 768    # SwiGLU MLP width (3x)
+    max_positions: int = 512        # (2K+2)*64 positions: K <= 3 demonstration pairs
+    rope_theta: float = 10000.0
+
+
+def build_backbone(config: BackboneConfig, vocab: Vocab):
+    """A fresh LlamaForCausalLM over the SCAN vocabulary; no BOS/EOS/pad ids (generation never stops early)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama_config = LlamaConfig(
+        vocab_size=vocab.size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_positions,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(llama_config)
+
+
+def backbone_config_dict(config: BackboneConfig) -> dict:
+    return asdict(config)
+
+
+@dataclass
+class SamplingConfig:
+    """How draft tokens are drawn. temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0          # 0: off
+    top_p: float = 0.9      # LVM's default nucleus
+    candidates: int = 1     # drafts drawn in one batch; the best mean quality wins
+
+
+def sample_from_logits(logits_BV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits over codes only -> (B,) sampled indices. Float32 maths."""
+    logits_BV = logits_BV.float()
+    if sampling.temperature <= 0:
+        return logits_BV.argmax(-1)
+    logits_BV = logits_BV / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits_BV.shape[-1]:
+        kth = torch.topk(logits_BV, sampling.top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    probs_BV = torch.softmax(logits_BV, dim=-1)
+    if 0 < sampling.top_p < 1:
+        sorted_probs, sorted_idx = probs_BV.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        drop = cumulative - sorted_probs > sampling.top_p      # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs_BV = torch.zeros_like(probs_BV).scatter_(-1, sorted_idx, sorted_probs)
+    probs_BV = probs_BV / probs_BV.sum(-1, keepdim=True)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+def quality_from_logits(logits: torch.Tensor, vocab: Vocab) -> torch.Tensor:
+    """(..., V) logits at code tokens -> (...) p(<good>) from the two quality logits (SCAN's score s_n)."""
+    pair = torch.stack([logits[..., vocab.good], logits[..., vocab.bad]], dim=-1).float()
+    return torch.softmax(pair, dim=-1)[..., 0]
+
+
+@dataclass
+class DraftStep:
+    """One written token: its cell, the code per candidate, its quality score per candidate."""
+
+    index: int                  # 0-based count of tokens written
+    cell: int
+    codes: torch.Tensor         # (B,)
+    scores: torch.Tensor        # (B,)
+
+
+@dataclass
+class DraftState:
+    """What the draft leaves behind for the refiners: the KV cache and the answer so far."""
+
+    cache: object               # transformers DynamicCache over [context, answer pairs]
+    context_length: int
+    codes: torch.Tensor         # (B, N) long
+    scores: torch.Tensor        # (B, N) float
+    order: torch.Tensor         # (N,) generation order of the cells
+
+
+def _forward(model, input_ids, position_ids, cache, attention_mask=None):
+    out = model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                attention_mask=attention_mask)
+    return out.logits, out.past_key_values
+
+
+@torch.no_grad()
+def draft_scan(model, vocab: Vocab, context: torch.Tensor, sampling: SamplingConfig,
+               generator: torch.Generator | None = None, order: torch.Tensor | None = None,
+               state_out: list | None = None) -> Iterator[DraftStep]:
+    """Write the answer in SCAN form with a KV cache, one forward per token.
+
+    The context is prefilled once (with the first <at_n>); then each forward takes
+    [y_prev, <at_next>]: the logits at y_prev score it (quality), those at <at_next> give the
+    next code. Yields a DraftStep per token once its score is known; the final state (cache,
+    codes, scores) is appended to `state_out` when given.
+    """
+    device = next(model.parameters()).device
+    cells = vocab.cells
+    batch = max(1, sampling.candidates)
+    order = torch.arange(cells) if order is None else order.cpu()
+    context_length = int(context.numel())
+    codes = torch.zeros(batch, cells, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, cells, dtype=torch.float32, device=device)
+
+    first = int(order[0])
+    input_ids = torch.cat([context.to(device), torch.tensor([vocab.at(first)], device=device)])[None].repeat(batch, 1)
+    positions = torch.cat([torch.arange(context_length), torch.tensor([context_length + first])]).to(device)[None].repeat(batch, 1)
+    logits, cache = _forward(model, input_ids, positions, None)
+    gen_logits = logits[:, -1, : vocab.codebook_size]
+    for index in range(cells):
+        cell = int(order[index])
+        new_codes = sample_from_logits(gen_logits, sampling, generator)
+        codes[:, cell] = new_codes
+        if index + 1 < cells:
+            nxt = int(order[index + 1])
+            step_ids = torch.stack([new_codes, torch.full_like(new_codes, vocab.at(nxt))], dim=1)
+            step_pos = torch.tensor([context_length + cell, context_length + nxt], device=device)[None].repeat(batch, 1)
+        else:
+            step_ids = new_codes[:, None]
+            step_pos = torch.tensor([[context_length + cell]], device=device).repeat(batch, 1)
+        logits, cache = _forward(model, step_ids, step_pos, cache)
+        scores[:, cell] = quality_from_logits(logits[:, 0], vocab)
+        gen_logits = logits[:, -1, : vocab.codebook_size]
+        yield DraftStep(index, cell, new_codes.clone(), scores[:, cell].clone())
+    if state_out is not None:
+        state_out.append(DraftState(cache, context_length, codes, scores, order))
+
+
+@torch.no_grad()
+def score_answer(model, vocab: Vocab, context: torch.Tensor, codes: torch.Tensor, order: torch.Tensor | None = None):
+    """Teacher-forced pass over a full answer: returns (gen_logits (B, N, C) per cell, quality (B, N), cache).
+
+    Used to (re)score an answer that did not come from the draft loop (e.g. after VSR) and by tests
+    as the uncached reference.
+    """
+    device = next(model.parameters()).device
+    codes = codes.to(device)
+    batch, cells = codes.shape
+    order = torch.arange(cells, device=device) if order is None else order.to(device)
+    context_length = int(context.numel())
+    from .sequence import interleave_answer
+
+    answer = interleave_answer(vocab, order[None].repeat(batch, 1), codes[:, order])
+    input_ids = torch.cat([context.to(device)[None].repeat(batch, 1), answer], dim=1)
+    positions = torch.cat([torch.arange(context_length, device=device)[None].repeat(batch, 1),
+                           answer_positions(context_length, order[None].repeat(batch, 1))], dim=1)
+    logits, cache = _forward(model, input_ids, positions, None)
+    at_logits = logits[:, context_length::2, : vocab.codebook_size]     # (B, N, C) in `order`
+    quality = quality_from_logits(logits[:, context_length + 1::2], vocab)
+    gen = torch.empty_like(at_logits)
+    gen[:, order] = at_logits
+    scores = torch.empty_like(quality)
+    scores[:, order] = quality
+    return gen, scores, cache

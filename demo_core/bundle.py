@@ -1,0 +1,232 @@
+"""Model bundles: one folder (or Hub repo) holding everything a pipeline needs.
+
+    bundle.json     format version, image size, grid, tokens per image, codebook size,
+                    sequence format, special token ids, tasks, which parts are present
+    tokenizer/      diffusers.VQModel (save_pretrained layout)
+    backbone/       transformers.LlamaForCausalLM (save_pretrained layout)
+    refiner/        VSR g_phi (PyTorchModelHubMixin layout: config.json + model.safetensors), optional
+
+Loading is strict (missing, unexpected or mis-shaped weights name the part and the keys) and
+reads safetensors only. A Hub repo id goes through `huggingface_hub.snapshot_download`
+(pinned with `revision=`); named recipes (`lvm-7b`) live in `lvm.py`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .sequence import Vocab, max_pairs
+
+FORMAT = "retouch-bundle"
+FORMAT_VERSION = 1
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "retouch-tiny"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the part and what to do."""
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the parts as live objects plus the manifest."""
+
+    info: dict
+    tokenizer: object                 # VQTokenizer
+    backbone: torch.nn.Module         # LlamaForCausalLM
+    refiner: torch.nn.Module | None = None
+    source: str = ""
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def vocab(self) -> Vocab:
+        return Vocab(int(self.info["codebook_size"]), int(self.info["tokens_per_image"]))
+
+    @property
+    def sequence_format(self) -> str:
+        return self.info.get("sequence_format", "scan")
+
+    @property
+    def max_pairs(self) -> int:
+        return int(self.info.get("max_pairs") or max_pairs(self.backbone.config.max_position_embeddings,
+                                                           int(self.info["tokens_per_image"])))
+
+
+def manifest(tokenizer, backbone, *, name: str, tasks: list[str], sequence_format: str = "scan", refiner: bool = False,
+             extra: dict | None = None) -> dict:
+    """bundle.json contents for parts in hand."""
+    vocab = Vocab(tokenizer.codebook_size, tokenizer.grid ** 2)
+    info = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+        "image_size": tokenizer.image_size, "grid": tokenizer.grid, "tokens_per_image": tokenizer.grid ** 2,
+        "codebook_size": tokenizer.codebook_size, "sequence_format": sequence_format,
+        "special_tokens": vocab.special_ids() if sequence_format == "scan" else {},
+        "vocab_size": int(backbone.config.vocab_size),
+        "max_pairs": max_pairs(backbone.config.max_position_embeddings, tokenizer.grid ** 2),
+        "tasks": list(tasks),
+        "parts": {"tokenizer": "tokenizer", "backbone": "backbone", **({"refiner": "refiner"} if refiner else {})},
+    }
+    info.update(extra or {})
+    return info
+
+
+def save_bundle(folder, tokenizer, backbone, refiner=None, *, name: str = "bundle", tasks=(), sequence_format="scan") -> Path:
+    """Write a bundle folder (every part in its library's own layout, safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.model.save_pretrained(folder / "tokenizer", safe_serialization=True)
+    backbone.save_pretrained(folder / "backbone", safe_serialization=True)
+    if refiner is not None:
+        refiner.save_pretrained(folder / "refiner")
+    info = manifest(tokenizer, backbone, name=name, tasks=list(tasks), sequence_format=sequence_format, refiner=refiner is not None)
+    (folder / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
+    return folder
+
+
+def read_safetensors(folder: Path, part: str) -> dict[str, torch.Tensor]:
+    """All tensors of a part folder: one *.safetensors file or a sharded set with its index."""
+    from safetensors.torch import load_file
+
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        files = [folder / shard for shard in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise BundleError(f"{part}: no .safetensors weights in {folder}")
+    state = {}
+    for file in files:
+        if not file.exists():
+            raise BundleError(f"{part}: shard {file.name} listed in the index is missing from {folder}")
+        try:
+            state.update(load_file(file))
+        except Exception as error:
+            raise BundleError(f"{part}: cannot read {file.name} ({error}); the file is corrupt or incomplete") from error
+    return state
+
+
+def load_strict(module: torch.nn.Module, state: dict, part: str) -> None:
+    """load_state_dict(strict=True) with a one-line error naming what differs."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        def few(keys):
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        problems = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                    f"wrong shape {few(wrong)}" if wrong else ""]
+        raise BundleError(f"{part}: weights do not match the config: " + "; ".join(p for p in problems if p))
+    module.load_state_dict(state, strict=True, assign=any(p.is_meta for p in module.parameters()))
+
+
+def _read_json(path: Path, part: str) -> dict:
+    if not path.exists():
+        raise BundleError(f"{part}: {path.name} is missing in {path.parent}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{part}: {path} is not valid JSON ({error.msg} at line {error.lineno})") from error
+
+
+def load_tokenizer_part(folder: Path):
+    from diffusers import VQModel
+
+    from .tokenizer import VQTokenizer
+
+    config = _read_json(folder / "config.json", "tokenizer")
+    try:
+        model = VQModel.from_config(config)
+    except Exception as error:
+        raise BundleError(f"tokenizer: config.json does not describe a diffusers VQModel ({error})") from error
+    load_strict(model, read_safetensors(folder, "tokenizer"), "tokenizer")
+    return VQTokenizer(model.float().eval())
+
+
+def load_backbone_part(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _read_json(folder / "config.json", "backbone")
+    try:
+        config = LlamaConfig.from_pretrained(folder)
+    except Exception as error:
+        raise BundleError(f"backbone: config.json is not a Llama config ({error})") from error
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):           # no random init: a 7B model loads without a second copy
+        model = LlamaForCausalLM(config)
+    state = read_safetensors(folder, "backbone")
+    if "lm_head.weight" not in state and config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    load_strict(model, state, "backbone")
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)   # buffers are not in the state dict
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_refiner_part(folder: Path):
+    from .refiners.self_refine import SelfRefiner
+
+    config = _read_json(folder / "config.json", "refiner")
+    try:
+        refiner = SelfRefiner(**config)
+    except TypeError as error:
+        raise BundleError(f"refiner: config.json does not match the g_phi arguments ({error})") from error
+    load_strict(refiner, read_safetensors(folder, "refiner"), "refiner")
+    return refiner.eval()
+
+
+def resolve(source: str | Path | None, revision: str | None = None) -> Path:
+    """A local folder for a bundle: the default, a path, or a Hub repo id (snapshot_download)."""
+    if source is None or str(source) in ("", "default", "retouch-tiny"):
+        return DEFAULT_BUNDLE
+    path = Path(str(source)).expanduser()
+    if path.exists():
+        return path
+    if HUB_ID.match(str(source)):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+        try:
+            return Path(snapshot_download(str(source), revision=revision))
+        except LocalEntryNotFoundError as error:
+            raise BundleError(f"{source}: not in the local Hub cache and the Hub cannot be reached "
+                              f"(offline); download it where there is internet, or give a local folder") from error
+        except RepositoryNotFoundError as error:
+            raise BundleError(f"{source}: no such model repo on the Hub (or it is private)") from error
+        except RevisionNotFoundError as error:
+            raise BundleError(f"{source}: revision {revision!r} does not exist") from error
+        except Exception as error:
+            raise BundleError(f"{source}: could not download from the Hub ({type(error).__name__}: {error})") from error
+    raise BundleError(f"{source}: no such folder, and not a Hub repo id of the form org/name")
+
+
+def load_bundle(source: str | Path | None = None, revision: str | None = None, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> Bundle:
+    """Load a bundle strictly from the default, a local folder or a Hub repo id (+ revision)."""
+    folder = resolve(source, revision)
+    info = _read_json(folder / "bundle.json", "bundle")
+    if info.get("format") != FORMAT:
+        raise BundleError(f"bundle: {folder / 'bundle.json'} is not a {FORMAT} manifest")
+    if int(info.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(f"bundle: format version {info['format_version']} is newer than this code ({FORMAT_VERSION}); update Retouch")
+    parts = info.get("parts", {})
+    for part in ("tokenizer", "backbone"):
+        if part not in parts or not (folder / parts[part]).is_dir():
+            raise BundleError(f"bundle: the {part} part is missing in {folder} (expected folder {parts.get(part, part)}/)")
+    tokenizer = load_tokenizer_part(folder / parts["tokenizer"])
+    tokenizer.model.to(device)
+    backbone = load_backbone_part(folder / parts["backbone"], dtype=dtype, device=device)
+    if int(backbone.config.vocab_size) != int(info.get("vocab_size", backbone.config.vocab_size)):
+        raise BundleError(f"backbone: vocabulary {backbone.config.vocab_size} does not match bundle.json ({info['vocab_size']})")
+    if tokenizer.codebook_size != int(info["codebook_size"]):
+        raise BundleError(f"tokenizer: {tokenizer.codebook_size} codes, bundle.json says {info['codebook_size']}")
+    refiner = None
+    if "refiner" in parts:
+        if not (folder / parts["refiner"]).is_dir():
+            raise BundleError(f"bundle: the refiner part is listed but {parts['refiner']}/ is missing in {folder}")
+        refiner = load_refiner_part(folder / parts["refiner"]).to(device)
+    return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, refiner=refiner, source=str(source or "default"))

@@ -1,0 +1,99 @@
+"""The `reconstruct` and `generate` commands (argument parsing and printing only; work is in the engine)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def reconstruct_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo_core reconstruct",
+                                     description="Encode an image to tokens and decode it back through a bundle's tokenizer.")
+    parser.add_argument("image", help="any image file (centre-cropped and resized to the tokenizer's size)")
+    parser.add_argument("--out", type=Path, default=None, help="write the reconstruction here (PNG)")
+    parser.add_argument("--bundle", default=None, help="bundle folder or Hub id (default: the embedded retouch-tiny)")
+    args = parser.parse_args(argv)
+    from .bundle import BundleError, load_tokenizer_part, resolve
+    from .images import ImageInputError, float_to_pil, load_square, pil_to_float
+    from .metrics import psnr, ssim
+
+    try:
+        folder = resolve(args.bundle)
+        tokenizer = load_tokenizer_part(folder / "tokenizer")
+        image = load_square(args.image, tokenizer.image_size, "image")
+    except (BundleError, ImageInputError) as error:
+        return _fail(str(error))
+    codes = tokenizer.encode([image])
+    reconstruction = tokenizer.decode(codes)[0]
+    original = pil_to_float(image)
+    print(f"{tokenizer.image_size}x{tokenizer.image_size} -> {tokenizer.grid}x{tokenizer.grid} tokens "
+          f"({len(np.unique(codes.numpy()))} distinct codes); PSNR {psnr(original, reconstruction):.2f} dB, "
+          f"SSIM {ssim(original, reconstruction):.3f}")
+    if args.out:
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            float_to_pil(reconstruction).save(args.out)
+        except OSError as error:
+            return _fail(f"cannot write {args.out}: {error.strerror or error}")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def generate_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo_core generate",
+                                     description="Answer a query the way the demonstration pairs show, then refine.")
+    parser.add_argument("--pair", nargs=2, action="append", metavar=("X", "Y"), default=[], help="a demonstration pair (repeatable)")
+    parser.add_argument("--query", required=False, help="the query image")
+    parser.add_argument("--refine", default="scan", help="comma-separated stages after the draft: scan, self, or none")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--candidates", type=int, default=1)
+    parser.add_argument("--scan-iterations", type=int, default=30, help="SCAN T")
+    parser.add_argument("--scan-cells", type=int, default=4, help="SCAN c")
+    parser.add_argument("--bundle", default=None, help="bundle folder, Hub id or lvm-7b (default: embedded retouch-tiny)")
+    parser.add_argument("--out", type=Path, default=Path("out.png"))
+    parser.add_argument("--heatmap", action="store_true", help="also write OUT.quality.png (per-token quality of the final image)")
+    parser.add_argument("--stages", action="store_true", help="also write OUT.<stage>.png for every stage")
+    args = parser.parse_args(argv)
+    if not args.query:
+        return _fail("give --query IMAGE")
+    if not args.pair:
+        return _fail("give at least one --pair INPUT ANSWER")
+    refine = tuple(s.strip() for s in args.refine.split(",") if s.strip() and s.strip() != "none")
+    from .bundle import BundleError
+    from .engine import EngineInputError, load_engine
+
+    try:
+        engine = load_engine(args.bundle)
+        result = engine.run([tuple(p) for p in args.pair], args.query, refine=refine, seed=args.seed,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, candidates=args.candidates,
+                            scan_iterations=args.scan_iterations, scan_cells=args.scan_cells)
+    except (BundleError, EngineInputError) as error:
+        return _fail(str(error))
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result.final.save(args.out)
+        if args.stages:
+            for name, image in result.stages.items():
+                image.save(args.out.with_suffix(f".{name}.png"))
+        if args.heatmap:
+            from .viz import quality_overlay
+
+            last = list(result.quality)[-1]
+            quality_overlay(result.final, result.quality[last]).save(args.out.with_suffix(".quality.png"))
+    except OSError as error:
+        return _fail(f"cannot write {args.out}: {error.strerror or error}")
+    accepted = sum(sum(step.accepted) for step in result.history)
+    print(f"wrote {args.out}; stages {', '.join(result.stages)}; SCAN accepted {accepted} of "
+          f"{sum(len(s.cells) for s in result.history)} regenerated tokens; "
+          + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
+    return 0

@@ -1,0 +1,250 @@
+"""The engine: composes tokenizer, backbone and refiners into `run()` and `stream()`.
+
+    from demo_core import load_engine
+    engine = load_engine()     # embedded default; or a folder, a Hub id, "lvm-7b"
+    result = engine.run(pairs=[(x1, y1)], query=q, refine=("scan", "self"), seed=0)
+    for event in engine.stream(pairs=..., query=..., refine=..., seed=0): ...
+
+Owns device and dtype (chosen once, here), input validation, and the order of stages.
+Returns typed events (`events.py`); never imports gradio.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbone import SamplingConfig, draft_scan, score_answer
+from .bundle import Bundle, load_bundle
+from .events import DraftDone, Event, Finished, GenerationStarted, Result, ScanStep, StageDone, TokensWritten
+from .images import ImageInputError, float_to_pil, load_square
+from .refiners.scan import ScanConfig, scan_refine, select_cache_batch
+from .sequence import context_tokens
+
+REFINERS = ("scan", "self")
+
+
+class EngineInputError(ValueError):
+    """Input the user must change; the message says what."""
+
+
+@dataclass
+class RunSettings:
+    """Everything a run can be asked to do besides its images."""
+
+    refine: tuple[str, ...] = ("scan",)   # stages after the draft, in order: "scan", "self"
+    seed: int = 0
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    candidates: int = 1
+    scan_iterations: int = 30             # SCAN T
+    scan_cells: int = 4                   # SCAN c
+    canvas_every: int = 4                 # decode the live canvas every n tokens (0: never)
+    decode_scan_steps: bool = True        # decode an image after every SCAN iteration
+
+
+def choose_device(preference: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA (bf16 where supported, else fp16) > MPS > CPU float32. Chosen once, at load."""
+    if preference:
+        device = torch.device(preference)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif device.type == "mps":
+        dtype = torch.float16
+    else:
+        dtype = torch.float32
+    return device, dtype
+
+
+class Engine:
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.tokenizer = bundle.tokenizer
+        self.model = bundle.backbone
+        self.refiner = bundle.refiner
+        self.vocab = bundle.vocab
+        self.device = next(self.model.parameters()).device
+        self.grid = self.tokenizer.grid
+        self.image_size = self.tokenizer.image_size
+
+    # -- inputs ---------------------------------------------------------------------------------
+    @property
+    def max_pairs(self) -> int:
+        return self.bundle.max_pairs
+
+    @property
+    def available_refiners(self) -> tuple[str, ...]:
+        return ("scan", "self") if self.refiner is not None else ("scan",)
+
+    def prepare(self, pairs: Sequence, query) -> tuple[list[tuple[Image.Image, Image.Image]], Image.Image]:
+        """Validate and load the images (any size or mode: centre-cropped, resized, converted to RGB)."""
+        pairs = [tuple(pair) if pair is not None else (None, None) for pair in (pairs or [])]
+        pairs = [pair for pair in pairs if not (pair[0] is None and pair[1] is None)]
+        if not pairs:
+            raise EngineInputError("Give at least one demonstration pair (an input image and its answer).")
+        if len(pairs) > self.max_pairs:
+            raise EngineInputError(f"{len(pairs)} pairs do not fit in the context: this model holds at most "
+                                   f"{self.max_pairs}; remove {len(pairs) - self.max_pairs}.")
+        if query is None:
+            raise EngineInputError("Give a query image: the model answers it the way the pairs show.")
+        loaded = []
+        for number, pair in enumerate(pairs, 1):
+            if len(pair) != 2 or pair[0] is None or pair[1] is None:
+                side = "input" if len(pair) < 1 or pair[0] is None else "answer"
+                raise EngineInputError(f"Pair {number} has no {side} image; add it or remove the pair.")
+            try:
+                loaded.append((load_square(pair[0], self.image_size, f"pair {number} input"),
+                               load_square(pair[1], self.image_size, f"pair {number} answer")))
+            except ImageInputError as error:
+                raise EngineInputError(str(error)) from error
+        try:
+            query_image = load_square(query, self.image_size, "query")
+        except ImageInputError as error:
+            raise EngineInputError(str(error)) from error
+        return loaded, query_image
+
+    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.tokenizer.encode(images).view(len(images), -1).cpu()
+
+    def decode(self, codes) -> Image.Image:
+        codes = torch.as_tensor(np.asarray(codes)).view(1, self.grid, self.grid)
+        return self.tokenizer.decode_pil(codes)
+
+    # -- generation -----------------------------------------------------------------------------
+    def stream(self, pairs: Sequence, query, refine: Sequence[str] = ("scan",), seed: int = 0, **settings) -> Iterator[Event]:
+        """Generate, then refine; yields typed events (see events.py) and finally `Finished(result)`."""
+        settings = RunSettings(refine=tuple(refine or ()), seed=int(seed), **settings)
+        unknown = [stage for stage in settings.refine if stage not in REFINERS]
+        if unknown:
+            raise EngineInputError(f"Unknown refiner {unknown[0]!r}; choose from {', '.join(REFINERS)}.")
+        if "self" in settings.refine and self.refiner is None:
+            raise EngineInputError("This model has no VSR refiner (g_phi); choose SCAN only or load a bundle with refiner/.")
+        if settings.candidates < 1 or settings.scan_iterations < 0 or settings.scan_cells < 1:
+            raise EngineInputError("candidates and SCAN c must be at least 1, SCAN T at least 0.")
+        loaded, query_image = self.prepare(pairs, query)
+        if self.bundle.sequence_format == "lvm":
+            from .lvm import lvm_stream
+
+            yield from lvm_stream(self, loaded, query_image, settings)
+            return
+        yield from self._stream_scan(loaded, query_image, settings)
+
+    def run(self, pairs: Sequence, query, refine: Sequence[str] = ("scan",), seed: int = 0, **settings) -> Result:
+        """`stream()` to the end; returns its Result (no canvases decoded on the way)."""
+        settings.setdefault("canvas_every", 0)
+        settings.setdefault("decode_scan_steps", False)
+        result = None
+        for event in self.stream(pairs, query, refine=refine, seed=seed, **settings):
+            if isinstance(event, Finished):
+                result = event.result
+        return result
+
+    def _grid(self, values: torch.Tensor) -> np.ndarray:
+        return values.detach().float().cpu().numpy().reshape(self.grid, self.grid)
+
+    def _stream_scan(self, loaded, query_image: Image.Image, settings: RunSettings) -> Iterator[Event]:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        images = [image for pair in loaded for image in pair] + [query_image]
+        codes = self.encode(images)                                          # (2K+1, N)
+        query_codes = codes[-1]
+        context = context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(len(loaded))], query_codes)
+        timings["encode"] = time.perf_counter() - start
+        cells = self.vocab.cells
+        yield GenerationStarted(total_tokens=cells, grid=self.grid, pairs=len(loaded), context_tokens=int(context.numel()),
+                                stages=["draft", *settings.refine], sequence_format="scan")
+        sampling = SamplingConfig(settings.temperature, settings.top_k, settings.top_p, settings.candidates)
+        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+
+        # 1. draft, token by token
+        start = time.perf_counter()
+        decode_time = 0.0
+        states = []
+        written = np.zeros((self.grid, self.grid), dtype=bool)
+        canvas_codes = query_codes.clone()          # unwritten cells show the query's codes (the UI dims them)
+        for step in draft_scan(self.model, self.vocab, context, sampling, generator, state_out=states):
+            written.flat[step.cell] = True
+            canvas_codes[step.cell] = int(step.codes[0])
+            canvas = None
+            if settings.canvas_every and ((step.index + 1) % settings.canvas_every == 0 or step.index + 1 == cells):
+                tick = time.perf_counter()
+                canvas = self.decode(canvas_codes)
+                decode_time += time.perf_counter() - tick
+            yield TokensWritten(step.index, step.cell, int(step.codes[0]), float(step.scores[0]), written.copy(), canvas)
+        state = states[0]
+        mean_quality = state.scores.mean(1)
+        chosen = int(mean_quality.argmax())
+        candidate_images = [self.decode(state.codes[b]) for b in range(state.codes.shape[0])]
+        if state.codes.shape[0] > 1:
+            select_cache_batch(state.cache, chosen)
+            state.codes, state.scores = state.codes[chosen:chosen + 1], state.scores[chosen:chosen + 1]
+        timings["draft"] = time.perf_counter() - start - decode_time
+        timings["decode"] = decode_time
+        draft_image = candidate_images[chosen]
+        stage_images = {"draft": draft_image}
+        stage_tokens = {"draft": self._grid(state.codes[0]).astype(np.int64)}
+        stage_quality = {"draft": self._grid(state.scores[0])}
+        yield DraftDone(draft_image, stage_tokens["draft"], stage_quality["draft"], candidate_images,
+                        [float(q) for q in mean_quality], chosen)
+
+        history: list[ScanStep] = []
+        changed: dict[str, list[int]] = {}
+        for stage in settings.refine:
+            start = time.perf_counter()
+            before = state.codes[0].clone()
+            if stage == "scan":
+                config = ScanConfig(iterations=settings.scan_iterations, cells_per_iteration=settings.scan_cells)
+                for record in scan_refine(self.model, self.vocab, state, config, sampling, generator):
+                    image = None
+                    if settings.decode_scan_steps:
+                        tick = time.perf_counter()
+                        image = self.decode(record.codes)
+                        timings["decode"] += time.perf_counter() - tick
+                    event = ScanStep(record.iteration, record.cells, record.old_tokens, record.new_tokens, record.old_scores,
+                                     record.new_scores, record.accepted, image, self._grid(record.scores),
+                                     self._grid(record.codes).astype(np.int64))
+                    history.append(event)
+                    yield event
+            else:
+                from .refiners.self_refine import self_refine
+
+                new_codes = self_refine(self.refiner, self.model, self.vocab, state.codes, query_codes=query_codes[None])
+                gen, scores, cache = score_answer(self.model, self.vocab, context, new_codes)   # re-score the new image
+                state.codes, state.scores, state.cache = new_codes, scores, cache
+                state.order = torch.arange(cells)
+            name = stage if stage not in stage_images else f"{stage}#{len(stage_images)}"
+            changed[name] = torch.nonzero(state.codes[0].cpu() != before.cpu()).flatten().tolist()
+            stage_tokens[name] = self._grid(state.codes[0]).astype(np.int64)
+            stage_quality[name] = self._grid(state.scores[0])
+            timings[name] = time.perf_counter() - start
+            stage_images[name] = self.decode(state.codes[0])
+            yield StageDone(name, stage_images[name], stage_tokens[name], stage_quality[name], changed[name])
+        final_name = list(stage_images)[-1]
+        timings["total"] = sum(v for k, v in timings.items())
+        result = Result(draft=draft_image, final=stage_images[final_name], stages=stage_images, tokens=stage_tokens,
+                        quality=stage_quality, history=history, changed=changed, timings=timings,
+                        candidates=candidate_images, query=query_image)
+        yield Finished(result)
+
+
+def load_engine(source=None, revision: str | None = None, device: str | None = None) -> Engine:
+    """The embedded default (None), a bundle folder, a Hub repo id (+revision) or a named recipe ("lvm-7b")."""
+    target_device, dtype = choose_device(device)
+    if isinstance(source, str) and source.lower() in ("lvm-7b", "lvm"):
+        from .lvm import load_lvm_bundle
+
+        return Engine(load_lvm_bundle(device=target_device, dtype=dtype))
+    # the default bundle is tiny: float32 everywhere
+    bundle = load_bundle(source, revision=revision, device=target_device, dtype=torch.float32)
+    return Engine(bundle)

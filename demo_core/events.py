@@ -1,0 +1,85 @@
+"""Typed events of `Engine.stream()` and the `Result` of `Engine.run()`: the contract the UI,
+the CLI, tests and benchmarks share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class GenerationStarted:
+    total_tokens: int               # tokens the draft will write
+    grid: int                       # answer grid side (cells = grid * grid)
+    pairs: int                      # K demonstration pairs used
+    context_tokens: int             # prompt length
+    stages: list[str]               # e.g. ["draft", "scan", "self"]
+    sequence_format: str            # "scan" (default bundle) or "lvm" (Hub LVM, training-free SCAN fallback)
+
+
+@dataclass
+class TokensWritten:
+    index: int                      # tokens written so far - 1
+    cell: int                       # grid cell of this token (row * grid + col)
+    token: int                      # the code (chosen candidate 0)
+    quality: float                  # its quality score in [0, 1]
+    written: np.ndarray             # (grid, grid) bool, cells written so far
+    canvas: Image.Image | None = None   # decoded image of the written cells (when requested this step)
+
+
+@dataclass
+class DraftDone:
+    image: Image.Image
+    codes: np.ndarray               # (grid, grid)
+    quality: np.ndarray             # (grid, grid) scores in [0, 1]
+    candidates: list[Image.Image]   # every drafted candidate; `image` is the best by mean quality
+    candidate_scores: list[float]
+    chosen: int
+
+
+@dataclass
+class ScanStep:
+    iteration: int
+    cells: list[int]
+    old_tokens: list[int]
+    new_tokens: list[int]
+    old_scores: list[float]
+    new_scores: list[float]
+    accepted: list[bool]
+    image: Image.Image | None       # image after this iteration (decoded when requested)
+    quality: np.ndarray             # (grid, grid) after this iteration
+    codes: np.ndarray               # (grid, grid) after this iteration
+
+
+@dataclass
+class StageDone:
+    """A refinement stage finished (scan or self)."""
+
+    stage: str
+    image: Image.Image
+    codes: np.ndarray
+    quality: np.ndarray | None
+    changed_cells: list[int]
+
+
+@dataclass
+class Result:
+    draft: Image.Image
+    final: Image.Image
+    stages: dict[str, Image.Image]                 # "draft", then each refiner in the order applied
+    tokens: dict[str, np.ndarray]                  # stage -> (grid, grid) codes
+    quality: dict[str, np.ndarray]                 # stage -> (grid, grid) scores (missing where not scored)
+    history: list[ScanStep]                        # every SCAN iteration
+    changed: dict[str, list[int]]                  # stage -> cells it changed
+    timings: dict[str, float]                      # seconds per stage (+ "total")
+    candidates: list[Image.Image] = field(default_factory=list)
+    query: Image.Image | None = None
+
+
+@dataclass
+class Finished:
+    result: Result
+
+
+Event = GenerationStarted | TokensWritten | DraftDone | ScanStep | StageDone | Finished

@@ -1,0 +1,138 @@
+"""VQ image tokenizer: image <-> grid of code indices, with a `diffusers.VQModel` inside.
+
+The same class holds the embedded default (trained here) and LVM's converted MUSE VQGAN.
+Quantizer maths stays float32 (LVM's VQGAN produces NaNs in fp16).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class TokenizerConfig:
+    """Shape of the default tokenizer: 64x64 RGB -> 8x8 codes (f8)."""
+
+    image_size: int = 64                                   # input side in pixels
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)  # one down block each; 4 blocks -> f8
+    layers_per_block: int = 1
+    latent_channels: int = 8                               # code vector dimension
+    num_vq_embeddings: int = 1024                          # codebook size
+    norm_num_groups: int = 16
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // 2 ** (len(self.block_out_channels) - 1)
+
+
+def build_vqmodel(config: TokenizerConfig):
+    """A fresh `diffusers.VQModel` of this config (no attention: fast on a CPU, like MUSE's VQGAN)."""
+    from diffusers import VQModel
+
+    blocks = len(config.block_out_channels)
+    return VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        act_fn="silu",
+        latent_channels=config.latent_channels,
+        sample_size=config.image_size,
+        num_vq_embeddings=config.num_vq_embeddings,
+        norm_num_groups=config.norm_num_groups,
+        vq_embed_dim=config.latent_channels,
+        mid_block_add_attention=False,
+    )
+
+
+class VQTokenizer:
+    """Encodes RGB images in [0, 1] to (B, g, g) code grids and decodes them back."""
+
+    def __init__(self, vqmodel, image_size: int | None = None):
+        self.model = vqmodel.eval().float()
+        self.image_size = int(image_size or vqmodel.config.sample_size)
+        blocks = len(vqmodel.config.block_out_channels)
+        self.grid = self.image_size // 2 ** (blocks - 1)
+        self.codebook_size = int(vqmodel.config.num_vq_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(C, D) code vectors, float32."""
+        return self.model.quantize.embedding.weight
+
+    # -- images <-> tensors ------------------------------------------------------------
+    def to_tensor(self, images) -> torch.Tensor:
+        """PIL images / HxWx3 float arrays / a BxHxWx3 array -> (B, 3, H, W) in [-1, 1] on the device."""
+        if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
+            images = [images]
+        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 if isinstance(im, Image.Image) else np.asarray(im, dtype=np.float32)
+                  for im in images]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        if batch.shape[-1] != self.image_size or batch.shape[-2] != self.image_size:
+            raise ValueError(f"tokenizer expects {self.image_size}x{self.image_size} images, got {tuple(batch.shape[-2:])}")
+        return (batch * 2.0 - 1.0).to(self.device)
+
+    @staticmethod
+    def to_arrays(batch: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) in [-1, 1] -> BxHxWx3 float32 in [0, 1]."""
+        return ((batch.detach().float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+
+    # -- codes -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> pre-quantization latents (B, D, g, g)."""
+        return self.model.encode(pixels.float()).latents
+
+    @torch.no_grad()
+    def nearest_codes(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, D, g, g) -> (B, g, g) indices of the nearest code (L2, float32)."""
+        flat = latents.float().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+        codebook = self.codebook.float()
+        distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1)[None])
+        return distances.argmin(1).view(latents.shape[0], latents.shape[2], latents.shape[3])
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """Images -> (B, g, g) long code indices."""
+        return self.nearest_codes(self.encode_latents(self.to_tensor(images)))
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, g, g) indices -> (B, 3, H, W) in [-1, 1]."""
+        codes = codes.long().to(self.device)
+        quantized = self.codebook[codes].permute(0, 3, 1, 2).contiguous()  # (B, D, g, g)
+        return self.model.decode(quantized, force_not_quantize=True).sample
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """(B, g, g) or (g, g) or (B, g*g) indices -> BxHxWx3 float arrays in [0, 1]."""
+        codes = torch.as_tensor(codes)
+        if codes.dim() == 1:
+            codes = codes.view(1, self.grid, self.grid)
+        elif codes.dim() == 2 and codes.shape[-1] == self.grid * self.grid:
+            codes = codes.view(-1, self.grid, self.grid)
+        elif codes.dim() == 2:
+            codes = codes[None]
+        return self.to_arrays(self.decode_codes(codes))
+
+    def decode_pil(self, codes) -> Image.Image:
+        from .images import float_to_pil
+
+        return float_to_pil(self.decode(codes)[0])
+
+    def config_dict(self) -> dict:
+        return dict(self.model.config)
+
+
+def tokenizer_config_dict(config: TokenizerConfig) -> dict:
+    data = asdict(config)
+    data["block_out_channels"] = list(config.block_out_channels)
+    return data

@@ -1,0 +1,294 @@
+"""Train the default in-context backbone with SCAN self-calibration.
+
+Every example is [x1, y1, ..., xK, yK, xq] (LVM layout, K in 1..3) followed by the answer in
+SCAN form and an appended refinement segment (SCAN Sec. "Training", Fig. 2a):
+- generation loss at every <at_n>: the ground-truth code of cell n (codes only);
+- quality loss at every code token: <good> if it equals the ground truth, else <bad> (Eq. 17);
+- answer inputs mix ground truth with negatives at a ratio r ~ U[0, 0.4] drawn per example:
+  random codes, position-permuted codes of the same answer, and teacher-forcing errors (codes
+  sampled from the model's own teacher-forced predictions in a no-grad pass on the same batch);
+- the refinement segment re-asks mostly the corrupted cells given the whole corrupted image,
+  its new tokens again negatives with probability r;
+- generation order raster or random (half each), so any cell can be (re)generated.
+
+    nohup nice -n 5 python -m demo_core.train backbone > runs/backbone.out 2>&1 &
+
+Resumes from runs/backbone/checkpoint.pt, else from the weights exported in the bundle
+(`backbone/training.json` records the step), so a run can span sessions.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..backbone import BackboneConfig, backbone_config_dict, build_backbone
+from ..sequence import Vocab, answer_positions, interleave_answer
+from ..tasks import TASKS, ExampleSampler
+from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
+
+NEGATIVE_RATIO = (0.0, 0.4)
+
+
+def load_tokenizer(bundle: Path):
+    from diffusers import VQModel
+
+    from ..tokenizer import VQTokenizer
+
+    return VQTokenizer(VQModel.from_pretrained(bundle / "tokenizer"))
+
+
+def tokenizer_fingerprint(bundle: Path) -> str:
+    return hashlib.sha256((bundle / "tokenizer" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def encode_examples(tokenizer, examples) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples with equal K -> context codes (B, (2K+1)N) and answer codes (B, N)."""
+    images = []
+    for example in examples:
+        for x, y in example.pairs:
+            images += [x, y]
+        images += [example.query, example.answer]
+    codes = tokenizer.encode(np.stack(images)).view(len(examples), -1, tokenizer.grid ** 2)  # (B, 2K+2, N)
+    return codes[:, :-1].reshape(len(examples), -1), codes[:, -1]
+
+
+def negatives(answer: torch.Tensor, tf_codes: torch.Tensor | None, codebook: int, generator: torch.Generator) -> torch.Tensor:
+    """One negative code per cell, each of a random kind: random code, permuted code, teacher-forcing error."""
+    batch, cells = answer.shape
+    random_codes = torch.randint(0, codebook, answer.shape, generator=generator)
+    permuted = torch.stack([row[torch.randperm(cells, generator=generator)] for row in answer])
+    kind = torch.randint(0, 3, answer.shape, generator=generator)
+    out = torch.where(kind == 0, random_codes, permuted)
+    if tf_codes is not None:
+        use_tf = (kind == 2) & (tf_codes != answer)
+        out = torch.where(use_tf, tf_codes, out)
+    return out
+
+
+def build_batch(vocab: Vocab, context: torch.Tensor, answer: torch.Tensor, tf_codes: torch.Tensor | None,
+                generator: torch.Generator, max_refine: int = 16, negative_ratio=NEGATIVE_RATIO, random_order_share=0.5):
+    """Token ids, position ids and targets for one batch (all examples share K, so no padding).
+
+    Returns input_ids (B, T), position_ids (B, T), gen_targets (B, N+R), quality_targets (B, N+R),
+    and the answer length 2(N+R) (the tail of the sequence where the losses live).
+    """
+    batch, cells = answer.shape
+    context_length = context.shape[1]
+    orders = torch.stack([torch.randperm(cells, generator=generator) if torch.rand(1, generator=generator) < random_order_share
+                          else torch.arange(cells) for _ in range(batch)])                       # (B, N)
+    ratio = torch.empty(batch, 1).uniform_(*negative_ratio, generator=generator)              # r per example
+    is_negative = torch.rand(batch, cells, generator=generator) < ratio
+    inputs = torch.where(is_negative, negatives(answer, tf_codes, vocab.codebook_size, generator), answer)
+    draft_codes = inputs.gather(1, orders)
+    draft = interleave_answer(vocab, orders, draft_codes)                                     # (B, 2N)
+
+    refine = int(torch.randint(0, max_refine + 1, (1,), generator=generator))
+    if refine:
+        preference = is_negative.float() + torch.rand(batch, cells, generator=generator)      # corrupted cells first
+        refine_cells = preference.topk(refine, dim=1).indices                                 # (B, R)
+        refine_negative = torch.rand(batch, refine, generator=generator) < ratio
+        refine_truth = answer.gather(1, refine_cells)
+        refine_codes = torch.where(refine_negative, negatives(answer, tf_codes, vocab.codebook_size, generator).gather(1, refine_cells),
+                                   refine_truth)
+        all_cells = torch.cat([orders, refine_cells], 1)
+        all_codes = torch.cat([draft_codes, refine_codes], 1)
+        tail = torch.cat([draft, interleave_answer(vocab, refine_cells, refine_codes)], 1)
+    else:
+        all_cells, all_codes, tail = orders, draft_codes, draft
+    input_ids = torch.cat([context, tail], 1)
+    position_ids = torch.cat([torch.arange(context_length)[None].repeat(batch, 1), answer_positions(context_length, all_cells)], 1)
+    gen_targets = answer.gather(1, all_cells)
+    quality_targets = (all_codes == gen_targets).long()     # 1 = good
+    return input_ids, position_ids, gen_targets, quality_targets, tail.shape[1]
+
+
+def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_targets, tail: int):
+    logits = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=tail).logits   # (B, tail, V)
+    at_logits = logits[:, 0::2, : vocab.codebook_size]
+    code_logits = logits[:, 1::2]
+    quality_logits = torch.stack([code_logits[..., vocab.bad], code_logits[..., vocab.good]], -1)   # class 1 = good
+    gen_loss = F.cross_entropy(at_logits.reshape(-1, vocab.codebook_size).float(), gen_targets.reshape(-1))
+    quality_loss = F.cross_entropy(quality_logits.reshape(-1, 2).float(), quality_targets.reshape(-1))
+    gen_accuracy = (at_logits.argmax(-1) == gen_targets).float().mean()
+    return gen_loss, quality_loss, gen_accuracy, quality_logits
+
+
+@torch.no_grad()
+def teacher_forcing_codes(model, vocab: Vocab, context, answer, generator) -> torch.Tensor:
+    """Sample every cell from the model's teacher-forced prediction (raster, clean answer): SCAN's third negative."""
+    batch, cells = answer.shape
+    order = torch.arange(cells)[None].repeat(batch, 1)
+    tail = interleave_answer(vocab, order, answer)
+    input_ids = torch.cat([context, tail], 1)
+    positions = torch.cat([torch.arange(context.shape[1])[None].repeat(batch, 1), answer_positions(context.shape[1], order)], 1)
+    logits = model(input_ids=input_ids, position_ids=positions, logits_to_keep=tail.shape[1]).logits[:, 0::2, : vocab.codebook_size]
+    probs = torch.softmax(logits.float(), -1).reshape(-1, vocab.codebook_size)
+    return torch.multinomial(probs, 1, generator=generator).view(batch, cells)
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for `labels` (1 positive), by ranks (ties averaged)."""
+    from scipy.stats import rankdata
+
+    positives, negatives_ = labels == 1, labels == 0
+    if positives.sum() == 0 or negatives_.sum() == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2) / (positives.sum() * negatives_.sum()))
+
+
+class ValidationSet:
+    """Fixed held-out examples (validation source images), encoded once."""
+
+    def __init__(self, tokenizer, count: int = 96, seed: int = 1234):
+        sampler = ExampleSampler("val", tokenizer.image_size, seed)
+        self.groups = []   # (task names, context, answer) grouped by K
+        for k in (1, 2, 3):
+            examples = [sampler.sample(task=list(TASKS)[i % len(TASKS)], k=k) for i in range(count // 3)]
+            context, answer = encode_examples(tokenizer, examples)
+            self.groups.append(([e.task for e in examples], context, answer))
+
+    @torch.no_grad()
+    def evaluate(self, model, vocab: Vocab) -> dict:
+        """Teacher-forced token accuracy per task (clean answers) and quality AUROC (answers with r=0.25 negatives)."""
+        model.eval()
+        generator = torch.Generator().manual_seed(0)
+        correct: dict[str, list] = {}
+        quality_scores, quality_labels = [], []
+        for tasks, context, answer in self.groups:
+            ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, None, generator, max_refine=0,
+                                                     negative_ratio=(0.0, 0.0), random_order_share=0.0)
+            _, _, _, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail)
+            logits = model(input_ids=ids, position_ids=pos, logits_to_keep=tail).logits
+            hits = (logits[:, 0::2, : vocab.codebook_size].argmax(-1) == gen_t).float().mean(1)
+            for task, hit in zip(tasks, hits.tolist()):
+                correct.setdefault(task, []).append(hit)
+            tf = teacher_forcing_codes(model, vocab, context, answer, generator)
+            ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf, generator, max_refine=8,
+                                                     negative_ratio=(0.25, 0.25))
+            _, _, _, q_logits = losses(model, vocab, ids, pos, gen_t, q_t, tail)
+            quality_scores.append(torch.softmax(q_logits.float(), -1)[..., 1].flatten().numpy())
+            quality_labels.append(q_t.flatten().numpy())
+        model.train()
+        per_task = {task: float(np.mean(v)) for task, v in correct.items()}
+        return {"token_accuracy": float(np.mean([h for v in correct.values() for h in v])), "per_task": per_task,
+                "quality_auroc": auroc(np.concatenate(quality_scores), np.concatenate(quality_labels))}
+
+
+def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int, elapsed: float, args, validation: dict | None,
+           fingerprint: str) -> None:
+    out = bundle / "backbone"
+    model.save_pretrained(out, safe_serialization=True)
+    write_json(out / "training.json", {"step": step, "elapsed_minutes": round(elapsed / 60, 1),
+                                       "command": "python -m demo_core.train backbone", "tokenizer_sha256_16": fingerprint,
+                                       "config": backbone_config_dict(config), "vocab": vocab.to_dict(),
+                                       "args": {k: str(v) for k, v in vars(args).items()}, "validation": validation})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m demo_core.train backbone", description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--max-refine", type=int, default=16, help="longest appended refinement segment (pairs)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument("--run-dir", type=Path, default=RUNS / "backbone")
+    parser.add_argument("--validate-every", type=int, default=250)
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    logger = setup_logging(args.run_dir, "backbone")
+    tokenizer = load_tokenizer(args.bundle)
+    fingerprint = tokenizer_fingerprint(args.bundle)
+    vocab = Vocab(tokenizer.codebook_size, tokenizer.grid ** 2)
+    config = BackboneConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                            intermediate_size=3 * args.hidden)
+    model = build_backbone(config, vocab)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+    step, elapsed, warm_from = 0, 0.0, 0
+    checkpoint_path = args.run_dir / "checkpoint.pt"
+    state = load_checkpoint(checkpoint_path)
+    exported = args.bundle / "backbone" / "training.json"
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        logger.info(f"resumed from {checkpoint_path} at step {step}")
+    elif exported.exists() and json.loads(exported.read_text()).get("tokenizer_sha256_16") == fingerprint:
+        from safetensors.torch import load_file
+
+        info = json.loads(exported.read_text())
+        model.load_state_dict(load_file(args.bundle / "backbone" / "model.safetensors"), strict=True)
+        step, elapsed = int(info["step"]), float(info["elapsed_minutes"]) * 60
+        warm_from = step   # optimizer moments were not saved with the export: re-warm the lr briefly
+        logger.info(f"resumed from exported weights at step {step} (optimizer restarted, 100-step re-warm-up)")
+    timer = Timer(elapsed)
+    logger.info(f"backbone {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {vocab.size}, "
+                f"config {backbone_config_dict(config)}, args {vars(args)}")
+    sampler = ExampleSampler("train", tokenizer.image_size, args.seed + step)
+    generator = torch.Generator().manual_seed(args.seed + step)
+    validation_set = ValidationSet(tokenizer)
+    validation = None
+    last_save = time.time()
+
+    def checkpoint():
+        save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "step": step, "elapsed": timer.elapsed})
+        export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint)
+
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True)
+    while step < args.steps:
+        lr = cosine_lr(step, args.steps, args.lr, args.warmup)
+        if warm_from and step - warm_from < 100:
+            lr *= (step - warm_from + 1) / 100
+        set_lr(optimizer, lr)
+        k = int(sampler.rng.integers(1, 4))
+        examples = [sampler.sample(k=k) for _ in range(args.batch)]
+        context, answer = encode_examples(tokenizer, examples)
+        model.eval()
+        tf_codes = teacher_forcing_codes(model, vocab, context, answer, generator)
+        model.train()
+        ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf_codes, generator, args.max_refine)
+        gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail)
+        loss = gen_loss + quality_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(gen=f"{gen_loss.item():.3f}", q=f"{quality_loss.item():.3f}", acc=f"{gen_accuracy.item():.3f}")
+        if step % 25 == 0:
+            logger.info(f"step {step} k {k} gen {gen_loss.item():.4f} quality {quality_loss.item():.4f} "
+                        f"acc {gen_accuracy.item():.3f} lr {lr:.2e} elapsed {timer.elapsed / 60:.1f}m")
+        if step % args.validate_every == 0 or step == args.steps:
+            validation = validation_set.evaluate(model, vocab)
+            logger.info(f"step {step} validation {json.dumps(validation)}")
+        if time.time() - last_save > args.checkpoint_minutes * 60 or step == args.steps:
+            checkpoint()
+            last_save = time.time()
+    bar.close()
+    checkpoint()
+    logger.info("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+import torch
+
+from demo_core.backbone import SamplingConfig, draft_scan, sample_from_logits, score_answer
+from demo_core.refiners.scan import ScanConfig, scan_refine
+from demo_core.sequence import max_pairs
+
+from conftest import TINY_VOCAB as VOCAB
+
+
+def context(seed=0, images=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB.codebook_size, (images * VOCAB.cells,), generator=g)
+
+
+def run_draft(model, sampling, seed=0, order=None):
+    state = []
+    steps = list(draft_scan(model, VOCAB, context(), sampling, torch.Generator().manual_seed(seed), order=order, state_out=state))
+    return steps, state[0]
+
+
+def test_stream_yields_one_event_per_token_in_order(tiny_model):
+    order = torch.randperm(VOCAB.cells, generator=torch.Generator().manual_seed(3))
+    steps, state = run_draft(tiny_model, SamplingConfig(), order=order)
+    assert [s.index for s in steps] == list(range(VOCAB.cells))
+    assert [s.cell for s in steps] == order.tolist()
+    assert all(0 <= int(s.codes[0]) < VOCAB.codebook_size for s in steps)   # never a special token
+    assert state.codes.shape == (1, VOCAB.cells)
+
+
+def test_same_seed_same_tokens(tiny_model):
+    a = run_draft(tiny_model, SamplingConfig(), seed=5)[1].codes
+    b = run_draft(tiny_model, SamplingConfig(), seed=5)[1].codes
+    c = run_draft(tiny_model, SamplingConfig(), seed=6)[1].codes
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cached_and_uncached_agree(tiny_model):
+    order = torch.randperm(VOCAB.cells, generator=torch.Generator().manual_seed(1))
+    _, state = run_draft(tiny_model, SamplingConfig(temperature=0), order=order)
+    gen, scores, _ = score_answer(tiny_model, VOCAB, context(), state.codes, order=order)
+    assert torch.allclose(scores, state.scores, atol=1e-5)
+    # greedy: every drafted code is the argmax of the uncached generation logits of its cell
+    assert torch.equal(gen.argmax(-1), state.codes)
+
+
+def test_candidates_batch(tiny_model):
+    _, state = run_draft(tiny_model, SamplingConfig(candidates=3))
+    assert state.codes.shape == (3, VOCAB.cells) and state.scores.shape == (3, VOCAB.cells)
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(4, 10)
+    picked = sample_from_logits(logits, SamplingConfig(temperature=1.0, top_k=1, top_p=1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(picked, logits.argmax(-1))
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    draws = {int(sample_from_logits(logits, SamplingConfig(top_p=0.8), torch.Generator().manual_seed(s))) for s in range(50)}
+    assert draws == {0, 1}
+
+
+def test_scan_accepts_only_improvements_and_history_is_complete(tiny_model):
+    _, state = run_draft(tiny_model, SamplingConfig())
+    before = state.codes[0].clone()
+    history = list(scan_refine(tiny_model, VOCAB, state, ScanConfig(iterations=6, cells_per_iteration=3, patience=100),
+                               SamplingConfig(), torch.Generator().manual_seed(0)))
+    assert len(history) == 6
+    codes = before.clone()
+    for record in history:
+        assert len(record.cells) == 3 and len(set(record.cells)) == 3
+        for cell, old, new, s_old, s_new, ok in zip(record.cells, record.old_tokens, record.new_tokens,
+                                                     record.old_scores, record.new_scores, record.accepted):
+            assert ok == (s_new > s_old)
+            assert old == int(codes[cell])
+            if ok:
+                codes[cell] = new
+        assert torch.equal(codes, record.codes)
+    assert torch.equal(codes, state.codes[0])
+
+
+def test_scan_scores_match_an_uncached_forward(tiny_model):
+    """The accepted state after SCAN equals what a plain sequence with the accepted pairs appended would score."""
+    _, state = run_draft(tiny_model, SamplingConfig(temperature=0))
+    ctx_len = state.context_length
+    history = list(scan_refine(tiny_model, VOCAB, state, ScanConfig(iterations=1, cells_per_iteration=2, patience=100),
+                               SamplingConfig(), torch.Generator().manual_seed(0)))
+    record = history[0]
+    # reference: [context, draft pairs, <at_n>, y'_n] uncached, for each regenerated cell separately
+    from demo_core.sequence import interleave_answer
+    for cell, new, s_new in zip(record.cells, record.new_tokens, record.new_scores):
+        order = torch.arange(VOCAB.cells)
+        draft = interleave_answer(VOCAB, order, run_draft(tiny_model, SamplingConfig(temperature=0))[1].codes[0])
+        ids = torch.cat([context(), draft, torch.tensor([VOCAB.at(cell), new])])[None]
+        pos = torch.cat([torch.arange(ctx_len), (ctx_len + order).repeat_interleave(2), torch.tensor([ctx_len + cell] * 2)])[None]
+        logits = tiny_model(input_ids=ids, position_ids=pos).logits[0]
+        from demo_core.backbone import quality_from_logits
+        assert abs(float(quality_from_logits(logits[-1], VOCAB)) - s_new) < 1e-4
+
+
+def test_max_pairs():
+    assert max_pairs(512, 64) == 3
+    assert max_pairs(4096, 256) == 7
