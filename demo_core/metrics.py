@@ -190,6 +190,9 @@ def lpips_model():
     return _LPIPS_MODEL
 
 
+LPIPS_MIN_SIDE = 32
+
+
 def _to_nchw(images: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images).astype(np.float32)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
 
@@ -209,6 +212,10 @@ def lpips_batch(list_a: Sequence, list_b: Sequence) -> np.ndarray:
             index = [i for i, (a, _) in enumerate(pairs) if a.shape == shape]
             batch_a = _to_nchw([pairs[i][0] for i in index]) * 2 - 1  # LPIPS takes [-1, 1]
             batch_b = _to_nchw([pairs[i][1] for i in index]) * 2 - 1
+            if min(shape[:2]) < LPIPS_MIN_SIDE:  # AlexNet's pooling needs >= 32 px: upsample tiny (test) images
+                scale = -(-LPIPS_MIN_SIDE // min(shape[:2]))
+                batch_a = F.interpolate(batch_a, scale_factor=scale, mode="nearest")
+                batch_b = F.interpolate(batch_b, scale_factor=scale, mode="nearest")
             distances[index] = model(batch_a, batch_b).reshape(-1).double().numpy()  # (n, 1, 1, 1) -> (n,)
     return distances
 

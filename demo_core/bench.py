@@ -1,0 +1,136 @@
+"""`python -m demo_core bench`: where the time goes, per image (VSR Table 5 style).
+
+Per-stage medians over several runs after a warm-up: token generation (draft), SCAN, VSR
+(g_phi + nearest-code lookup), VQ decode, total; draft tokens/s; our KV-cached loop vs
+`model.generate` on the same prompt, measured in the same run; SCAN and VSR cost as a fraction
+of the draft; peak memory; and what a studio user feels: request -> first canvas, -> final image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .images import float_to_pil
+from .tasks import ExampleSampler
+
+
+def _median(values):
+    return float(statistics.median(values)) if values else float("nan")
+
+
+@torch.no_grad()
+def generate_baseline(engine, context: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for `model.generate` to write `new_tokens` tokens after the prompt (sampling, KV cache, no early stop)."""
+    model = engine.model
+    device = next(model.parameters()).device
+    prompt = torch.cat([context, torch.tensor([engine.vocab.at(0)] if engine.bundle.sequence_format == "scan" else [])]).long()
+    start = time.perf_counter()
+    model.generate(prompt[None].to(device), attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long, device=device),
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_p=0.9, temperature=1.0,
+                   eos_token_id=None, pad_token_id=0)
+    return time.perf_counter() - start
+
+
+def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_cells: int, canvas_every: int) -> dict:
+    from .events import DraftDone, Finished, TokensWritten
+    from .sequence import context_tokens
+
+    sampler = ExampleSampler("val", engine.image_size, seed)
+    refine = tuple(stage for stage in ("scan", "self") if stage in engine.available_refiners)
+    rows = []
+    for index in range(runs + 1):                         # run 0 is the warm-up
+        example = sampler.sample(task="colorization", k=pairs)
+        pair_images = [(float_to_pil(x), float_to_pil(y)) for x, y in example.pairs]
+        query = float_to_pil(example.query)
+        start = time.perf_counter()
+        first_canvas = None
+        result = None
+        for event in engine.stream(pair_images, query, refine=refine, seed=seed + index, scan_iterations=scan_iterations,
+                                   scan_cells=scan_cells, canvas_every=canvas_every, decode_scan_steps=False):
+            if isinstance(event, TokensWritten) and event.canvas is not None and first_canvas is None:
+                first_canvas = time.perf_counter() - start
+            if isinstance(event, Finished):
+                result = event.result
+        final = time.perf_counter() - start
+        # our loop vs model.generate: the same prompt, the same number of forwards
+        codes = engine.encode([im for pair in pair_images for im in pair] + [query])
+        context = context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(pairs)], codes[-1])
+        baseline = generate_baseline(engine, context, engine.vocab.cells)
+        vsr_lookup = _time_vsr(engine, result) if "self" in refine else None
+        if index:
+            rows.append({"timings": result.timings, "first_canvas": first_canvas, "final": final, "generate": baseline,
+                         "vsr_only": vsr_lookup})
+    tokens = engine.vocab.cells
+    draft = _median([r["timings"]["draft"] for r in rows])
+    report = {
+        "runs": runs, "pairs": pairs, "refine": list(refine), "scan": {"T": scan_iterations, "c": scan_cells},
+        "device": str(engine.device), "threads": torch.get_num_threads(),
+        "per_stage_ms": {stage: 1000 * _median([r["timings"].get(stage, float("nan")) for r in rows])
+                         for stage in ["encode", "draft", *refine, "decode", "total"]},
+        "draft_tokens_per_s": tokens / draft,
+        "generate_tokens_per_s": tokens / _median([r["generate"] for r in rows]),
+        "scan_vs_draft": _median([r["timings"].get("scan", 0) for r in rows]) / draft if "scan" in refine else None,
+        "vsr_vs_draft": (_median([r["vsr_only"] for r in rows]) / draft) if "self" in refine else None,
+        "first_canvas_ms": 1000 * _median([r["first_canvas"] for r in rows if r["first_canvas"] is not None]),
+        "final_ms": 1000 * _median([r["final"] for r in rows]),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    report["loop_vs_generate"] = report["draft_tokens_per_s"] / report["generate_tokens_per_s"]
+    if torch.cuda.is_available():
+        report["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return report
+
+
+def _time_vsr(engine, result) -> float:
+    """g_phi + nearest-code lookup alone on the draft's tokens (no re-scoring)."""
+    from .refiners.self_refine import self_refine
+
+    codes = torch.as_tensor(result.tokens["draft"]).view(1, -1).to(engine.device)
+    start = time.perf_counter()
+    self_refine(engine.refiner, engine.model, engine.vocab, codes)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo_core bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", default=None)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; medians are reported")
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scan-iterations", type=int, default=30)
+    parser.add_argument("--scan-cells", type=int, default=4)
+    parser.add_argument("--canvas-every", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    from .bundle import BundleError
+    from .engine import load_engine
+
+    try:
+        engine = load_engine(args.bundle)
+    except BundleError as error:
+        print(f"error: {error}")
+        return 1
+    report = bench(engine, args.runs, min(args.pairs, engine.max_pairs), args.seed, args.scan_iterations, args.scan_cells,
+                   args.canvas_every)
+    lines = [f"device {report['device']} ({report['threads']} threads), K={report['pairs']}, medians of {report['runs']} runs",
+             "per image: " + ", ".join(f"{k} {v:.1f} ms" for k, v in report["per_stage_ms"].items()),
+             f"draft {report['draft_tokens_per_s']:.0f} tokens/s; model.generate {report['generate_tokens_per_s']:.0f} tokens/s; "
+             f"our loop / generate = {report['loop_vs_generate']:.2f}x"]
+    if report["scan_vs_draft"] is not None:
+        lines.append(f"SCAN (T={args.scan_iterations}, c={args.scan_cells}) = {report['scan_vs_draft']:.2f}x the draft time")
+    if report["vsr_vs_draft"] is not None:
+        lines.append(f"VSR g_phi + nearest-code lookup = {100 * report['vsr_vs_draft']:.1f}% of the draft time")
+    lines.append(f"request -> first canvas {report['first_canvas_ms']:.0f} ms, -> final image {report['final_ms']:.0f} ms; "
+                 f"peak RSS {report['peak_rss_mb']:.0f} MB")
+    print("\n".join(lines))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0

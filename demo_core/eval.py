@@ -1,0 +1,324 @@
+"""`python -m demo_core eval`: the paper-style quality table (VSR Table 1, Fig. 2; SCAN Table 2).
+
+For each task and stage (draft, +SCAN, +VSR, +SCAN+VSR) on held-out validation images (or a
+folder of the user's own x/y pairs): PSNR, SSIM, LPIPS, FID (only when N >= 10 per cell),
+token accuracy against the tokenized ground truth, perplexity of the ground truth under the
+backbone, edge precision/recall for the edges task, quality-score AUROC, and the per-token
+cosine-distance curve between generated and ground-truth token embeddings with its AUC.
+Ablations on the same command: SCAN T and c, and the number of demonstration pairs K, and the
+in-context check (same query photo, demonstrations of different photo-input tasks).
+Writes results.json, results.md and PNG plots into --out. Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .images import float_to_pil, pil_to_float
+from .tasks import CORE_TASKS, PHOTO_INPUT_TASKS, TASKS, Example, ExampleSampler, get_task
+
+STAGE_RUNS = {  # label -> (refine order of the run, stage key in its Result)
+    "draft": (("scan", "self"), "draft"),
+    "+SCAN": (("scan", "self"), "scan"),
+    "+VSR": (("self",), "self"),
+    "+SCAN+VSR": (("scan", "self"), "self"),
+}
+
+
+def stage_labels(engine) -> list[str]:
+    if "self" in engine.available_refiners:
+        return list(STAGE_RUNS)
+    return ["draft", "+SCAN"]
+
+
+def run_stages(engine, example: Example, labels: list[str], seed: int, **settings) -> dict:
+    """Every requested stage for one example; runs sharing a refine order are run once."""
+    pairs = [(float_to_pil(x), float_to_pil(y)) for x, y in example.pairs]
+    query = float_to_pil(example.query)
+    results, outputs = {}, {}
+    for label in labels:
+        refine, key = STAGE_RUNS[label]
+        if "self" not in engine.available_refiners:
+            refine = tuple(stage for stage in refine if stage != "self")
+        if refine not in results:
+            results[refine] = engine.run(pairs, query, refine=refine, seed=seed, **settings)
+        result = results[refine]
+        spent = ("draft",) if key == "draft" else ("draft", *refine[: refine.index(key) + 1])
+        outputs[label] = {"image": result.stages[key], "tokens": result.tokens[key], "quality": result.quality.get(key),
+                          "time": sum(result.timings.get(stage, 0.0) for stage in spent)}
+    return outputs
+
+
+@torch.no_grad()
+def truth_statistics(engine, example: Example) -> tuple[np.ndarray, float]:
+    """Ground-truth answer tokens and their perplexity under the backbone (teacher forced, raster)."""
+    from .backbone import score_answer
+    from .sequence import context_tokens
+
+    images = [float_to_pil(im) for pair in example.pairs for im in pair] + [float_to_pil(example.query), float_to_pil(example.answer)]
+    codes = engine.encode(images)
+    truth = codes[-1]
+    if engine.bundle.sequence_format != "scan":
+        return truth.numpy(), float("nan")
+    context = context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(len(example.pairs))], codes[-2])
+    gen, _, _ = score_answer(engine.model, engine.vocab, context, truth[None])
+    log_probs = torch.log_softmax(gen[0].float(), -1).gather(1, truth.to(gen.device)[:, None]).squeeze(1)
+    return truth.numpy(), float(torch.exp(-log_probs.mean()))
+
+
+def cosine_distances(engine, tokens: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-token cosine distance between generated and ground-truth token embeddings (VSR Fig. 2)."""
+    table = engine.model.get_input_embeddings().weight[: engine.vocab.codebook_size].detach().float().cpu()
+    a, b = table[torch.as_tensor(tokens).flatten()], table[torch.as_tensor(truth).flatten()]
+    return (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).numpy()
+
+
+def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], settings: dict, examples_out: list | None = None,
+             progress: bool = True) -> dict:
+    from .metrics import edge_precision_recall, fid, lpips_batch, psnr, ssim, token_accuracy
+    from .train.backbone import auroc
+
+    table, curves = {}, {}
+    bar = tqdm(total=len(tasks) * n, desc="eval", disable=not progress, dynamic_ncols=True)
+    for task in tasks:
+        sampler = ExampleSampler("val", engine.image_size, seed)
+        rows = {label: {"psnr": [], "ssim": [], "acc": [], "time": [], "images": [], "cos": [], "edges": []} for label in labels}
+        truths, perplexities, q_scores, q_wrong = [], [], [], []
+        for index in range(n):
+            example = sampler.sample(task=task, k=pairs)
+            truth, ppl = truth_statistics(engine, example)
+            perplexities.append(ppl)
+            outputs = run_stages(engine, example, labels, seed + index, **settings)
+            target = pil_to_float(float_to_pil(example.answer))
+            truths.append(target)
+            for label, out in outputs.items():
+                image = pil_to_float(out["image"])
+                row = rows[label]
+                row["psnr"].append(psnr(image, target))
+                row["ssim"].append(ssim(image, target))
+                row["acc"].append(token_accuracy(out["tokens"].flatten(), truth))
+                row["time"].append(out["time"])
+                row["images"].append(image)
+                row["cos"].append(cosine_distances(engine, out["tokens"], truth))
+                if task == "edges":
+                    row["edges"].append(edge_precision_recall(image, target))
+            draft = outputs["draft"]
+            if draft["quality"] is not None:
+                q_scores.append(draft["quality"].flatten())
+                q_wrong.append((draft["tokens"].flatten() != truth).astype(int))
+            if examples_out is not None and index == 0:
+                examples_out.append((task, example, {label: out["image"] for label, out in outputs.items()}))
+            bar.update(1)
+        table[task] = {}
+        for label, row in rows.items():
+            lp = lpips_batch(row["images"], truths)
+            entry = {"psnr": float(np.mean(row["psnr"])), "ssim": float(np.mean(row["ssim"])), "lpips": float(np.mean(lp)),
+                     "token_acc": float(np.mean(row["acc"])), "cos_auc": float(np.mean(row["cos"])),
+                     "seconds": float(np.mean(row["time"])),
+                     "fid": float(fid(row["images"], truths)) if n >= 10 else None}
+            if row["edges"]:
+                p, r, f = np.mean(row["edges"], axis=0)
+                entry.update(edge_precision=float(p), edge_recall=float(r), edge_f1=float(f))
+            table[task][label] = entry
+            curves.setdefault(label, []).extend(row["cos"])
+        table[task]["perplexity"] = float(np.nanmean(perplexities))
+        if q_scores:
+            # the score should be LOW for wrong tokens: AUROC of (1 - quality) for "token differs from truth"
+            table[task]["quality_auroc"] = auroc(1 - np.concatenate(q_scores), np.concatenate(q_wrong))
+    bar.close()
+    return {"table": table, "curves": {label: np.mean(v, axis=0).tolist() for label, v in curves.items()}}
+
+
+def incontext_check(engine, n: int, pairs: int, seed: int, settings: dict) -> dict:
+    """Same query photo, demonstrations of each photo-input task: is the output nearest (PSNR) to the
+    demonstrated task's target? Share of cases, per demonstrated task."""
+    from .metrics import psnr
+
+    sampler = ExampleSampler("val", engine.image_size, seed + 99)
+    hits = {task: [] for task in PHOTO_INPUT_TASKS}
+    for index in range(n):
+        photo = sampler.images.sample()
+        targets = {task: get_task(task).transform(photo, np.random.default_rng(0))[1] for task in PHOTO_INPUT_TASKS}
+        for task in PHOTO_INPUT_TASKS:
+            example = sampler.sample(task=task, k=pairs, source=photo)
+            out = run_stages(engine, example, ["draft"], seed + index, **settings)["draft"]["image"]
+            image = pil_to_float(out)
+            scores = {t: psnr(image, target) for t, target in targets.items()}
+            hits[task].append(max(scores, key=scores.get) == task)
+    per_task = {task: float(np.mean(v)) for task, v in hits.items()}
+    return {"share": float(np.mean([h for v in hits.values() for h in v])), "per_task": per_task, "n": n}
+
+
+def scan_ablation(engine, tasks, n, pairs, seed, iterations: list[int], cells: list[int], settings) -> list[dict]:
+    from .metrics import psnr
+    from .metrics import token_accuracy
+
+    rows = []
+    for t in iterations:
+        for c in cells:
+            values, accs, seconds = [], [], []
+            for task in tasks:
+                sampler = ExampleSampler("val", engine.image_size, seed)
+                for index in range(n):
+                    example = sampler.sample(task=task, k=pairs)
+                    truth, _ = truth_statistics(engine, example)
+                    s = dict(settings, scan_iterations=t, scan_cells=c)
+                    out = run_stages(engine, example, ["+SCAN"], seed + index, **s)["+SCAN"]
+                    values.append(psnr(pil_to_float(out["image"]), pil_to_float(float_to_pil(example.answer))))
+                    accs.append(token_accuracy(out["tokens"].flatten(), truth))
+                    seconds.append(out["time"])
+            rows.append({"T": t, "c": c, "psnr": float(np.mean(values)), "token_acc": float(np.mean(accs)),
+                         "seconds": float(np.mean(seconds))})
+    return rows
+
+
+def pairs_ablation(engine, tasks, n, seed, ks: list[int], labels, settings) -> list[dict]:
+    rows = []
+    for k in ks:
+        result = evaluate(engine, tasks, n, k, seed, labels, settings, progress=False)
+        for label in labels:
+            rows.append({"K": k, "stage": label, "psnr": float(np.mean([result["table"][t][label]["psnr"] for t in tasks]))})
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Retouch eval: {report['bundle']}", "",
+             f"N = {report['n']} validation examples per task (held-out source images), K = {report['pairs']} pairs, "
+             f"seed {report['seed']}; sampling {report['settings']}. FID only for N >= 10.", "",
+             "| task | stage | PSNR ↑ | SSIM ↑ | LPIPS ↓ | token acc ↑ | cos-dist AUC ↓ | FID ↓ | s/image |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for task, rows in report["table"].items():
+        for label, e in rows.items():
+            if not isinstance(e, dict):
+                continue
+            fid = f"{e['fid']:.1f}" if e.get("fid") is not None else "n/a"
+            lines.append(f"| {task} | {label} | {e['psnr']:.2f} | {e['ssim']:.3f} | {e['lpips']:.3f} | {e['token_acc']:.3f} | "
+                         f"{e['cos_auc']:.3f} | {fid} | {e['seconds']:.2f} |")
+    lines += ["", "| task | GT perplexity | quality AUROC (wrong vs right draft tokens) | edge P / R / F1 (draft) |", "|---|---|---|---|"]
+    for task, rows in report["table"].items():
+        edge = rows["draft"].get("edge_precision")
+        edge_text = f"{edge:.2f} / {rows['draft']['edge_recall']:.2f} / {rows['draft']['edge_f1']:.2f}" if edge is not None else ""
+        lines.append(f"| {task} | {rows['perplexity']:.1f} | {rows.get('quality_auroc', float('nan')):.3f} | {edge_text} |")
+    labels = [l for l in STAGE_RUNS if all(l in rows for rows in report["table"].values())]
+    if len(labels) > 1:
+        lines += ["", "Change vs draft (PSNR dB): " + "; ".join(
+            f"{task}: " + ", ".join(f"{l} {rows[l]['psnr'] - rows['draft']['psnr']:+.2f}" for l in labels[1:])
+            for task, rows in report["table"].items())]
+    if report.get("incontext"):
+        ic = report["incontext"]
+        lines += ["", f"In-context: output nearest to the demonstrated task's target in {ic['share'] * 100:.0f}% of "
+                      f"{ic['n'] * len(ic['per_task'])} cases (" + ", ".join(f"{t} {v * 100:.0f}%" for t, v in ic["per_task"].items()) + ")"]
+    if report.get("scan_ablation"):
+        lines += ["", "| SCAN T | c | PSNR | token acc | s/image |", "|---|---|---|---|---|"]
+        lines += [f"| {r['T']} | {r['c']} | {r['psnr']:.2f} | {r['token_acc']:.3f} | {r['seconds']:.2f} |" for r in report["scan_ablation"]]
+    if report.get("pairs_ablation"):
+        lines += ["", "| K | stage | PSNR |", "|---|---|---|"]
+        lines += [f"| {r['K']} | {r['stage']} | {r['psnr']:.2f} |" for r in report["pairs_ablation"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    for label, curve in curves.items():
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{label} (AUC {np.mean(curve):.3f})", lw=1.4)
+    ax.set_xlabel("token position (raster)")
+    ax.set_ylabel("cosine distance to ground truth")
+    ax.set_title("Per-token embedding distance (VSR Fig. 2 style)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_examples(examples: list, path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    if not examples:
+        return
+    labels = list(examples[0][2])
+    size = 96
+    columns = ["query", "truth", *labels]
+    sheet = Image.new("RGB", (size * len(columns), (size + 14) * len(examples) + 14), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(columns):
+        draw.text((c * size + 4, 2), name, fill="black")
+    for r, (task, example, images) in enumerate(examples):
+        y = 14 + r * (size + 14)
+        draw.text((4, y), task, fill="black")
+        row = [float_to_pil(example.query), float_to_pil(example.answer), *images.values()]
+        for c, image in enumerate(row):
+            sheet.paste(image.resize((size, size), Image.Resampling.NEAREST), (c * size, y + 12))
+    sheet.save(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo_core eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", default=None, help="bundle folder or Hub id (default: embedded retouch-tiny)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    parser.add_argument("--n", type=int, default=8, help="examples per task (FID needs >= 10)")
+    parser.add_argument("--pairs", type=int, default=2, help="demonstration pairs K")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--scan-iterations", type=int, default=30)
+    parser.add_argument("--scan-cells", type=int, default=4)
+    parser.add_argument("--incontext", type=int, default=8, help="query photos for the in-context check (0: skip)")
+    parser.add_argument("--ablate-T", default="", help="SCAN ablation iterations, e.g. 0,10,20,30")
+    parser.add_argument("--ablate-c", default="", help="SCAN ablation cells per iteration, e.g. 1,2,4,8")
+    parser.add_argument("--ablate-K", default="", help="pairs ablation, e.g. 1,2,3")
+    parser.add_argument("--out", type=Path, default=Path("runs/eval"))
+    args = parser.parse_args(argv)
+    from .bundle import BundleError
+    from .engine import load_engine
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        for task in tasks:
+            get_task(task)
+        engine = load_engine(args.bundle)
+    except (ValueError, BundleError) as error:
+        print(f"error: {error}")
+        return 1
+    if not 1 <= args.pairs <= engine.max_pairs:
+        print(f"error: --pairs must be between 1 and {engine.max_pairs}")
+        return 1
+    settings = {"temperature": args.temperature, "top_p": args.top_p, "scan_iterations": args.scan_iterations,
+                "scan_cells": args.scan_cells}
+    labels = stage_labels(engine)
+    start = time.time()
+    examples: list = []
+    report = {"bundle": str(args.bundle or "retouch-tiny (embedded)"), "n": args.n, "pairs": args.pairs, "seed": args.seed,
+              "settings": settings, "stages": labels}
+    report.update(evaluate(engine, tasks, args.n, args.pairs, args.seed, labels, settings, examples))
+    if args.incontext:
+        report["incontext"] = incontext_check(engine, args.incontext, args.pairs, args.seed, settings)
+    ints = lambda text: [int(v) for v in text.split(",") if v.strip()]
+    if args.ablate_T or args.ablate_c:
+        report["scan_ablation"] = scan_ablation(engine, [t for t in tasks if t in CORE_TASKS] or tasks, max(2, args.n // 2),
+                                                args.pairs, args.seed, ints(args.ablate_T) or [args.scan_iterations],
+                                                ints(args.ablate_c) or [args.scan_cells], settings)
+    if args.ablate_K:
+        report["pairs_ablation"] = pairs_ablation(engine, [t for t in tasks if t in CORE_TASKS] or tasks, max(2, args.n // 2),
+                                                  args.seed, [k for k in ints(args.ablate_K) if k <= engine.max_pairs], labels, settings)
+    report["seconds"] = round(time.time() - start, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (args.out / "results.md").write_text(text)
+    plot_curves(report["curves"], args.out / "cosine_curve.png")
+    plot_examples(examples, args.out / "examples.png")
+    print(text)
+    print(f"wrote {args.out}/results.json, results.md, cosine_curve.png, examples.png in {report['seconds']} s")
+    return 0

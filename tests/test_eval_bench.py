@@ -1,0 +1,65 @@
+import json
+
+import numpy as np
+import pytest
+
+from demo_core import bench as bench_module
+from demo_core import eval as eval_module
+from demo_core.engine import load_engine
+from demo_core.images import float_to_pil
+from demo_core.testing import build_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return build_tiny_bundle(tmp_path_factory.mktemp("evalbundle") / "b")
+
+
+def test_eval_writes_table_json_and_plots(bundle, tmp_path):
+    out = tmp_path / "eval"
+    code = eval_module.main(["--bundle", str(bundle), "--n", "2", "--tasks", "colorization,edges", "--incontext", "1",
+                             "--scan-iterations", "2", "--ablate-T", "0,2", "--ablate-K", "1,2", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["table"]) == {"colorization", "edges"}
+    for task, rows in report["table"].items():
+        for stage in ("draft", "+SCAN"):
+            assert set(rows[stage]) >= {"psnr", "ssim", "lpips", "token_acc", "cos_auc", "fid", "seconds"}
+            assert rows[stage]["fid"] is None          # N < 10: FID is not reported
+        assert "perplexity" in rows and "quality_auroc" in rows
+    assert "edge_f1" in report["table"]["edges"]["draft"]
+    assert len(report["curves"]["draft"]) == 16
+    assert [r["T"] for r in report["scan_ablation"]] == [0, 2] and {r["K"] for r in report["pairs_ablation"]} == {1, 2}
+    assert report["incontext"]["n"] == 1
+    for name in ("results.md", "cosine_curve.png", "examples.png"):
+        assert (out / name).stat().st_size > 100
+    again = tmp_path / "again"
+    eval_module.main(["--bundle", str(bundle), "--n", "2", "--tasks", "colorization,edges", "--incontext", "0",
+                      "--scan-iterations", "2", "--out", str(again)])
+    first = json.loads((again / "results.json").read_text())["table"]["edges"]["draft"]
+    assert first["psnr"] == report["table"]["edges"]["draft"]["psnr"]   # deterministic for a seed
+
+
+def test_perfect_predictor_scores_perfectly(bundle, monkeypatch):
+    engine = load_engine(str(bundle))
+
+    def perfect(engine_, example, labels, seed, **settings):
+        truth_tokens = engine_.encode([float_to_pil(example.answer)])[0].numpy().reshape(engine_.grid, engine_.grid)
+        return {label: {"image": float_to_pil(example.answer), "tokens": truth_tokens, "quality": np.ones((4, 4)),
+                        "time": 0.0} for label in labels}
+
+    monkeypatch.setattr(eval_module, "run_stages", perfect)
+    result = eval_module.evaluate(engine, ["inpainting"], n=2, pairs=1, seed=0, labels=["draft"], settings={}, progress=False)
+    row = result["table"]["inpainting"]["draft"]
+    assert row["psnr"] == float("inf") and row["ssim"] == pytest.approx(1.0) and row["token_acc"] == 1.0
+    assert row["lpips"] == pytest.approx(0.0, abs=1e-6) and row["cos_auc"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bench_reports_every_figure(bundle, capsys, tmp_path):
+    assert bench_module.main(["--bundle", str(bundle), "--runs", "1", "--scan-iterations", "2", "--out", str(tmp_path / "b.json")]) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    for key in ("draft_tokens_per_s", "generate_tokens_per_s", "loop_vs_generate", "scan_vs_draft", "first_canvas_ms",
+                "final_ms", "peak_rss_mb"):
+        assert report[key] > 0, key
+    assert set(report["per_stage_ms"]) >= {"draft", "scan", "decode", "total"}
+    assert "our loop / generate" in capsys.readouterr().out
