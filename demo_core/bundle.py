@@ -87,9 +87,14 @@ def save_bundle(folder, tokenizer, backbone, refiner=None, *, name: str = "bundl
     return folder
 
 
-def read_safetensors(folder: Path, part: str) -> dict[str, torch.Tensor]:
-    """All tensors of a part folder: one *.safetensors file or a sharded set with its index."""
-    from safetensors.torch import load_file
+def read_safetensors(folder: Path, part: str, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a part folder: one *.safetensors file or a sharded set with its index.
+
+    With `device`/`dtype`, each tensor is moved and cast as it is read, so a 7B checkpoint never
+    needs a second full copy in host memory (peak = the loaded model + one tensor).
+    """
+    from safetensors import safe_open
 
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
@@ -104,7 +109,10 @@ def read_safetensors(folder: Path, part: str) -> dict[str, torch.Tensor]:
         if not file.exists():
             raise BundleError(f"{part}: shard {file.name} listed in the index is missing from {folder}")
         try:
-            state.update(load_file(file))
+            with safe_open(file, framework="pt", device=str(device or "cpu")) as handle:
+                for key in handle.keys():
+                    tensor = handle.get_tensor(key)
+                    state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         except Exception as error:
             raise BundleError(f"{part}: cannot read {file.name} ({error}); the file is corrupt or incomplete") from error
     return state
@@ -159,12 +167,16 @@ def load_backbone_part(folder: Path, dtype: torch.dtype = torch.float32, device:
     config._attn_implementation = "sdpa"
     with torch.device("meta"):           # no random init: a 7B model loads without a second copy
         model = LlamaForCausalLM(config)
-    state = read_safetensors(folder, "backbone")
+    state = read_safetensors(folder, "backbone", device=device, dtype=dtype)
     if "lm_head.weight" not in state and config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     load_strict(model, state, "backbone")
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)   # buffers are not in the state dict
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    # rebuilt after the cast so inv_freq stays float32 (as transformers' from_pretrained keeps it):
+    # fp16 RoPE frequencies drift by radians at position 4096
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    return model
 
 
 def load_refiner_part(folder: Path):
@@ -173,7 +185,7 @@ def load_refiner_part(folder: Path):
     config = _read_json(folder / "config.json", "refiner")
     try:
         refiner = SelfRefiner(**config)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise BundleError(f"refiner: config.json does not match the g_phi arguments ({error})") from error
     load_strict(refiner, read_safetensors(folder, "refiner"), "refiner")
     return refiner.eval()

@@ -1,0 +1,163 @@
+"""Visual self-refinement (VSR): the g_phi refiner and nearest-code decoding.
+
+Paper: "Visual Self-Refinement for Autoregressive Models", Sec. 3.3, Algorithm 1, appendix.
+After the AR draft y_q, the backbone's frozen input embeddings e = f_embed(y_q) of all N answer
+tokens are refined jointly by one light block, e' = e + g_phi(e) (Eq. 3), trained to minimise
+the mean cosine distance to the ground-truth embeddings (Eq. 4); each refined embedding is then
+decoded to the code whose embedding is most cosine-similar ("Generation", appendix "More Details
+on Decoding"). The backbone is never updated; only g_phi is trained (`demo_core.train.refiner`).
+
+g_phi (appendix, "More Technical Details"): MultiHead-Attention + Add & LayerNorm, then FFN +
+Add & LayerNorm; 8 heads, 1 block; learned 2D position embeddings. Ablations (`kind`): a
+token-wise MLP and a 1D convolution in place of attention (Table 7), and, beyond the paper,
+`with_query`: the block also sees the query image's token embeddings.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from ..sequence import Vocab
+
+KINDS = ("attention", "mlp", "conv")
+
+
+class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
+                  tags=["retouch", "visual-self-refinement", "image-to-image"]):
+    """g_phi: (B, N, D) drafted-answer embeddings -> (B, N, D) refined embeddings (Eq. 3).
+
+    Every constructor argument is JSON and is exactly what `save_pretrained` writes to
+    config.json, so `SelfRefiner(**config)` rebuilds it (bundle.py loads it that way).
+    """
+
+    def __init__(self, dim: int, grid: int, heads: int = 8, ffn_multiple: int = 4, kind: str = "attention",
+                 with_query: bool = False):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown g_phi kind {kind!r}; choose from {', '.join(KINDS)}")
+        if kind == "attention" and dim % heads:
+            raise ValueError(f"embedding width {dim} is not divisible by {heads} heads; pick heads dividing {dim}")
+        self.dim, self.grid, self.heads, self.kind, self.with_query = dim, grid, heads, kind, with_query
+        # Backbones' embedding scales differ (a fresh Llama's 0.02 std, LVM's trained table): normalising the
+        # input makes positions and attention logits scale-free. Our addition; the paper does not say.
+        self.input_norm = nn.LayerNorm(dim)
+        self.row_embedding = nn.Parameter(torch.randn(grid, dim) * 0.02)      # learned 2D positions: row + column
+        self.col_embedding = nn.Parameter(torch.randn(grid, dim) * 0.02)
+        if with_query and kind == "attention":
+            self.type_embedding = nn.Parameter(torch.randn(2, dim) * 0.02)    # 0: query token, 1: answer token
+        elif with_query:
+            # token-wise / local mixers never reach a query token N positions away: feed it cell-aligned instead
+            self.query_proj = nn.Linear(dim, dim)
+        # The token mixer. All kinds keep the residual structure and ~4 D^2 parameters (Table 7's fairness rule).
+        if kind == "attention":
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.mix_out = nn.Linear(dim, dim)
+        elif kind == "mlp":
+            self.mix_in = nn.Linear(dim, 2 * dim)
+            self.mix_out = nn.Linear(2 * dim, dim)
+        else:
+            self.mix_in = nn.Conv1d(dim, dim, kernel_size=3, padding=1)     # 1D conv along the raster sequence
+            self.mix_out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_multiple * dim), nn.GELU(), nn.Linear(ffn_multiple * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        # Maps the block's unit-scale output back to the embedding scale. Zero-initialised, so an
+        # untrained g_phi is the identity (e' = e): the refined image starts as the draft.
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    @classmethod
+    def for_backbone(cls, backbone: nn.Module, grid: int, **kwargs) -> "SelfRefiner":
+        """A g_phi as wide as `backbone`'s input embeddings (any LlamaForCausalLM: the tiny default, LVM-7B)."""
+        return cls(dim=int(backbone.get_input_embeddings().weight.shape[1]), grid=int(grid), **kwargs)
+
+    def positions(self) -> torch.Tensor:
+        """(N, D) learned 2D position embedding of each raster cell: row + column."""
+        return (self.row_embedding[:, None, :] + self.col_embedding[None, :, :]).reshape(self.grid * self.grid, self.dim)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The token mixer over (B, T, D)."""
+        if self.kind == "attention":
+            batch, tokens, _ = x.shape
+            qkv = self.qkv(x).view(batch, tokens, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])    # (B, H, T, hd), bidirectional
+            return self.mix_out(attended.transpose(1, 2).reshape(batch, tokens, self.dim))
+        if self.kind == "mlp":
+            return self.mix_out(F.gelu(self.mix_in(x)))
+        return self.mix_out(F.gelu(self.mix_in(x.transpose(1, 2)).transpose(1, 2)))
+
+    def forward(self, embeddings: torch.Tensor, query_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """embeddings (B, N, D) of the drafted answer [, query_embeddings (B, N, D)] -> e' (B, N, D)."""
+        cells = embeddings.shape[1]
+        if cells != self.grid * self.grid:
+            raise ValueError(f"g_phi was built for a {self.grid}x{self.grid} grid ({self.grid ** 2} tokens), got {cells} tokens")
+        if self.with_query and query_embeddings is None:
+            raise ValueError("this g_phi also reads the query image: pass its token embeddings (query_embeddings)")
+        positions = self.positions()
+        x = self.input_norm(embeddings) + positions                                      # (B, N, D)
+        if self.with_query:
+            query = self.input_norm(query_embeddings) + positions                         # (B, N, D)
+            if self.kind == "attention":
+                x = torch.cat([query + self.type_embedding[0], x + self.type_embedding[1]], dim=1)   # (B, 2N, D)
+            else:
+                x = x + self.query_proj(query)
+        h = self.norm1(x + self.mix(x))          # MultiHead-Attention + Add & LayerNorm
+        h = self.norm2(h + self.ffn(h))          # FFN + Add & LayerNorm
+        return embeddings + self.out(h[:, -cells:])                                       # Eq. 3: e' = e + g_phi(e)
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs):
+        # the mixin's default is strict=False; a g_phi whose weights do not match its config must not load
+        return super()._from_pretrained(strict=strict, **kwargs)
+
+
+def code_embeddings(backbone: nn.Module, vocab: Vocab) -> torch.Tensor:
+    """(C, D) the frozen f_embed rows of the VQ codes 0..C-1 (the paper's "codebook"; special tokens excluded)."""
+    return backbone.get_input_embeddings().weight[: vocab.codebook_size]
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., D), (..., D) -> (...) 1 - cos(a, b) in float32: the summand of Eq. 4 (and the paper's Fig. 2 curve)."""
+    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
+
+
+@torch.no_grad()
+def nearest_codes(embeddings: torch.Tensor, code_embeddings: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(..., D) embeddings -> (...) long index of the most cosine-similar row of `code_embeddings` (C, D).
+
+    Sec. 3.3 "Generation": the refined token is the one whose embedding is nearest by cosine
+    similarity. Float32 with autocast off; rows are processed in chunks to bound the (rows, C) matrix.
+    """
+    device = code_embeddings.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        codebook = F.normalize(code_embeddings.float(), dim=-1)                              # (C, D)
+        flat = F.normalize(embeddings.reshape(-1, embeddings.shape[-1]).to(device).float(), dim=-1)   # (R, D)
+        indices = torch.cat([(rows @ codebook.T).argmax(-1) for rows in flat.split(chunk)]) if len(flat) else \
+            torch.zeros(0, dtype=torch.long, device=device)
+    return indices.view(embeddings.shape[:-1])
+
+
+@torch.no_grad()
+def self_refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
+                query_codes: torch.Tensor | None = None) -> torch.LongTensor:
+    """Drafted answer codes (B, N) -> refined codes (B, N) on the codes' device (Sec. 3.3, Fig. 1 lower right).
+
+    e = f_embed(y_q) -> e' = g_phi(e) (Eq. 3) -> nearest code by cosine similarity. `query_codes`
+    ((N,), (1, N) or (B, N)) is read only by a g_phi built `with_query`.
+    """
+    parameter = next(refiner.parameters())
+    table = code_embeddings(backbone, vocab).to(parameter.device)                          # (C, D)
+    if codes.dim() != 2 or codes.shape[1] != vocab.cells:
+        raise ValueError(f"codes must be (batch, {vocab.cells}), got {tuple(codes.shape)}")
+    embeddings = table[codes.to(parameter.device)].to(parameter.dtype)                      # (B, N, D)
+    query_embeddings = None
+    if refiner.with_query:
+        if query_codes is None:
+            raise ValueError("this g_phi also reads the query image: pass query_codes")
+        query_codes = query_codes.reshape(-1, vocab.cells).expand(codes.shape[0], -1)
+        query_embeddings = table[query_codes.to(parameter.device)].to(parameter.dtype)      # (B, N, D)
+    refined = refiner(embeddings, query_embeddings)                                         # (B, N, D)
+    return nearest_codes(refined, table).to(codes.device)

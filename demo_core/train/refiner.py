@@ -1,0 +1,393 @@
+"""Train VSR's g_phi on a frozen backbone's own drafts (paper Algorithm 1, Sec. 3.3, Eq. 4).
+
+    python -m demo_core.train refiner [--bundle assets/retouch-tiny] [--drafts 1500] [--loss cosine]
+
+1. Drafts: the frozen backbone answers training-split in-context examples exactly as in
+   production (`draft_scan`, SamplingConfig defaults: temperature 1.0, top-p 0.9; the bundle's
+   tasks, K = 1..3). Cached under runs/refiner/ by a hash of the backbone and tokenizer weights
+   and the sampler settings; every example and its sampling generator are derived from
+   (seed, index), so a rerun reuses the cache and a larger --drafts only drafts the rest.
+2. g_phi: e = f_embed(draft), e' = g_phi(e) (Eq. 3), loss = mean cosine distance to the
+   ground-truth answer's embeddings (Eq. 4; --loss l2 for Table 6); AdamW 1e-4, batch 4,
+   2 epochs (paper Sec. 4). Only g_phi's parameters change; the backbone is checked
+   bit-identical at the end.
+3. Validation on validation-split drafts: token accuracy and cosine distance to the ground
+   truth, draft vs refined, per task, the per-token cosine curve (Fig. 2) and g_phi's cost
+   relative to drafting.
+4. Save: <bundle>/refiner (config.json + model.safetensors + training.json), listed in
+   bundle.json's parts; or --out elsewhere.
+
+Any bundle works: g_phi's width comes from the backbone's input embeddings. The device is
+chosen once below (CUDA > MPS > CPU); the same code runs on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..backbone import SamplingConfig, draft_scan
+from ..refiners.self_refine import KINDS, SelfRefiner, code_embeddings, cosine_distance, self_refine
+from ..tasks import CORE_TASKS, TASKS, ExampleSampler
+from .backbone import encode_examples
+from .common import DEFAULT_BUNDLE, RUNS, setup_logging, write_json
+
+LOSSES = ("cosine", "l2")
+VALIDATION_SEED = 1234          # the validation drafts stay the same whatever --seed is
+
+
+@dataclass
+class RefinerTrainConfig:
+    """What a g_phi training run does (defaults: the paper's recipe where it gives one)."""
+
+    drafts: int = 1500              # training drafts (the paper: 12K pairs per task on LVM-7B)
+    val_drafts: int = 150           # validation drafts (validation source images)
+    epochs: int = 2                 # paper Sec. 4
+    batch: int = 4                  # paper Sec. 4
+    lr: float = 1e-4                # AdamW, paper Sec. 4
+    loss: str = "cosine"            # Eq. 4; "l2" is Table 6's alternative
+    kind: str = "attention"         # g_phi's token mixer: attention (paper), mlp or conv (Table 7)
+    with_query: bool = False        # beyond the paper: g_phi also sees the query image's tokens
+    heads: int = 8                  # appendix: 8 heads, 1 block
+    seed: int = 0                   # training examples, g_phi init, batch order
+
+
+# -- drafts ----------------------------------------------------------------------------------------
+
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state dict (names, dtypes, shapes, bytes): equal iff bit-identical."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DraftRecipe:
+    """Everything that decides which drafts a cache holds (its hash names the cache file)."""
+
+    split: str                      # "train" or "val" (source images are split, data.py)
+    seed: int
+    image_size: int
+    tasks: tuple[str, ...]
+    pairs_range: tuple[int, int]    # K, inclusive
+    sequence_format: str            # "scan" (draft_scan) or "lvm" (lvm.draft_lvm: plain raster sampling)
+    sampling: tuple                 # SamplingConfig fields
+    backbone: str                   # state_fingerprint of the backbone
+    tokenizer: str                  # state_fingerprint of the VQ model
+    dtype: str
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def example_seed(self, index: int) -> int:
+        return self.seed * 1_000_003 + index
+
+    def example(self, index: int):
+        """Example `index`: tasks in turn (balanced), K and images from its own seed."""
+        sampler = ExampleSampler(self.split, self.image_size, self.example_seed(index), self.tasks, self.pairs_range)
+        return sampler.sample(task=self.tasks[index % len(self.tasks)])
+
+
+def draft_example(bundle, example, sampling: SamplingConfig, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One example -> (query codes (N,), answer codes (N,), draft codes (N,)) on the CPU, and the draft's seconds."""
+    vocab, cells = bundle.vocab, bundle.vocab.cells
+    context, answer = encode_examples(bundle.tokenizer, [example])                  # (1, (2K+1)N), (1, N)
+    context = context[0].cpu()
+    start = time.perf_counter()                 # the draft alone, as the engine's "draft" timing
+    if bundle.sequence_format == "scan":
+        states = []
+        for _ in draft_scan(bundle.backbone, vocab, context, sampling, generator, state_out=states):
+            pass
+        draft = states[0].codes[:1]
+    else:                                       # a Hub LVM backbone: plain raster sampling, as lvm_stream drafts
+        from ..lvm import draft_lvm
+
+        states = []
+        for _ in draft_lvm(bundle.backbone, context, cells, vocab.codebook_size, sampling, generator, states):
+            pass
+        draft = states[0].codes[:1]
+    return context[-cells:], answer[0].cpu(), draft[0].cpu(), time.perf_counter() - start
+
+
+def load_or_make_drafts(bundle, recipe: DraftRecipe, count: int, run_dir: Path, logger, save_every: int = 50) -> dict:
+    """The first `count` drafts of `recipe`: read from the cache, drafting (and caching) only what is missing."""
+    path = run_dir / f"drafts-{recipe.split}-{recipe.key()}.pt"
+    cache = {"recipe": json.dumps(asdict(recipe)), "tasks": [], "pairs": [], "query": [], "answer": [], "draft": [],
+             "draft_seconds": []}
+    if path.exists():
+        stored = torch.load(path, map_location="cpu", weights_only=True)     # our own file: lists and tensors only
+        cache.update(tasks=stored["tasks"], pairs=stored["pairs"], draft_seconds=stored["draft_seconds"].tolist(),
+                     **{key: list(stored[key].unbind(0)) for key in ("query", "answer", "draft")})
+    have = len(cache["tasks"])
+    logger.info(f"{recipe.split} drafts: {min(have, count)} of {count} cached in {path.name}")
+
+    def save():
+        tmp = path.with_suffix(".tmp")
+        torch.save({**cache, "draft_seconds": torch.tensor(cache["draft_seconds"], dtype=torch.float64),
+                    **{key: torch.stack(cache[key]) for key in ("query", "answer", "draft")}}, tmp)
+        os.replace(tmp, path)
+
+    if have < count:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sampling = SamplingConfig(*recipe.sampling)
+        device = next(bundle.backbone.parameters()).device
+        for index in tqdm(range(have, count), desc=f"drafting ({recipe.split})", dynamic_ncols=True):
+            example = recipe.example(index)
+            generator = torch.Generator(device=device).manual_seed(recipe.example_seed(index))
+            query, answer, draft, seconds = draft_example(bundle, example, sampling, generator)
+            cache["draft_seconds"].append(seconds)
+            cache["tasks"].append(example.task)
+            cache["pairs"].append(len(example.pairs))
+            for key, value in (("query", query), ("answer", answer), ("draft", draft)):
+                cache[key].append(value)
+            if (index + 1) % save_every == 0:
+                save()
+        save()
+    return {"tasks": cache["tasks"][:count], "pairs": cache["pairs"][:count],
+            **{key: torch.stack(cache[key][:count]) for key in ("query", "answer", "draft")},
+            "draft_seconds": torch.tensor(cache["draft_seconds"][:count], dtype=torch.float64)}
+
+
+# -- g_phi training ------------------------------------------------------------------------------
+
+def refiner_loss(refined: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean over tokens of the cosine distance (Eq. 4) or of the squared L2 distance (Table 6)."""
+    if loss == "cosine":
+        return cosine_distance(refined, target).mean()
+    return (refined.float() - target.float()).pow(2).sum(-1).mean()
+
+
+def refine_batch(refiner: SelfRefiner, table: torch.Tensor, drafts: dict, index: torch.Tensor):
+    """e' = g_phi(f_embed(draft)) and e* = f_embed(answer) for the examples `index`: (B, N, D) each."""
+    device = table.device
+    embeddings = table[drafts["draft"][index].to(device)]
+    query = table[drafts["query"][index].to(device)] if refiner.with_query else None
+    return refiner(embeddings, query), table[drafts["answer"][index].to(device)]
+
+
+@torch.no_grad()
+def evaluate(refiner: SelfRefiner, bundle, drafts: dict, loss: str, batch: int = 64) -> dict:
+    """Draft vs refined on `drafts`: the training objective, token accuracy, cosine distances, per task, Fig. 2 curve."""
+    was_training = refiner.training
+    refiner.eval()
+    vocab = bundle.vocab
+    table = code_embeddings(bundle.backbone, vocab).detach().float().to(next(refiner.parameters()).device)
+    losses, rows = [], {key: [] for key in ("hit_draft", "hit_refined", "cos_draft", "cos_embedding", "cos_refined")}
+    for index in torch.arange(len(drafts["tasks"])).split(batch):
+        refined, target = refine_batch(refiner, table, drafts, index)
+        losses.append(refiner_loss(refined, target, loss).item() * len(index))
+        query_codes = drafts["query"][index] if refiner.with_query else None
+        codes = self_refine(refiner, bundle.backbone, vocab, drafts["draft"][index], query_codes)   # the production path
+        answer, draft = drafts["answer"][index], drafts["draft"][index]
+        rows["hit_draft"].append((draft == answer).float())
+        rows["hit_refined"].append((codes == answer).float())
+        rows["cos_draft"].append(cosine_distance(table[draft.to(table.device)], target).cpu())
+        rows["cos_embedding"].append(cosine_distance(refined, target).cpu())
+        rows["cos_refined"].append(cosine_distance(table[codes.to(table.device)], target).cpu())
+    refiner.train(was_training)
+    rows = {key: torch.cat(value) for key, value in rows.items()}                         # each (M, N)
+    tasks = drafts["tasks"]
+
+    def summary(select) -> dict:
+        hit_d, hit_r = rows["hit_draft"][select], rows["hit_refined"][select]
+        return {"examples": int(hit_d.shape[0]),
+                "token_accuracy": {"draft": hit_d.mean().item(), "refined": hit_r.mean().item()},
+                "cosine_distance": {"draft": rows["cos_draft"][select].mean().item(),
+                                    "refined_embedding": rows["cos_embedding"][select].mean().item(),
+                                    "refined_tokens": rows["cos_refined"][select].mean().item()},
+                "cells_fixed": ((hit_d == 0) & (hit_r == 1)).float().mean().item(),     # wrong -> right
+                "cells_broken": ((hit_d == 1) & (hit_r == 0)).float().mean().item()}    # right -> wrong
+
+    every = torch.ones(len(tasks), dtype=torch.bool)
+    return {**summary(every), "loss": sum(losses) / max(1, len(tasks)),
+            "per_task": {task: summary(torch.tensor([t == task for t in tasks])) for task in dict.fromkeys(tasks)},
+            # Fig. 2: per-token (raster position) cosine distance to the ground truth, and its area
+            "cosine_curve": {"draft": rows["cos_draft"].mean(0).tolist(), "refined": rows["cos_refined"].mean(0).tolist()},
+            "cosine_auc": {"draft": rows["cos_draft"].mean(0).sum().item(), "refined": rows["cos_refined"].mean(0).sum().item()}}
+
+
+@torch.no_grad()
+def refine_overhead(refiner: SelfRefiner, bundle, drafts: dict, repeats: int = 20) -> dict:
+    """Seconds of one self_refine call (g_phi + nearest code, batch 1) against the measured draft time."""
+    count = min(repeats, len(drafts["tasks"]))
+    if count == 0:
+        return {}
+
+    def refine(row: int):
+        query = drafts["query"][row:row + 1] if refiner.with_query else None
+        self_refine(refiner, bundle.backbone, bundle.vocab, drafts["draft"][row:row + 1], query)
+
+    refine(0)                                   # warm-up
+    start = time.perf_counter()
+    for row in range(count):
+        refine(row)
+    seconds = (time.perf_counter() - start) / count
+    draft_seconds = drafts["draft_seconds"].mean().item()
+    return {"self_refine_seconds": seconds, "draft_seconds": draft_seconds, "ratio": seconds / draft_seconds}
+
+
+def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None) -> tuple[SelfRefiner, dict]:
+    """Draft, train g_phi on the frozen backbone, validate. Returns (g_phi, report for training.json)."""
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
+    if min(config.drafts, config.val_drafts, config.epochs, config.batch) < 1:
+        raise ValueError("drafts, val_drafts, epochs and batch must each be at least 1")
+    logger = logger or setup_logging(run_dir, "refiner")
+    backbone, vocab = bundle.backbone, bundle.vocab
+    backbone.eval().requires_grad_(False)                       # frozen: Algorithm 1 updates g_phi only
+    device = next(backbone.parameters()).device
+    backbone_hash = state_fingerprint(backbone)
+    tasks = tuple(task for task in bundle.info.get("tasks", ()) if task in TASKS) or CORE_TASKS
+    recipe = dict(image_size=bundle.tokenizer.image_size, tasks=tasks, pairs_range=(1, max(1, min(3, bundle.max_pairs))),
+                  sequence_format=bundle.sequence_format, sampling=tuple(asdict(SamplingConfig()).values()),
+                  backbone=backbone_hash, tokenizer=state_fingerprint(bundle.tokenizer.model),
+                  dtype=str(next(backbone.parameters()).dtype))
+    timings = {}
+    start = time.perf_counter()
+    train = load_or_make_drafts(bundle, DraftRecipe("train", config.seed, **recipe), config.drafts, run_dir, logger)
+    validation = load_or_make_drafts(bundle, DraftRecipe("val", VALIDATION_SEED, **recipe), config.val_drafts, run_dir, logger)
+    timings["drafting"] = time.perf_counter() - start
+
+    torch.manual_seed(config.seed)
+    refiner = SelfRefiner.for_backbone(backbone, grid=bundle.tokenizer.grid, heads=config.heads, kind=config.kind,
+                                       with_query=config.with_query).to(device)
+    logger.info(f"g_phi {config.kind}{' +query' if config.with_query else ''}: {sum(p.numel() for p in refiner.parameters()):,} "
+                f"params, width {refiner.dim}, {len(train['tasks'])} train / {len(validation['tasks'])} val drafts, "
+                f"tasks {', '.join(tasks)}, config {asdict(config)}")
+    table = code_embeddings(backbone, vocab).detach().float().to(device)                  # frozen f_embed, (C, D)
+    optimizer = torch.optim.AdamW(refiner.parameters(), lr=config.lr)
+    backbone_parameters = {id(p) for p in backbone.parameters()}
+    assert not any(id(p) in backbone_parameters for group in optimizer.param_groups for p in group["params"])
+
+    train_before = evaluate(refiner, bundle, train, config.loss)["loss"]
+    start = time.perf_counter()
+    order = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = math.ceil(len(train["tasks"]) / config.batch)
+    epoch_losses = []
+    refiner.train()
+    bar = tqdm(total=config.epochs * steps_per_epoch, desc="g_phi", dynamic_ncols=True)
+    for epoch in range(config.epochs):
+        total = 0.0
+        for step, index in enumerate(torch.randperm(len(train["tasks"]), generator=order).split(config.batch)):
+            refined, target = refine_batch(refiner, table, train, index)
+            loss = refiner_loss(refined, target, config.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+            if (step + 1) % 100 == 0:
+                logger.info(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {loss.item():.4f}")
+        epoch_losses.append(total / len(train["tasks"]))
+        logger.info(f"epoch {epoch + 1}: mean training loss {epoch_losses[-1]:.4f}")
+    bar.close()
+    timings["training"] = time.perf_counter() - start
+    refiner.eval()
+    train_after = evaluate(refiner, bundle, train, config.loss)["loss"]
+
+    # Algorithm 1, line 10: g_phi only. The backbone must be exactly what it was.
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters()), "the backbone was unfrozen"
+    assert state_fingerprint(backbone) == backbone_hash, "training changed the backbone's weights"
+
+    report = {"train_loss": {"before": train_before, "after": train_after, "per_epoch": epoch_losses},
+              "validation": evaluate(refiner, bundle, validation, config.loss),
+              "overhead": refine_overhead(refiner, bundle, validation),
+              "timings_seconds": timings, "backbone_sha256": backbone_hash, "backbone_unchanged": True,
+              "refiner_config": dict(refiner._hub_mixin_config), "parameters": sum(p.numel() for p in refiner.parameters()),
+              "tasks": list(tasks), "train_drafts": len(train["tasks"]), "val_drafts": len(validation["tasks"]),
+              "device": str(device), "config": asdict(config)}
+    v = report["validation"]
+    logger.info(f"training loss {train_before:.4f} -> {train_after:.4f}; validation token accuracy "
+                f"{v['token_accuracy']['draft']:.3f} -> {v['token_accuracy']['refined']:.3f}, cosine distance "
+                f"{v['cosine_distance']['draft']:.4f} -> {v['cosine_distance']['refined_tokens']:.4f} "
+                f"(fixed {v['cells_fixed']:.3f}, broken {v['cells_broken']:.3f} of cells)")
+    for task, row in v["per_task"].items():
+        logger.info(f"  {task:13s} accuracy {row['token_accuracy']['draft']:.3f} -> {row['token_accuracy']['refined']:.3f}  "
+                    f"cosine {row['cosine_distance']['draft']:.4f} -> {row['cosine_distance']['refined_tokens']:.4f}")
+    return refiner, report
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def load_for_training(source: str, revision: str | None, device: str | None, dtype: str | None):
+    """The bundle on the device chosen once here: CUDA > MPS > CPU; float32 unless asked (the 7B recipe: half)."""
+    from ..bundle import load_bundle
+    from ..engine import choose_device
+
+    target, half = choose_device(device)
+    if str(source).lower() in ("lvm-7b", "lvm"):
+        try:
+            from ..lvm import load_lvm_bundle
+        except ImportError as error:
+            raise SystemExit(f"the {source} recipe needs demo_core/lvm.py ({error})") from error
+        return load_lvm_bundle(device=target, dtype=getattr(torch, dtype) if dtype else half, revision=revision)
+    return load_bundle(source, revision=revision, device=target, dtype=getattr(torch, dtype) if dtype else torch.float32)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = RefinerTrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m demo_core.train refiner", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder, Hub repo id, or lvm-7b")
+    parser.add_argument("--revision", default=None, help="Hub revision of --bundle")
+    parser.add_argument("--drafts", type=int, default=defaults.drafts, help="training drafts")
+    parser.add_argument("--val-drafts", type=int, default=defaults.val_drafts)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--loss", choices=LOSSES, default=defaults.loss, help="cosine (Eq. 4) or l2 (Table 6)")
+    parser.add_argument("--kind", choices=KINDS, default=defaults.kind, help="g_phi's token mixer (Table 7)")
+    parser.add_argument("--with-query", action="store_true", help="g_phi also sees the query image's tokens")
+    parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--out", type=Path, default=None, help="where to save g_phi (default <bundle>/refiner, listed in bundle.json)")
+    parser.add_argument("--run-dir", type=Path, default=RUNS / "refiner", help="draft cache and train.log")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="backbone dtype for drafting")
+    args = parser.parse_args(argv)
+    config = RefinerTrainConfig(**{f.name: getattr(args, f.name) for f in fields(RefinerTrainConfig)})
+
+    if args.bundle in ("", "default", "retouch-tiny"):
+        args.bundle = str(DEFAULT_BUNDLE)
+    local = Path(args.bundle).expanduser().is_dir()
+    if args.out is None and not local:
+        parser.error(f"{args.bundle} is not a local bundle folder: give --out for the trained g_phi")
+    started = datetime.now(timezone.utc)
+    logger = setup_logging(args.run_dir, "refiner")
+    logger.info(f"python -m demo_core.train refiner {' '.join(argv)}")
+    bundle = load_for_training(args.bundle, args.revision, args.device, args.dtype)
+    refiner, report = train_refiner(bundle, config, args.run_dir, logger)
+
+    folder = Path(args.bundle).expanduser().resolve() if local else None
+    out = (args.out or folder / "refiner").expanduser().resolve()
+    refiner.cpu().save_pretrained(out)
+    report = {"command": "python -m demo_core.train refiner " + " ".join(argv), "started": started.isoformat(timespec="seconds"),
+              "elapsed_minutes": round((datetime.now(timezone.utc) - started).total_seconds() / 60, 2),
+              "bundle": str(args.bundle), **report}
+    write_json(out / "training.json", report)
+    if folder is not None and out.is_relative_to(folder):
+        info = json.loads((folder / "bundle.json").read_text())
+        info.setdefault("parts", {})["refiner"] = out.relative_to(folder).as_posix()
+        write_json(folder / "bundle.json", info)
+        logger.info(f"saved g_phi to {out} and listed it in {folder / 'bundle.json'}")
+    else:
+        logger.info(f"saved g_phi to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""VSR g_phi (refiners/self_refine.py) and its trainer (train/refiner.py), on tiny random bundles."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from demo_core.backbone import BackboneConfig, build_backbone
+from demo_core.bundle import BundleError, load_bundle, save_bundle
+from demo_core.engine import load_engine
+from demo_core.events import StageDone
+from demo_core.refiners.self_refine import KINDS, SelfRefiner, code_embeddings, nearest_codes, self_refine
+from demo_core.testing import build_tiny_bundle, tiny_parts
+from demo_core.train import refiner as trainer
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
+
+
+def randomised(refiner, seed=0, std=0.05):
+    """An untrained g_phi is the identity (zero-initialised output): give it weights that change things."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in refiner.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return refiner
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.01, 37.0])
+def test_nearest_code_of_an_exact_code_embedding_is_that_code(parts, scale):
+    _, backbone, vocab = parts
+    table = code_embeddings(backbone, vocab)
+    assert torch.equal(nearest_codes(table * scale, table), torch.arange(vocab.codebook_size))   # cosine: scale-free
+    codes = torch.randint(0, vocab.codebook_size, (3, vocab.cells), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(nearest_codes(table[codes] * scale, table), codes)                         # batched shapes kept
+
+
+def test_nearest_codes_matches_brute_force_cosine(parts):
+    _, backbone, vocab = parts
+    table = code_embeddings(backbone, vocab)
+    queries = torch.randn(5, 7, table.shape[1], generator=torch.Generator().manual_seed(2))
+    similarity = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    assert torch.equal(nearest_codes(queries, table, chunk=4), similarity.argmax(-1))
+
+
+def test_special_tokens_are_never_returned(parts):
+    _, backbone, vocab = parts
+    special = backbone.get_input_embeddings().weight[vocab.codebook_size:]     # <at_n>, <good>, <bad>
+    assert len(special) == vocab.cells + 2
+    assert (nearest_codes(special, code_embeddings(backbone, vocab)) < vocab.codebook_size).all()
+    refiner = randomised(SelfRefiner.for_backbone(backbone, grid=int(vocab.cells ** 0.5)), std=0.5)
+    codes = torch.randint(0, vocab.codebook_size, (4, vocab.cells), generator=torch.Generator().manual_seed(3))
+    refined = self_refine(refiner, backbone, vocab, codes)
+    assert refined.dtype == torch.long and refined.shape == codes.shape and (refined < vocab.codebook_size).all()
+
+
+def test_untrained_refiner_returns_the_draft(parts):
+    _, backbone, vocab = parts
+    refiner = SelfRefiner.for_backbone(backbone, grid=4)
+    codes = torch.randint(0, vocab.codebook_size, (2, vocab.cells), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(self_refine(refiner, backbone, vocab, codes), codes)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("with_query", [False, True])
+def test_every_ablation_builds_and_runs(parts, kind, with_query):
+    _, backbone, vocab = parts
+    refiner = randomised(SelfRefiner.for_backbone(backbone, grid=4, kind=kind, with_query=with_query))
+    embeddings = torch.randn(2, vocab.cells, refiner.dim, requires_grad=True)
+    query = torch.randn(2, vocab.cells, refiner.dim) if with_query else None
+    refined = refiner(embeddings, query)
+    assert refined.shape == (2, vocab.cells, refiner.dim)
+    refined.square().sum().backward()
+    assert all(p.grad is not None for p in refiner.parameters())
+    codes = torch.randint(0, vocab.codebook_size, (3, vocab.cells))
+    assert self_refine(refiner, backbone, vocab, codes, query_codes=codes[:1]).shape == codes.shape
+    with pytest.raises(ValueError, match="4x4 grid"):
+        refiner(embeddings[:, :9], None if query is None else query[:, :9])
+    if with_query:
+        with pytest.raises(ValueError, match="query"):
+            self_refine(refiner, backbone, vocab, codes)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="unknown g_phi kind"):
+        SelfRefiner(dim=32, grid=4, kind="lstm")
+    with pytest.raises(ValueError, match="not divisible"):
+        SelfRefiner(dim=30, grid=4, heads=8)
+
+
+def test_width_comes_from_the_backbone(parts):
+    tokenizer, _, vocab = parts
+    wide = build_backbone(BackboneConfig(hidden_size=48, num_layers=1, num_heads=4, intermediate_size=64, max_positions=160), vocab)
+    assert SelfRefiner.for_backbone(wide, grid=tokenizer.grid).dim == 48
+
+
+def test_save_load_round_trip_is_exact_and_strict(parts, tmp_path):
+    _, backbone, _ = parts
+    refiner = randomised(SelfRefiner.for_backbone(backbone, grid=4, kind="conv", with_query=True, ffn_multiple=2))
+    refiner.save_pretrained(tmp_path / "g")
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert config == {"dim": 32, "grid": 4, "heads": 8, "ffn_multiple": 2, "kind": "conv", "with_query": True}
+    rebuilt = SelfRefiner(**config)                     # what bundle.py does, then a strict load
+    rebuilt.load_state_dict(load_file(tmp_path / "g" / "model.safetensors"), strict=True)
+    for loaded in (SelfRefiner.from_pretrained(tmp_path / "g"), rebuilt):
+        assert loaded.state_dict().keys() == refiner.state_dict().keys()
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in refiner.state_dict().items())
+    state = load_file(tmp_path / "g" / "model.safetensors")
+    save_file({**state, "extra.weight": torch.zeros(1)}, tmp_path / "g" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="extra.weight"):
+        SelfRefiner.from_pretrained(tmp_path / "g")
+
+
+def test_bundle_loads_the_refiner_strictly(tmp_path):
+    folder = build_tiny_bundle(tmp_path / "b", refiner=True)
+    bundle = load_bundle(folder)
+    assert isinstance(bundle.refiner, SelfRefiner) and not bundle.refiner.training
+    reference = SelfRefiner.from_pretrained(folder / "refiner")
+    assert all(torch.equal(reference.state_dict()[k], v) for k, v in bundle.refiner.state_dict().items())
+    state = load_file(folder / "refiner" / "model.safetensors")
+    del state["out.weight"]
+    save_file(state, folder / "refiner" / "model.safetensors")
+    with pytest.raises(BundleError, match="refiner: weights do not match the config: missing out.weight"):
+        load_bundle(folder)
+
+
+def small_config(**overrides):
+    settings = dict(drafts=24, val_drafts=6, epochs=2, batch=4, lr=1e-4)
+    settings.update(overrides)
+    return trainer.RefinerTrainConfig(**settings)
+
+
+def wide_lvm_bundle(folder):
+    """An LVM-format bundle (plain raster drafts, as a Hub LVM) whose backbone is wider (48) than the tiny default's (32)."""
+    tokenizer, _, vocab = tiny_parts()
+    backbone = build_backbone(BackboneConfig(hidden_size=48, num_layers=1, num_heads=4, intermediate_size=64, max_positions=160), vocab)
+    return save_bundle(folder, tokenizer, backbone, name="wide-lvm", tasks=["colorization", "inpainting", "edges"],
+                       sequence_format="lvm")
+
+
+@pytest.mark.parametrize("make, overrides", [
+    (build_tiny_bundle, {}),
+    (wide_lvm_bundle, dict(drafts=12, loss="l2", kind="conv", with_query=True)),
+])
+def test_trainer_lowers_its_loss_and_leaves_the_backbone_bit_identical(tmp_path, make, overrides):
+    bundle = load_bundle(make(tmp_path / "b"))
+    before = {name: tensor.clone() for name, tensor in bundle.backbone.state_dict().items()}
+    refiner, report = trainer.train_refiner(bundle, small_config(**overrides), tmp_path / "run")
+    assert report["train_loss"]["after"] < report["train_loss"]["before"]
+    assert refiner.dim == bundle.backbone.config.hidden_size
+    after = bundle.backbone.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not bundle.backbone.training and not any(p.requires_grad for p in bundle.backbone.parameters())
+    validation = report["validation"]
+    assert validation["examples"] == 6 and len(validation["cosine_curve"]["draft"]) == bundle.vocab.cells
+    assert set(validation["per_task"]) == {"colorization", "inpainting", "edges"}
+
+
+def test_draft_cache_is_reused_and_extends_deterministically(tmp_path):
+    bundle = load_bundle(build_tiny_bundle(tmp_path / "b"))
+    recipe = trainer.DraftRecipe("train", 0, 16, ("colorization", "edges"), (1, 3), "scan", (1.0, 0, 0.9, 1),
+                                 "backbone-hash", "tokenizer-hash", "torch.float32")
+    logger = trainer.setup_logging(tmp_path / "log", "refiner-test")
+    fresh = trainer.load_or_make_drafts(bundle, recipe, 6, tmp_path / "a", logger)
+    trainer.load_or_make_drafts(bundle, recipe, 3, tmp_path / "b", logger)
+    extended = trainer.load_or_make_drafts(bundle, recipe, 6, tmp_path / "b", logger)
+    again = trainer.load_or_make_drafts(bundle, recipe, 4, tmp_path / "b", logger)
+    for key in ("query", "answer", "draft"):
+        assert torch.equal(fresh[key], extended[key]) and torch.equal(again[key], fresh[key][:4])
+    assert fresh["tasks"] == extended["tasks"] == ["colorization", "edges"] * 3
+    assert ((fresh["draft"] >= 0) & (fresh["draft"] < bundle.vocab.codebook_size)).all()
+
+
+def test_command_line_saves_the_refiner_into_the_bundle(tmp_path):
+    folder = build_tiny_bundle(tmp_path / "b")
+    assert trainer.main(["--bundle", str(folder), "--drafts", "8", "--val-drafts", "3", "--epochs", "1",
+                         "--run-dir", str(tmp_path / "run")]) == 0
+    info = json.loads((folder / "bundle.json").read_text())
+    assert info["parts"]["refiner"] == "refiner"
+    training = json.loads((folder / "refiner" / "training.json").read_text())
+    assert training["command"].startswith("python -m demo_core.train refiner --bundle")
+    assert training["backbone_unchanged"] and "token_accuracy" in training["validation"]
+    assert (tmp_path / "run" / "train.log").exists()
+    assert isinstance(load_bundle(folder).refiner, SelfRefiner)
+
+
+def images(seed, count):
+    rng = np.random.default_rng(seed)
+    return [rng.random((20, 20, 3)).astype(np.float32) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    engine = load_engine(str(build_tiny_bundle(tmp_path_factory.mktemp("bundle"), refiner=True)))
+    randomised(engine.refiner, std=0.05)
+    return engine
+
+
+@pytest.mark.parametrize("refine", [("self",), ("scan", "self")])
+def test_engine_runs_self_refinement(engine, refine):
+    x, y, q = images(0, 3)
+    events = list(engine.stream([(x, y)], q, refine=refine, seed=0, scan_iterations=3))
+    result = events[-1].result
+    assert list(result.stages) == ["draft", *refine]
+    before = result.tokens[refine[-2] if len(refine) > 1 else "draft"]
+    changed = np.flatnonzero(result.tokens["self"].reshape(-1) != before.reshape(-1)).tolist()
+    assert result.changed["self"] == changed and changed                    # a randomised g_phi changes some cells
+    done = [e for e in events if isinstance(e, StageDone) and e.stage == "self"]
+    assert len(done) == 1 and done[0].changed_cells == changed and result.final.size == (16, 16)
+    assert ((result.tokens["self"] >= 0) & (result.tokens["self"] < engine.vocab.codebook_size)).all()
+
+
+def test_engine_feeds_the_query_to_a_query_aware_refiner(engine):
+    x, y, q = images(1, 3)
+    original = engine.refiner
+    try:
+        engine.refiner = randomised(SelfRefiner.for_backbone(engine.model, grid=engine.grid, with_query=True))
+        result = engine.run([(x, y)], q, refine=("self",), seed=1)
+    finally:
+        engine.refiner = original
+    assert list(result.stages) == ["draft", "self"] and result.tokens["self"].shape == (4, 4)
