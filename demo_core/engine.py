@@ -244,7 +244,7 @@ def load_engine(source=None, revision: str | None = None, device: str | None = N
     if isinstance(source, str) and source.lower() in ("lvm-7b", "lvm"):
         from .lvm import load_lvm_bundle
 
-        return Engine(load_lvm_bundle(device=target_device, dtype=dtype))
-    # the default bundle is tiny: float32 everywhere
-    bundle = load_bundle(source, revision=revision, device=target_device, dtype=torch.float32)
+        return Engine(load_lvm_bundle(device=target_device, dtype=dtype, revision=revision))
+    # the backbone takes the device's dtype (float32 on a CPU); the tokenizer always stays float32
+    bundle = load_bundle(source, revision=revision, device=target_device, dtype=dtype)
     return Engine(bundle)
