@@ -2,7 +2,7 @@
 
     python -m demo_core reconstruct IMAGE --out OUT.png
     python -m demo_core generate --pair X Y [--pair X Y ...] --query Q --refine scan,self --seed 0 --out OUT.png
-    python -m demo_core train {tokenizer,backbone,refiner} [...]
+    python -m demo_core train {tokenizer,backbone,refiner,tensor} [...]
     python -m demo_core eval [...]       python -m demo_core bench [...]
     python -m demo_core export --out DIR python -m demo_core space --out DIR
 
@@ -19,7 +19,7 @@ from pathlib import Path
 SUBCOMMANDS = {
     "reconstruct": ("demo_core.cli", "reconstruct_main", "encode and decode an image through the tokenizer; prints PSNR/SSIM"),
     "generate": ("demo_core.cli", "generate_main", "answer a query from demonstration pairs, then refine"),
-    "train": ("demo_core.train.__main__", "main", "train a part: tokenizer, backbone, refiner"),
+    "train": ("demo_core.train.__main__", "main", "train a part: tokenizer, backbone, refiner, tensor"),
     "eval": ("demo_core.eval", "main", "quality table per task and stage on the validation split"),
     "bench": ("demo_core.bench", "main", "speed breakdown per stage on this machine"),
     "export": ("demo_core.export", "main", "write a push_to_hub-ready copy of a bundle with a model card"),

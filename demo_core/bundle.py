@@ -5,6 +5,8 @@
     tokenizer/      diffusers.VQModel (save_pretrained layout)
     backbone/       transformers.LlamaForCausalLM (save_pretrained layout)
     refiner/        VSR g_phi (PyTorchModelHubMixin layout: config.json + model.safetensors), optional
+    tensor/         TensorAR adapter over the backbone (same layout), optional; tensor-control/ its
+                    equal-steps control (LoRA only), optional, not loaded here (eval loads it)
 
 Loading is strict (missing, unexpected or mis-shaped weights name the part and the keys) and
 reads safetensors only. A Hub repo id goes through `huggingface_hub.snapshot_download`
@@ -41,6 +43,7 @@ class Bundle:
     refiner: torch.nn.Module | None = None
     source: str = ""
     extras: dict = field(default_factory=dict)
+    tensor: torch.nn.Module | None = None    # refiners.tensor.TensorAR over `backbone` (tensor/), optional
 
     @property
     def vocab(self) -> Vocab:
@@ -57,7 +60,7 @@ class Bundle:
 
 
 def manifest(tokenizer, backbone, *, name: str, tasks: list[str], sequence_format: str = "scan", refiner: bool = False,
-             extra: dict | None = None) -> dict:
+             extra: dict | None = None, tensor: bool = False) -> dict:
     """bundle.json contents for parts in hand."""
     vocab = Vocab(tokenizer.codebook_size, tokenizer.grid ** 2)
     info = {
@@ -68,13 +71,15 @@ def manifest(tokenizer, backbone, *, name: str, tasks: list[str], sequence_forma
         "vocab_size": int(backbone.config.vocab_size),
         "max_pairs": max_pairs(backbone.config.max_position_embeddings, tokenizer.grid ** 2),
         "tasks": list(tasks),
-        "parts": {"tokenizer": "tokenizer", "backbone": "backbone", **({"refiner": "refiner"} if refiner else {})},
+        "parts": {"tokenizer": "tokenizer", "backbone": "backbone", **({"refiner": "refiner"} if refiner else {}),
+                  **({"tensor": "tensor"} if tensor else {})},
     }
     info.update(extra or {})
     return info
 
 
-def save_bundle(folder, tokenizer, backbone, refiner=None, *, name: str = "bundle", tasks=(), sequence_format="scan") -> Path:
+def save_bundle(folder, tokenizer, backbone, refiner=None, *, name: str = "bundle", tasks=(), sequence_format="scan",
+                tensor=None) -> Path:
     """Write a bundle folder (every part in its library's own layout, safetensors)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,7 +87,10 @@ def save_bundle(folder, tokenizer, backbone, refiner=None, *, name: str = "bundl
     backbone.save_pretrained(folder / "backbone", safe_serialization=True)
     if refiner is not None:
         refiner.save_pretrained(folder / "refiner")
-    info = manifest(tokenizer, backbone, name=name, tasks=list(tasks), sequence_format=sequence_format, refiner=refiner is not None)
+    if tensor is not None:                          # a TensorAdapter (or a TensorAR: only its adapter is written)
+        getattr(tensor, "adapter", tensor).save_pretrained(folder / "tensor")
+    info = manifest(tokenizer, backbone, name=name, tasks=list(tasks), sequence_format=sequence_format, refiner=refiner is not None,
+                    tensor=tensor is not None)
     (folder / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
     return folder
 
@@ -241,4 +249,12 @@ def load_bundle(source: str | Path | None = None, revision: str | None = None, d
         if not (folder / parts["refiner"]).is_dir():
             raise BundleError(f"bundle: the refiner part is listed but {parts['refiner']}/ is missing in {folder}")
         refiner = load_refiner_part(folder / parts["refiner"]).to(device)
-    return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, refiner=refiner, source=str(source or "default"))
+    tensor = None
+    if "tensor" in parts:
+        if not (folder / parts["tensor"]).is_dir():
+            raise BundleError(f"bundle: the tensor part is listed but {parts['tensor']}/ is missing in {folder}")
+        from .refiners.tensor import load_tensor_part
+
+        tensor = load_tensor_part(folder / parts["tensor"], backbone)
+    return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, refiner=refiner, source=str(source or "default"),
+                  tensor=tensor)

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbone import SamplingConfig, draft_scan, score_answer
+from .backbone import DraftState, SamplingConfig, draft_scan, score_answer
 from .bundle import Bundle, load_bundle
-from .events import DraftDone, Event, Finished, GenerationStarted, Result, ScanStep, StageDone, TokensWritten
+from .events import DraftDone, Event, Finished, GenerationStarted, Result, ScanStep, StageDone, TokensWritten, WindowSlid
 from .images import ImageInputError, float_to_pil, load_square
 from .refiners.scan import ScanConfig, scan_refine, select_cache_batch
 from .sequence import context_tokens
 
 REFINERS = ("scan", "self")
+DRAFT_MODES = ("ar", "tensor")
 
 
 class EngineInputError(ValueError):
@@ -37,6 +38,7 @@ class RunSettings:
     """Everything a run can be asked to do besides its images."""
 
     refine: tuple[str, ...] = ("scan",)   # stages after the draft, in order: "scan", "self"
+    draft_mode: str = "ar"                # "ar": SCAN-form draft, one token per step; "tensor": TensorAR windows (tensor/)
     seed: int = 0
     temperature: float = 1.0
     top_p: float = 0.9
@@ -87,6 +89,10 @@ class Engine:
     def available_refiners(self) -> tuple[str, ...]:
         return ("scan", "self") if self.refiner is not None else ("scan",)
 
+    @property
+    def available_draft_modes(self) -> tuple[str, ...]:
+        return DRAFT_MODES if self.bundle.tensor is not None else ("ar",)
+
     def prepare(self, pairs: Sequence, query) -> tuple[list[tuple[Image.Image, Image.Image]], Image.Image]:
         """Validate and load the images (any size or mode: centre-cropped, resized, converted to RGB)."""
         pairs = [tuple(pair) if pair is not None else (None, None) for pair in (pairs or [])]
@@ -130,6 +136,10 @@ class Engine:
             raise EngineInputError(f"Unknown refiner {unknown[0]!r}; choose from {', '.join(REFINERS)}.")
         if "self" in settings.refine and self.refiner is None:
             raise EngineInputError("This model has no VSR refiner (g_phi); choose SCAN only or load a bundle with refiner/.")
+        if settings.draft_mode not in DRAFT_MODES:
+            raise EngineInputError(f"Unknown draft mode {settings.draft_mode!r}; choose from {', '.join(DRAFT_MODES)}.")
+        if settings.draft_mode == "tensor" and self.bundle.tensor is None:
+            raise EngineInputError("This model has no TensorAR part (tensor/); choose the AR draft or load a bundle with tensor/.")
         if settings.candidates < 1 or settings.scan_iterations < 0 or settings.scan_cells < 1:
             raise EngineInputError("candidates and SCAN c must be at least 1, SCAN T at least 0.")
         loaded, query_image = self.prepare(pairs, query)
@@ -163,33 +173,63 @@ class Engine:
         timings["encode"] = time.perf_counter() - start
         cells = self.vocab.cells
         yield GenerationStarted(total_tokens=cells, grid=self.grid, pairs=len(loaded), context_tokens=int(context.numel()),
-                                stages=["draft", *settings.refine], sequence_format="scan")
+                                stages=["draft", *settings.refine], sequence_format="scan", draft_mode=settings.draft_mode)
         sampling = SamplingConfig(settings.temperature, settings.top_k, settings.top_p, settings.candidates)
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
 
         # 1. draft, token by token
         start = time.perf_counter()
         decode_time = 0.0
+        score_time = 0.0
         states = []
+        slides: list[WindowSlid] = []
         written = np.zeros((self.grid, self.grid), dtype=bool)
         canvas_codes = query_codes.clone()          # unwritten cells show the query's codes (the UI dims them)
-        for step in draft_scan(self.model, self.vocab, context, sampling, generator, state_out=states):
-            written.flat[step.cell] = True
-            canvas_codes[step.cell] = int(step.codes[0])
-            canvas = None
-            if settings.canvas_every and ((step.index + 1) % settings.canvas_every == 0 or step.index + 1 == cells):
-                tick = time.perf_counter()
-                canvas = self.decode(canvas_codes)
-                decode_time += time.perf_counter() - tick
-            yield TokensWritten(step.index, step.cell, int(step.codes[0]), float(step.scores[0]), written.copy(), canvas)
-        state = states[0]
+        if settings.draft_mode == "tensor":
+            # TensorAR: each step re-predicts a window of k cells; its front cell is final (refiners/tensor.py)
+            from .refiners.tensor import draft_tensor
+
+            for step in draft_tensor(self.bundle.tensor, context, cells, sampling, generator, state_out=states):
+                latest = step.current[0].cpu()
+                canvas_codes = torch.where(latest >= 0, latest, query_codes)
+                written.flat[step.final_cell] = True
+                canvas = None
+                if settings.canvas_every and ((step.step + 1) % settings.canvas_every == 0 or step.step + 1 == cells):
+                    tick = time.perf_counter()
+                    canvas = self.decode(canvas_codes)
+                    decode_time += time.perf_counter() - tick
+                slide = WindowSlid(step.step, step.cells, step.codes[0].tolist(), step.changed(0),
+                                   self._grid(latest).astype(np.int64), written.copy(), self._grid(step.revisions).astype(np.int64),
+                                   canvas)
+                slides.append(slide)
+                yield slide
+                # the finalised cell, as the AR draft reports it (quality: the model's probability of the code)
+                yield TokensWritten(step.step, step.final_cell, int(step.codes[0, 0]), float(step.probs[0, 0]), written.copy(),
+                                    canvas)
+            tick = time.perf_counter()
+            draft_codes = states[0].codes
+            _, scores, cache = score_answer(self.model, self.vocab, context, draft_codes)   # SCAN quality + the refiners' cache
+            state = DraftState(cache, int(context.numel()), draft_codes, scores, torch.arange(cells))
+            score_time = time.perf_counter() - tick
+            timings["score"] = score_time
+        else:
+            for step in draft_scan(self.model, self.vocab, context, sampling, generator, state_out=states):
+                written.flat[step.cell] = True
+                canvas_codes[step.cell] = int(step.codes[0])
+                canvas = None
+                if settings.canvas_every and ((step.index + 1) % settings.canvas_every == 0 or step.index + 1 == cells):
+                    tick = time.perf_counter()
+                    canvas = self.decode(canvas_codes)
+                    decode_time += time.perf_counter() - tick
+                yield TokensWritten(step.index, step.cell, int(step.codes[0]), float(step.scores[0]), written.copy(), canvas)
+            state = states[0]
         mean_quality = state.scores.mean(1)
         chosen = int(mean_quality.argmax())
         candidate_images = [self.decode(state.codes[b]) for b in range(state.codes.shape[0])]
         if state.codes.shape[0] > 1:
             select_cache_batch(state.cache, chosen)
             state.codes, state.scores = state.codes[chosen:chosen + 1], state.scores[chosen:chosen + 1]
-        timings["draft"] = time.perf_counter() - start - decode_time
+        timings["draft"] = time.perf_counter() - start - decode_time - score_time
         timings["decode"] = decode_time
         draft_image = candidate_images[chosen]
         stage_images = {"draft": draft_image}
@@ -234,7 +274,7 @@ class Engine:
         timings["total"] = sum(v for k, v in timings.items())
         result = Result(draft=draft_image, final=stage_images[final_name], stages=stage_images, tokens=stage_tokens,
                         quality=stage_quality, history=history, changed=changed, timings=timings,
-                        candidates=candidate_images, query=query_image)
+                        candidates=candidate_images, query=query_image, slides=slides)
         yield Finished(result)
 
 

@@ -16,6 +16,7 @@ class GenerationStarted:
     context_tokens: int             # prompt length
     stages: list[str]               # e.g. ["draft", "scan", "self"]
     sequence_format: str            # "scan" (default bundle) or "lvm" (Hub LVM, training-free SCAN fallback)
+    draft_mode: str = "ar"          # "ar" (one token per step) or "tensor" (TensorAR sliding windows)
 
 
 @dataclass
@@ -26,6 +27,20 @@ class TokensWritten:
     quality: float                  # its quality score in [0, 1]
     written: np.ndarray             # (grid, grid) bool, cells written so far
     canvas: Image.Image | None = None   # decoded image of the written cells (when requested this step)
+
+
+@dataclass
+class WindowSlid:
+    """TensorAR draft (draft_mode="tensor"): the k-cell window slid one cell and its cells were (re)predicted."""
+
+    step: int                       # 0 .. N-1
+    cells: list[int]                # the window's cells, front first; cells[0] is final from this step on
+    tokens: list[int]               # the codes predicted for them at this step (candidate 0)
+    changed: list[int]              # window cells whose code differs from their previous prediction
+    codes: np.ndarray               # (grid, grid) latest code of every cell (-1: not predicted yet)
+    final: np.ndarray               # (grid, grid) bool, cells whose code is final
+    revisions: np.ndarray           # (grid, grid) int, times each cell has been predicted so far (<= k)
+    canvas: Image.Image | None = None   # decoded latest predictions, unpredicted cells show the query (when requested)
 
 
 @dataclass
@@ -75,6 +90,7 @@ class Result:
     timings: dict[str, float]                      # seconds per stage (+ "total")
     candidates: list[Image.Image] = field(default_factory=list)
     query: Image.Image | None = None
+    slides: list[WindowSlid] = field(default_factory=list)   # TensorAR draft: every window (empty for "ar")
 
 
 @dataclass
@@ -82,4 +98,4 @@ class Finished:
     result: Result
 
 
-Event = GenerationStarted | TokensWritten | DraftDone | ScanStep | StageDone | Finished
+Event = GenerationStarted | TokensWritten | WindowSlid | DraftDone | ScanStep | StageDone | Finished

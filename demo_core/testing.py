@@ -24,7 +24,7 @@ def tiny_parts(seed: int = 0):
     return tokenizer, backbone, vocab
 
 
-def build_tiny_bundle(folder, seed: int = 0, refiner: bool = False) -> Path:
+def build_tiny_bundle(folder, seed: int = 0, refiner: bool = False, tensor: bool = False) -> Path:
     """A complete random bundle (max 3 pairs: (2*3+2)*16 = 128 positions)."""
     tokenizer, backbone, vocab = tiny_parts(seed)
     g_phi = None
@@ -32,4 +32,10 @@ def build_tiny_bundle(folder, seed: int = 0, refiner: bool = False) -> Path:
         from .refiners.self_refine import SelfRefiner
 
         g_phi = SelfRefiner.for_backbone(backbone, grid=tokenizer.grid)
-    return save_bundle(folder, tokenizer, backbone, g_phi, name="tiny-random", tasks=["colorization", "inpainting", "edges"])
+    adapter = None
+    if tensor:
+        from .refiners.tensor import TensorAdapter
+
+        adapter = TensorAdapter.for_backbone(backbone, vocab.codebook_size, k=4, heads=4)   # untrained: the backbone exactly
+    return save_bundle(folder, tokenizer, backbone, g_phi, name="tiny-random", tasks=["colorization", "inpainting", "edges"],
+                       tensor=adapter)

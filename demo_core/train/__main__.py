@@ -1,8 +1,8 @@
-"""python -m demo_core.train {tokenizer,backbone,refiner} [options]"""
+"""python -m demo_core.train {tokenizer,backbone,refiner,tensor} [options]"""
 import importlib
 import sys
 
-PARTS = {"tokenizer": "tokenizer", "backbone": "backbone", "refiner": "refiner"}
+PARTS = {"tokenizer": "tokenizer", "backbone": "backbone", "refiner": "refiner", "tensor": "tensor"}
 
 
 def main(argv=None):
