@@ -242,6 +242,7 @@ class Engine:
         changed: dict[str, list[int]] = {}
         for stage in settings.refine:
             start = time.perf_counter()
+            decoded_before = timings["decode"]     # SCAN-step decodes count under "decode", not twice
             before = state.codes[0].clone()
             if stage == "scan":
                 config = ScanConfig(iterations=settings.scan_iterations, cells_per_iteration=settings.scan_cells)
@@ -267,7 +268,7 @@ class Engine:
             changed[name] = torch.nonzero(state.codes[0].cpu() != before.cpu()).flatten().tolist()
             stage_tokens[name] = self._grid(state.codes[0]).astype(np.int64)
             stage_quality[name] = self._grid(state.scores[0])
-            timings[name] = time.perf_counter() - start
+            timings[name] = time.perf_counter() - start - (timings["decode"] - decoded_before)
             stage_images[name] = self.decode(state.codes[0])
             yield StageDone(name, stage_images[name], stage_tokens[name], stage_quality[name], changed[name])
         final_name = list(stage_images)[-1]

@@ -25,6 +25,7 @@ ACCEPTED = "#22c55e"                 # SCAN kept the regenerated token (its scor
 REJECTED = "#ef4444"                 # SCAN regenerated the token but kept the old one
 VSR_CHANGED = "#3b82f6"              # VSR's nearest-code decode chose another code
 CURRENT = "#facc15"                  # the cell written last on the live canvas
+WINDOW = "#06b6d4"                   # TensorAR: cells of the sliding window, still being revised
 QUALITY_COLORMAP = "RdYlGn"          # low quality red, high green
 # (label, colour) of the four quality bands, best first; each band is a quarter of a score range
 QUALITY_BANDS = (
@@ -105,11 +106,12 @@ def hatch_pattern(side: int, spacing: int = HATCH_SPACING) -> np.ndarray:
 
 
 def canvas_view(canvas: Image.Image, written: np.ndarray, scale: int | None = None,
-                current_cell: int | None = None) -> Image.Image:
+                current_cell: int | None = None, window_cells: Sequence[int] = ()) -> Image.Image:
     """The live canvas: written cells in full colour, the others dimmed and hatched.
 
     `canvas` is the decoded image (unwritten cells show whatever the engine put there, e.g. the
-    query's codes); `written` is the (grid, grid) bool mask of cells written so far.
+    query's codes); `written` is the (grid, grid) bool mask of cells written so far. TensorAR's
+    `window_cells` (still being revised) are boxed in WINDOW, `current_cell` in CURRENT on top.
     """
     written = np.asarray(written, dtype=bool)
     grid = written.shape[0]
@@ -121,6 +123,8 @@ def canvas_view(canvas: Image.Image, written: np.ndarray, scale: int | None = No
     dimmed[hatch_pattern(side)] = HATCH_COLOUR
     pixels = np.where(pending[..., None], dimmed, pixels)
     view = Image.fromarray(pixels.round().astype(np.uint8), "RGB")
+    if len(window_cells):
+        _draw_cell_boxes(view, list(window_cells), [WINDOW] * len(window_cells), grid)
     if current_cell is not None and 0 <= int(current_cell) < grid * grid:
         x0, y0, x1, y1 = cell_box(current_cell, grid, side)
         ImageDraw.Draw(view).rectangle((x0, y0, x1 - 1, y1 - 1), outline=CURRENT, width=max(1, side // 160))

@@ -1,0 +1,249 @@
+"""Retouch studio: the Gradio Blocks UI. Builds the page and wires events to `studio.handlers`;
+no model code here.
+
+    python app.py            # serves http://127.0.0.1:7860 with the embedded default bundle
+    RETOUCH_BUNDLE=path/to/bundle python app.py
+"""
+import os
+
+# No outbound calls: analytics, Hub and telemetry off before gradio / huggingface_hub are imported.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import sys  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from demo_core import viz  # noqa: E402
+from studio.handlers import (DRAFT_MODES, MAX_ROWS, MODEL_KINDS, OUTPUTS, METRIC_COLUMNS, TIMING_COLUMNS,  # noqa: E402
+                             Studio, add_pair, compare_view, default_refiner, draft_modes, example_preview,
+                             list_examples, refiner_choices, remove_pair, stopped_status, timeline_view)
+from studio.layout import CSS, HEADER, IDLE_STATUS, TITLE, legend, theme  # noqa: E402
+
+MAX_FILE_SIZE = "10mb"            # uploads above this are refused by the server before any handler runs
+DEFAULT_PAIRS = 2                 # pair rows shown at start
+
+
+def image_input(label: str, **options) -> gr.Image:
+    """An upload widget that hands the handler a file path; the engine opens it and explains bad files.
+
+    gradio opens uploads with PIL before the handler; for a file PIL cannot identify that would be
+    a bare exception, so the path is passed on as is and `demo_core.images` reports the problem.
+    """
+    component = gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                         format="png", **options)
+    strict = component.preprocess
+
+    def lenient(payload):
+        try:
+            return strict(payload)
+        except Exception:
+            return str(payload.path) if getattr(payload, "path", None) else None
+
+    component.preprocess = lenient
+    return component
+
+
+def output_image(label: str, **options) -> gr.Image:
+    return gr.Image(label=label, format="png", interactive=False, buttons=["download", "fullscreen"], **options)
+
+
+def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
+    """The studio page around a loaded engine (`demo_core.load_engine()`)."""
+    studio = Studio(engine, model_label)
+    examples = list_examples()
+    available = engine.available_refiners
+    modes = draft_modes(engine)
+    pairs_shown = min(DEFAULT_PAIRS, engine.max_pairs, MAX_ROWS)
+
+    with gr.Blocks(title=TITLE, delete_cache=(1800, 3600)) as demo:
+        gr.HTML(HEADER)
+        run_state = gr.State(None)
+        pair_count = gr.State(pairs_shown)
+        max_pairs = gr.State(engine.max_pairs)
+
+        with gr.Row(equal_height=True, elem_classes="rt-examples"):
+            gallery = gr.Gallery(value=[(example_preview(e), e.title) for e in examples.values()],
+                                 label="Examples (click one to load it)",
+                                 columns=len(examples) or 1, rows=1, height=190, allow_preview=False, object_fit="contain",
+                                 format="png", interactive=False, elem_id="examples", scale=4)
+            task = gr.Dropdown(choices=[(e.title, name) for name, e in examples.items()], value=None, label="Task hint",
+                               info="Loads that task's example. The model is never told the task: it only sees the pairs.",
+                               elem_id="task", scale=1, min_width=220)
+
+        with gr.Row(equal_height=False):
+            # ------------------------------------------------------------------ inputs
+            with gr.Column(scale=5, min_width=380, elem_id="inputs"):
+                gr.Markdown("**Demonstration pairs** — input → answer; the model infers the task from these.")
+                rows, pair_images = [], []
+                for index in range(MAX_ROWS):
+                    with gr.Row(visible=index < pairs_shown, elem_classes="rt-pair-row") as row:
+                        pair_images.append(image_input(f"Pair {index + 1} · input", height=150))
+                        gr.Markdown("→", elem_classes="rt-arrow")
+                        pair_images.append(image_input(f"Pair {index + 1} · answer", height=150))
+                    rows.append(row)
+                with gr.Row():
+                    add_button = gr.Button("+ Add pair", size="sm", variant="secondary")
+                    remove_button = gr.Button("− Remove last pair", size="sm", variant="secondary")
+
+                gr.Markdown("**Query** — the model answers it the way the pairs show. A ground-truth answer is optional; "
+                            "it adds metrics.")
+                with gr.Row(elem_classes="rt-pair-row"):
+                    query = image_input("Query", height=170, elem_id="query")
+                    truth = image_input("Ground truth", height=170, elem_id="truth")
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    draft_mode = gr.Radio([(DRAFT_MODES.get(m, m), m) for m in modes], value="ar", label="Draft",
+                                          visible=len(modes) > 1)
+                    refiners = gr.Radio(refiner_choices(available), value=default_refiner(available),
+                                        label="Refiners after the draft, in order")
+                    with gr.Row():
+                        scan_iterations = gr.Slider(0, 100, value=30, step=1, label="SCAN T", info="iterations")
+                        scan_cells = gr.Slider(1, engine.grid ** 2, value=min(4, engine.grid ** 2), step=1, label="SCAN c",
+                                               info="tokens regenerated per iteration")
+                    with gr.Row():
+                        temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature", info="0 = greedy")
+                        top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p", info="nucleus")
+                    with gr.Row():
+                        top_k = gr.Slider(0, 1024, value=0, step=1, label="top-k", info="0 = off")
+                        candidates = gr.Slider(1, 8, value=1, step=1, label="candidates", info="best mean quality wins")
+                    with gr.Row(equal_height=True):
+                        seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
+                        randomize = gr.Checkbox(value=False, label="randomize seed")
+                    with gr.Row():
+                        canvas_every = gr.Slider(1, 16, value=4, step=1, label="live canvas", info="decode every n tokens")
+                        frame_ms = gr.Slider(0, 500, value=60, step=10, label="live view pace",
+                                             info="ms per frame; 0 = as fast as it runs", elem_id="pace")
+
+                with gr.Accordion("Model", open=False, elem_id="model"):
+                    model_info = gr.Markdown(studio.model_info(), elem_classes="rt-model")
+                    model_kind = gr.Radio(list(MODEL_KINDS), value=MODEL_KINDS[0], label="Load")
+                    model_location = gr.Textbox(label="Bundle folder or Hub repo id",
+                                                placeholder="/path/to/bundle  ·  org/name  ·  lvm-7b")
+                    load_button = gr.Button("Load model", size="sm")
+                    gr.Markdown("The model is shared by everyone using this server; runs take turns.",
+                                elem_classes="rt-hint")
+
+            # ------------------------------------------------------------------ outputs
+            with gr.Column(scale=7, min_width=420, elem_id="outputs"):
+                status = gr.HTML(IDLE_STATUS, elem_id="status")
+                with gr.Tabs():
+                    with gr.Tab("Live", id="live"):
+                        canvas = output_image("Canvas", elem_id="canvas", elem_classes="rt-canvas", height=420)
+                        gr.HTML(legend("written", *(["window"] if "tensor" in modes else []), "accepted", "rejected", "vsr"))
+                    with gr.Tab("Quality", id="quality"):
+                        with gr.Row():
+                            quality_draft = gr.AnnotatedImage(label="Draft: per-token quality", format="png",
+                                                              color_map=viz.quality_band_colours(), elem_id="quality-draft",
+                                                              elem_classes="rt-pixelated")
+                            quality_final = gr.AnnotatedImage(label="After refinement", format="png",
+                                                              color_map=viz.quality_band_colours(), elem_id="quality-final",
+                                                              elem_classes="rt-pixelated")
+                        quality_note = gr.Markdown("")
+                    with gr.Tab("Timeline", id="timeline"):
+                        timeline_slider = gr.Slider(0, 1, value=0, step=1, label="SCAN iteration (0 = the draft)", visible=False,
+                                                    elem_id="timeline-slider")
+                        with gr.Row():
+                            timeline_image = output_image("After this iteration",
+                                                          elem_id="timeline-image", elem_classes="rt-pixelated", height=360)
+                            vsr_image = output_image("VSR changes", visible=False, elem_classes="rt-pixelated",
+                                                     height=360)
+                        gr.HTML(legend("accepted", "rejected", "vsr"))
+                        timeline_text = gr.Markdown("Run a generation with SCAN to see its iterations here.")
+                    with gr.Tab("Before / after", id="compare"):
+                        before_after = gr.ImageSlider(label="Draft ↔ final", format="png", interactive=False,
+                                                      elem_classes="rt-pixelated", max_height=440, elem_id="before-after")
+                        with gr.Row():
+                            compare_a = gr.Dropdown(choices=[], label="Left", interactive=True)
+                            compare_b = gr.Dropdown(choices=[], label="Right", interactive=True)
+                        stage_grid = output_image("Every stage side by side", elem_id="stage-grid", height=260)
+                    with gr.Tab("Metrics", id="metrics"):
+                        metrics_note = gr.Markdown("")
+                        metrics_table = gr.Dataframe(headers=METRIC_COLUMNS, interactive=False, label="Per stage",
+                                                     elem_id="metrics-table")
+                        cosine_plot = gr.Plot(label="Per-token cosine distance (VSR Fig. 2)", format="png", show_label=False)
+                        quality_plot = gr.Plot(label="SCAN progress", format="png", show_label=False)
+                        timings_table = gr.Dataframe(headers=TIMING_COLUMNS, interactive=False, label="Timings")
+
+        components = dict(canvas=canvas, status=status, seed=seed, quality_draft=quality_draft, quality_final=quality_final,
+                          quality_note=quality_note, timeline_slider=timeline_slider, timeline_image=timeline_image,
+                          timeline_text=timeline_text, vsr_image=vsr_image, before_after=before_after,
+                          compare_a=compare_a, compare_b=compare_b, stage_grid=stage_grid, metrics_table=metrics_table,
+                          timings_table=timings_table, cosine_plot=cosine_plot, quality_plot=quality_plot,
+                          metrics_note=metrics_note, run_state=run_state)
+        outputs = [components[name] for name in OUTPUTS]
+
+        # ---------------------------------------------------------------------- events
+        cheap = dict(concurrency_limit=None, api_visibility="private")
+        add_button.click(add_pair, [pair_count, max_pairs], [pair_count, *rows], **cheap)
+        remove_button.click(remove_pair, [pair_count], [pair_count, *rows, *pair_images], **cheap)
+        example_outputs = [pair_count, *rows, *pair_images, query, truth, task]
+        gallery.select(studio.select_example, None, example_outputs, **cheap)
+        task.input(studio.load_example, [task], example_outputs, api_name="load_example", concurrency_limit=None)
+
+        generation = generate_button.click(
+            studio.generate_endpoint(),
+            [*pair_images, query, truth, refiners, scan_iterations, scan_cells, temperature, top_p, top_k, seed,
+             randomize, candidates, canvas_every, frame_ms, draft_mode],
+            outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
+            show_progress_on=[status])
+        stop_button.click(stopped_status, [status], [status], cancels=[generation], **cheap)
+
+        timeline_slider.input(timeline_view, [timeline_slider, run_state], [timeline_image, timeline_text],
+                              api_name="timeline", concurrency_limit=None, trigger_mode="always_last", show_progress="hidden")
+        for dropdown in (compare_a, compare_b):
+            dropdown.input(compare_view, [compare_a, compare_b, run_state], [before_after], concurrency_limit=None,
+                           api_visibility="private")
+        load_button.click(studio.load_model, [model_kind, model_location, refiners, draft_mode],
+                          [model_info, refiners, scan_cells, max_pairs, draft_mode], api_name="load_model",
+                          concurrency_limit=1, concurrency_id="model", show_progress="hidden")
+    demo.queue(max_size=32)
+    demo.studio = studio          # tests and scripts reach the handlers through the page
+    return demo
+
+
+def launch_options() -> dict:
+    """launch() arguments every way of serving the studio shares (theme and CSS moved there in Gradio 6)."""
+    return dict(theme=theme(), css=CSS, max_file_size=MAX_FILE_SIZE, show_error=True)
+
+
+def warm_up(engine) -> None:
+    """One short run so the first click does not pay for lazy initialisation (LPIPS, kernels)."""
+    from demo_core.metrics import image_metrics
+    from studio.handlers import list_examples as examples
+
+    example = next(iter(examples().values()), None)
+    if example is None:
+        return
+    result = engine.run(example.pairs[:engine.max_pairs], example.query, refine=("scan",), scan_iterations=1)
+    try:
+        image_metrics(result.final, result.final)
+    except Exception:
+        pass
+
+
+def main() -> int:
+    from demo_core.bundle import BundleError
+    from demo_core.engine import load_engine
+
+    source = os.environ.get("RETOUCH_BUNDLE") or None
+    try:
+        engine = load_engine(source)
+    except BundleError as error:
+        print(f"error: cannot load the model bundle: {error}\n"
+              f"Set RETOUCH_BUNDLE to a bundle folder (python -c 'from demo_core.testing import build_tiny_bundle; "
+              f"build_tiny_bundle(\"/tmp/tiny\")' makes a random one).", file=sys.stderr)
+        return 1
+    warm_up(engine)
+    demo = build_demo(engine, model_label="embedded default" if source is None else source)
+    demo.launch(server_name=os.environ.get("RETOUCH_HOST", "127.0.0.1"),
+                server_port=int(os.environ.get("RETOUCH_PORT", "7860")), **launch_options())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""The Retouch studio (Gradio UI): `handlers` (event functions) and `layout` (theme, CSS, HTML snippets).
+
+`app.py` builds the page from these; the model lives in `demo_core`.
+"""

@@ -1,0 +1,110 @@
+"""The studio in headless Debian Chromium (Playwright): what a person sees and clicks.
+
+Loads the page, clicks an example and Generate, watches the live canvas change, reaches the
+final image, opens the Quality and Timeline tabs, and stops a second run with Stop.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver", allow_module_level=True)
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# records every distinct image the live canvas shows (frames can come faster than a screenshot loop)
+WATCH_CANVAS = """() => {
+  window.__frames = [];
+  const root = document.querySelector('#canvas');
+  const record = () => {
+    const img = root.querySelector('img');
+    if (img && img.src && window.__frames[window.__frames.length - 1] !== img.src) window.__frames.push(img.src);
+  };
+  new MutationObserver(record).observe(root, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+}"""
+
+
+@pytest.fixture(scope="module")
+def studio_url(tmp_path_factory):
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
+    import app
+    from demo_core.engine import load_engine
+    from demo_core.testing import build_tiny_bundle
+
+    engine = load_engine(str(build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")))
+    demo = app.build_demo(engine, "tiny test bundle")
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_options())
+    yield url
+    demo.close()
+    if previous is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def page(studio_url, tmp_path_factory):
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(studio_url)
+        page.wait_for_selector("#generate")
+        yield page
+        browser.close()
+
+
+def status_state(page) -> str:
+    return page.locator("#status .rt-status").get_attribute("data-state")
+
+
+def test_example_generate_live_canvas_tabs_and_stop(page):
+    expect = playwright_api.expect
+    # one click on an example fills the pairs, the query and the ground truth
+    page.locator("#examples img").first.click()
+    expect(page.locator("#query img")).to_be_visible()
+    expect(page.locator("#truth img")).to_be_visible()
+
+    page.evaluate(WATCH_CANVAS)
+    page.click("#generate")
+    expect(page.locator('#status .rt-status[data-state="done"]')).to_be_attached(timeout=60_000)
+    frames = page.evaluate("window.__frames")
+    assert len(frames) >= 4, f"the live canvas changed only {len(frames)} times"   # >= 3 changes, then the final image
+    final = page.locator("#canvas img")
+    expect(final).to_be_visible()
+    assert page.evaluate("document.querySelector('#canvas img').naturalWidth") >= 320
+    expect(page.locator("#status")).to_contain_text("Done in")
+
+    page.get_by_role("tab", name="Quality").click()
+    expect(page.locator("#quality-draft img").first).to_be_visible()
+    expect(page.locator("#quality-final img").first).to_be_visible()
+
+    page.get_by_role("tab", name="Timeline").click()
+    expect(page.locator("#timeline-slider")).to_be_visible()
+    expect(page.locator("#timeline-image img")).to_be_visible()
+    number = page.locator("#timeline-slider input[type=number]")
+    number.fill("1")
+    number.press("Enter")
+    expect(page.get_by_text("Iteration 1 ", exact=False)).to_be_visible()
+
+    # a second, slowed-down run, stopped halfway
+    page.get_by_role("tab", name="Live").click()
+    page.locator("#advanced").get_by_text("Advanced").first.click()
+    pace = page.locator("#pace input[type=number]")
+    pace.fill("400")
+    pace.press("Enter")
+    page.evaluate(WATCH_CANVAS)
+    page.click("#generate")
+    expect(page.locator('#status .rt-status[data-state="running"]')).to_be_attached()
+    expect(page.locator("#status")).to_contain_text("Drafting")
+    page.click("#stop")
+    expect(page.locator('#status .rt-status[data-state="stopped"]')).to_be_attached()
+    frames_at_stop = len(page.evaluate("window.__frames"))
+    page.wait_for_timeout(1500)
+    assert status_state(page) == "stopped"                                  # the run did not finish after Stop
+    assert len(page.evaluate("window.__frames")) <= frames_at_stop + 1      # and the canvas stopped changing

@@ -1,0 +1,350 @@
+"""The studio's handlers on a tiny random bundle: generators exhausted, every bad input a gr.Error,
+the model selector, examples, and one generation streamed through gradio_client."""
+import os
+import time
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from demo_core.engine import load_engine
+from demo_core.testing import build_tiny_bundle
+from studio import handlers
+from studio.handlers import MAX_ROWS, OUTPUTS, RunView, Studio
+
+FAST = dict(scan_iterations=4, scan_cells=2, canvas_every=1, frame_ms=0)
+
+
+@pytest.fixture(scope="module")
+def temp_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gradio")
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    return load_engine(str(bundle))
+
+
+@pytest.fixture()
+def studio(engine):
+    return Studio(engine, "tiny test bundle")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name in ("x1", "y1", "x2", "y2", "query", "truth"):
+        paths[name] = str(folder / f"{name}.png")
+        Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(paths[name])
+    return paths
+
+
+def by_name(output: tuple) -> dict:
+    return dict(zip(OUTPUTS, output))
+
+
+def is_set(value) -> bool:
+    """A real output value (not gr.skip())."""
+    return not (isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1)
+
+
+def run(studio, images, **overrides):
+    options = dict(pairs=[(images["x1"], images["y1"]), (images["x2"], images["y2"])], query=images["query"],
+                   truth=images["truth"], refiners="SCAN", **FAST)
+    options.update(overrides)
+    return [by_name(frame) for frame in studio.generate(**options)]
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+
+
+def test_generate_streams_the_canvas_then_every_view(studio, images):
+    frames = run(studio, images)
+    canvases = [f["canvas"] for f in frames if isinstance(f["canvas"], Image.Image)]
+    assert len(canvases) >= 16 // FAST["canvas_every"]                  # a frame per token, then SCAN frames
+    assert len({c.tobytes() for c in canvases}) >= 3                     # the canvas really changes
+    assert canvases[0].width >= 320                                      # shown upscaled, not at 16 px
+    last = frames[-1]
+    assert 'data-state="done"' in last["status"]
+    assert isinstance(last["run_state"], RunView)
+    result = last["run_state"].result
+    assert list(result.stages) == ["draft", "scan"]
+    base, bands = last["quality_draft"]
+    assert base.size == (base.width, base.width) and bands and all(mask.shape == (base.width, base.width) for mask, _ in bands)
+    assert last["quality_final"] is not None
+    assert last["timeline_slider"]["visible"] and last["timeline_slider"]["maximum"] == len(result.history) >= 1
+    assert isinstance(last["timeline_image"], Image.Image)
+    before, after = last["before_after"]
+    assert before.size == after.size
+    assert last["compare_b"]["value"] == "scan" and ("ground truth", "ground truth") in last["compare_b"]["choices"]
+    table = last["metrics_table"]
+    assert [row[0] for row in table] == ["draft", "SCAN"]
+    assert all(isinstance(row[1], float) for row in table)                # PSNR with a ground truth
+    assert last["cosine_plot"] is not None and last["quality_plot"] is not None
+    assert any(row[0] == "total" for row in last["timings_table"])
+    status_stages = [f["status"] for f in frames if is_set(f["status"])]
+    assert any("Drafting" in s for s in status_stages) and any("SCAN iteration" in s for s in status_stages)
+
+
+def test_generate_from_widgets_and_draft_only(studio, images):
+    widgets = [None] * (2 * MAX_ROWS)
+    widgets[0:2] = [images["x1"], images["y1"]]
+    frames = [by_name(f) for f in studio.generate_from_widgets(
+        *widgets, images["query"], None, "none (draft only)", 0, 1, 0.0, 0.9, 0, 7, False, 1, 4, 0)]
+    last = frames[-1]
+    assert last["seed"] == 7 or any(f["seed"] == 7 for f in frames)
+    assert list(last["run_state"].result.stages) == ["draft"]
+    assert last["timeline_slider"]["visible"] is False
+    assert last["cosine_plot"] is None and "ground-truth" in last["metrics_note"]
+    assert all(row[1] is None for row in last["metrics_table"])         # no ground truth, no PSNR
+
+
+def test_same_seed_same_image(studio, images):
+    first = run(studio, images, seed=3)[-1]["run_state"].result.final
+    again = run(studio, images, seed=3)[-1]["run_state"].result.final
+    assert first.tobytes() == again.tobytes()
+
+
+def test_randomized_seed_is_reported(studio, images):
+    frames = run(studio, images, randomize_seed=True, refiners="none (draft only)")
+    seeds = [f["seed"] for f in frames if is_set(f["seed"])]
+    assert len(seeds) == 1 and 0 <= seeds[0] < 2**31
+
+
+def test_both_refiners_in_either_order(images, tmp_path):
+    engine = load_engine(str(build_tiny_bundle(tmp_path / "with-vsr", refiner=True)))
+    studio = Studio(engine)
+    assert "SCAN → VSR" in handlers.refiner_choices(engine.available_refiners)
+    for choice, stages in (("SCAN → VSR", ["draft", "scan", "self"]), ("VSR → SCAN", ["draft", "self", "scan"])):
+        frames = run(studio, images, refiners=choice)
+        last = frames[-1]
+        assert list(last["run_state"].result.stages) == stages
+        assert [row[0] for row in last["metrics_table"]] == ["draft", *(viz_title(s) for s in stages[1:])]
+        vsr_updates = [f["vsr_image"] for f in frames if is_set(f["vsr_image"]) and f["vsr_image"].get("visible")]
+        assert vsr_updates and isinstance(vsr_updates[-1]["value"], Image.Image)
+        assert "VSR" in last["status"] and last["stage_grid"].width > 3 * 100
+
+
+def test_tensor_draft_shows_the_sliding_window(images, tmp_path):
+    engine = load_engine(str(build_tiny_bundle(tmp_path / "with-tensor", tensor=True)))
+    studio = Studio(engine)
+    assert handlers.draft_mode_update(engine)["visible"] is True
+    frames = run(studio, images, draft_mode="tensor", refiners="SCAN")
+    statuses = [f["status"] for f in frames if is_set(f["status"])]
+    assert sum("TensorAR step" in s for s in statuses) >= 3
+    assert 'data-state="done"' in frames[-1]["status"]
+    with pytest.raises(gr.Error, match="cannot draft"):
+        next(studio.generate(pairs=[(images["x1"], images["y1"])], query=images["query"], draft_mode="diffusion"))
+
+
+def viz_title(stage):
+    from demo_core.viz import stage_title
+
+    return stage_title(stage)
+
+
+def test_odd_image_modes_are_accepted(studio, images, tmp_path):
+    rng = np.random.default_rng(1)
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(grey16)
+    with_alpha = tmp_path / "alpha.png"
+    Image.fromarray(rng.integers(0, 256, (20, 40, 4), dtype=np.uint8), "RGBA").save(with_alpha)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (30, 20), (10, 200, 30, 0)).save(cmyk)
+    palette = tmp_path / "palette.gif"
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P").save(palette)
+    frames = run(studio, images, pairs=[(str(grey16), str(with_alpha)), (str(cmyk), str(palette))],
+                 refiners="none (draft only)")
+    assert 'data-state="done"' in frames[-1]["status"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a gr.Error before anything is yielded (so no widget changes)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    unreadable = folder / "notes.png"
+    unreadable.write_text("this is not an image")
+    empty = folder / "empty.png"
+    empty.write_bytes(b"")
+    huge = folder / "huge.png"
+    Image.new("1", (8000, 6000)).save(huge)      # 48 megapixels in a small file: refused before decoding
+    return dict(unreadable=str(unreadable), empty=str(empty), huge=str(huge))
+
+
+@pytest.mark.parametrize("case, overrides, message", [
+    ("missing query", dict(query=None), "query image"),
+    ("no pairs", dict(pairs=[]), "at least one demonstration pair"),
+    ("pair without answer", dict(pairs=[("x1", None)]), "Pair 1 has no answer"),
+    ("pair without input", dict(pairs=[("x1", "y1"), (None, "y2")]), "Pair 2 has no input"),
+    ("too many pairs", dict(pairs=[("x1", "y1")] * (MAX_ROWS + 1)), "do not fit"),
+    ("unreadable pair", dict(pairs=[("unreadable", "y1")]), "not an image"),
+    ("empty query", dict(query="empty"), "empty"),
+    ("huge query", dict(query="huge"), "megapixels"),
+    ("unreadable ground truth", dict(truth="unreadable"), "ground truth"),
+    ("VSR without g_phi", dict(refiners="SCAN → VSR"), "no VSR refiner"),
+    ("unknown refiner", dict(refiners="magic"), "Unknown refiner"),
+    ("c too large", dict(scan_cells=99), "SCAN c"),
+    ("temperature not a number", dict(temperature="hot"), "temperature"),
+    ("negative seed", dict(seed=-1), "seed"),
+    ("TensorAR without its part", dict(draft_mode="tensor"), "cannot draft"),
+])
+def test_bad_input_raises_gr_error(studio, images, bad_files, case, overrides, message):
+    files = {**images, **bad_files}
+
+    def resolve(value):
+        return files.get(value, value) if isinstance(value, str) else value
+
+    if "pairs" in overrides:
+        overrides["pairs"] = [tuple(resolve(v) for v in pair) for pair in overrides["pairs"]]
+    for key in ("query", "truth"):
+        if key in overrides:
+            overrides[key] = resolve(overrides[key])
+    generator = studio.generate(**{**dict(pairs=[(images["x1"], images["y1"])], query=images["query"], truth=None,
+                                          refiners="SCAN", **FAST), **overrides})
+    with pytest.raises(gr.Error, match=message) as error:
+        next(generator)
+    assert "Traceback" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# model selector, examples, pair rows, timeline
+
+
+def test_hub_id_fails_fast_offline_and_keeps_the_model(studio, engine):
+    start = time.perf_counter()
+    with pytest.raises(gr.Error, match="current model"):
+        studio.load_model("Hub repo id", "retouch-test/no-such-model")
+    assert time.perf_counter() - start < 10
+    assert studio.engine is engine
+
+
+@pytest.mark.parametrize("kind, location, message", [
+    ("local bundle folder", "/no/such/folder", "No folder"),
+    ("local bundle folder", "", "path of a bundle folder"),
+    ("Hub repo id", "not a repo id", "not a Hub repo id"),
+    ("Hub repo id", "", "Hub repo id"),
+    ("from a floppy disk", "x", "Choose one of"),
+])
+def test_model_selector_errors(studio, engine, kind, location, message):
+    with pytest.raises(gr.Error, match=message):
+        studio.load_model(kind, location)
+    assert studio.engine is engine
+
+
+def test_not_a_bundle_folder_is_explained(studio, engine, tmp_path):
+    with pytest.raises(gr.Error, match="bundle.json"):
+        studio.load_model("local bundle folder", str(tmp_path))
+    assert studio.engine is engine
+
+
+def test_local_bundle_loads(studio, engine, bundle):
+    info, refiners, scan_cells, max_pairs, draft = studio.load_model("local bundle folder", str(bundle), "SCAN", "ar")
+    assert studio.engine is not engine and max_pairs == engine.max_pairs
+    assert draft["visible"] is False and draft["value"] == "ar"           # no TensorAR part: no choice shown
+    assert "4×4 tokens" in info and refiners["choices"] == ["none (draft only)", "SCAN"]
+    assert scan_cells["maximum"] == 16
+
+
+def test_every_task_has_a_loadable_example(studio):
+    examples = handlers.list_examples()
+    assert set(examples) == {"colorization", "inpainting", "edges", "posterize", "invert"}
+    total = sum(os.path.getsize(p) for p in (handlers.EXAMPLES_DIR).rglob("*.png"))
+    assert total < 1_000_000
+    for name, example in examples.items():
+        outputs = studio.load_example(name)
+        count, rows = outputs[0], outputs[1:1 + MAX_ROWS]
+        pair_values = outputs[1 + MAX_ROWS:1 + 3 * MAX_ROWS]
+        query, truth, task = outputs[-3:]
+        assert count == len(example.pairs) and [r["visible"] for r in rows].count(True) == count
+        assert all(os.path.exists(p) for p in pair_values[:2 * count]) and pair_values[2 * count:] == [None] * (2 * (MAX_ROWS - count))
+        assert os.path.exists(query) and os.path.exists(truth) and task == name
+        assert handlers.example_preview(example).width > 64
+    with pytest.raises(gr.Error, match="No example"):
+        studio.load_example("juggling")
+
+
+def test_pair_rows_grow_and_shrink_within_limits():
+    count, *rows = handlers.add_pair(2, 4)
+    assert count == 3 and [r["visible"] for r in rows] == [True] * 3 + [False] * (MAX_ROWS - 3)
+    with pytest.warns(UserWarning, match="at most 3"):
+        assert handlers.add_pair(3, 3)[0] == 3                           # the model's limit
+    outputs = handlers.remove_pair(3)
+    assert outputs[0] == 2
+    images = outputs[1 + MAX_ROWS:]
+    assert images[4:6] == [None, None] and not is_set(images[0])        # row 3 cleared, row 1 left as is
+    with pytest.warns(UserWarning, match="At least one"):
+        assert handlers.remove_pair(1)[0] == 1
+
+
+def test_timeline_and_compare_views(studio, images):
+    run_view = run(studio, images)[-1]["run_state"]
+    image, text = handlers.timeline_view(1, run_view)
+    assert isinstance(image, Image.Image) and "Iteration 1" in text
+    draft, text = handlers.timeline_view(0, run_view)
+    assert "draft" in text
+    assert handlers.timeline_view(3, None)[0] is None
+    left, right = handlers.compare_view("query", "ground truth", run_view)
+    assert left.size == right.size
+    with pytest.raises(gr.Error):
+        handlers.compare_view("draft", "nonsense", run_view)
+
+
+def test_stop_marks_only_a_running_status():
+    from studio.layout import status_html
+
+    assert 'data-state="stopped"' in handlers.stopped_status(status_html(["draft"], "draft", 0.3, "…", "running"))
+    assert not is_set(handlers.stopped_status(status_html(["draft"], None, 1.0, "Done", "done")))
+
+
+# ---------------------------------------------------------------------------------------------
+# the served app through gradio_client
+
+
+def test_client_receives_intermediate_outputs(engine, images, temp_dir):
+    from gradio_client import Client, handle_file
+
+    import app
+
+    demo = app.build_demo(engine, "tiny test bundle")
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_options())
+    try:
+        client = Client(url, verbose=False)
+        pair = dict(pair1_input=handle_file(images["x1"]), pair1_answer=handle_file(images["y1"]))
+        settings = dict(scan_iterations=3, scan_cells=2, canvas_every=2, frame_ms=0, api_name="/generate")
+        job = client.submit(**pair, query=handle_file(images["query"]), **settings)
+        job.result(timeout=60)
+        outputs = job.outputs()
+        canvases = [out[OUTPUTS.index("canvas")] for out in outputs]
+        assert len(outputs) >= 5
+        assert len({c for c in canvases if c}) >= 3                       # several different live frames arrived
+        assert 'data-state="done"' in outputs[-1][OUTPUTS.index("status")]
+        with pytest.raises(Exception, match="query"):                     # a gr.Error reaches the client as a message
+            client.predict(**pair, **settings)
+        api = str(client.view_api(print_info=False, return_format="str"))
+        assert "/load_example" in api and "pair1_input" in api and "scan_iterations" in api
+        big = images["query"] + ".big.png"
+        with open(big, "wb") as handle:
+            handle.write(b"\0" * (11 * 2**20))
+        with pytest.raises(Exception, match="maximum file size"):           # the upload limit set in launch()
+            client.predict(**pair, query=handle_file(big), **settings)
+    finally:
+        demo.close()
