@@ -234,9 +234,18 @@ class ValidationSet:
 
 
 def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int, elapsed: float, args, validation: dict | None,
-           fingerprint: str) -> None:
+           fingerprint: str, tokenizer=None) -> None:
+    """Write backbone/ (+ training.json) and (re)write bundle.json, keeping parts other trainers listed."""
+    from ..bundle import manifest
+
     out = bundle / "backbone"
     model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        manifest_path = bundle / "bundle.json"
+        old_parts = json.loads(manifest_path.read_text()).get("parts", {}) if manifest_path.exists() else {}
+        info = manifest(tokenizer, model, name="retouch-tiny", tasks=list(TASKS))
+        info["parts"] = {**old_parts, **info["parts"]}
+        write_json(manifest_path, info)
     write_json(out / "training.json", {"step": step, "elapsed_minutes": round(elapsed / 60, 1),
                                        "command": "python -m demo_core.train backbone", "tokenizer_sha256_16": fingerprint,
                                        "config": backbone_config_dict(config), "vocab": vocab.to_dict(),
@@ -305,7 +314,7 @@ def main(argv=None):
     def checkpoint():
         save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "step": step, "elapsed": timer.elapsed})
-        export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint)
+        export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer)
 
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True)

@@ -1,0 +1,61 @@
+import json
+import shutil
+
+import torch
+
+from demo_core.sequence import Vocab
+from demo_core.testing import build_tiny_bundle
+from demo_core.train import backbone as trainer
+
+VOCAB = Vocab(codebook_size=32, cells=16)
+
+
+def batch(seed=0, refine=16):
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randint(0, 32, (6, 48), generator=g)
+    answer = torch.randint(0, 32, (6, 16), generator=g)
+    tf = torch.randint(0, 32, (6, 16), generator=g)
+    return context, answer, trainer.build_batch(VOCAB, context, answer, tf, g, max_refine=refine)
+
+
+def test_batch_layout_and_targets():
+    context, answer, (ids, pos, gen_t, q_t, tail) = batch()
+    assert ids.shape == pos.shape and ids.shape[1] == 48 + tail and tail % 2 == 0
+    assert torch.equal(ids[:, :48], context)
+    at_ids, code_ids = ids[:, 48::2], ids[:, 49::2]
+    assert ((at_ids >= VOCAB.at_base) & (at_ids < VOCAB.good)).all() and (code_ids < 32).all()
+    cells = at_ids - VOCAB.at_base
+    assert torch.equal(cells[:, :16].sort(1).values, torch.arange(16).expand(6, 16))   # every cell drafted once
+    assert torch.equal(pos[:, 48::2], 48 + cells) and torch.equal(pos[:, 49::2], 48 + cells)  # cell-aligned
+    assert torch.equal(gen_t, answer.gather(1, cells))                                   # target = ground truth
+    assert torch.equal(q_t, (code_ids == gen_t).long())                                  # good iff equal to truth
+
+
+def test_negative_ratio_is_bounded():
+    shares = []
+    for seed in range(20):
+        _, _, (ids, _, _, q_t, _) = batch(seed, refine=0)
+        shares.append(1 - q_t.float().mean().item())
+    assert 0.05 < sum(shares) / len(shares) < 0.3        # r ~ U[0, 0.4] (minus accidental matches)
+
+
+def test_auroc():
+    import numpy as np
+
+    assert trainer.auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert trainer.auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+
+
+def test_trainer_runs_exports_and_resumes(tmp_path):
+    bundle = build_tiny_bundle(tmp_path / "b")
+    shutil.rmtree(bundle / "backbone")
+    args = ["--steps", "3", "--batch", "4", "--bundle", str(bundle), "--run-dir", str(tmp_path / "run"), "--pool", "40",
+            "--hidden", "32", "--layers", "1", "--heads", "4", "--validate-every", "3"]
+    trainer.main(args)
+    info = json.loads((bundle / "backbone" / "training.json").read_text())
+    assert info["step"] == 3 and info["validation"]["token_accuracy"] >= 0
+    assert json.loads((bundle / "bundle.json").read_text())["parts"]["backbone"] == "backbone"
+    trainer.main([*args[:1], "5", *args[2:]])                    # resume to 5 steps
+    assert json.loads((bundle / "backbone" / "training.json").read_text())["step"] == 5
+    from demo_core.bundle import load_bundle
+    assert load_bundle(bundle).backbone.config.hidden_size == 32
