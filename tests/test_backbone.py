@@ -101,3 +101,23 @@ def test_scan_scores_match_an_uncached_forward(tiny_model):
 def test_max_pairs():
     assert max_pairs(512, 64) == 3
     assert max_pairs(4096, 256) == 7
+
+
+def test_growing_cache_matches_a_dynamic_cache(tiny_model):
+    from transformers.cache_utils import DynamicCache
+
+    from demo_core.backbone import new_cache
+    from demo_core.refiners.scan import select_cache_batch, select_cache_positions
+
+    ids = torch.randint(0, VOCAB.codebook_size, (2, 300))
+    growing, dynamic = new_cache(), DynamicCache()
+    for start in range(0, 300, 100):                       # grows past its first 256-slot buffer
+        a = tiny_model(input_ids=ids[:, start:start + 100], past_key_values=growing, use_cache=True).logits
+        b = tiny_model(input_ids=ids[:, start:start + 100], past_key_values=dynamic, use_cache=True).logits
+        assert torch.allclose(a, b, atol=1e-5)
+    keep = torch.tensor([0, 5, 7, 299])
+    reference = dynamic.layers[0].keys.index_select(-2, keep)
+    select_cache_positions(growing, keep)
+    assert growing.get_seq_length() == 4 and torch.equal(growing.layers[0].keys, reference)
+    select_cache_batch(growing, 1)
+    assert torch.equal(growing.layers[0].keys, reference[1:2])

@@ -48,19 +48,25 @@ class ScanIteration:
 def select_cache_positions(cache, keep: torch.Tensor) -> None:
     """Keep only the sequence positions `keep` (1-D long) of every layer of a DynamicCache, in place."""
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(-2, keep)
-        layer.values = layer.values.index_select(-2, keep)
+        if hasattr(layer, "keep"):
+            layer.keep(keep)
+        else:
+            layer.keys = layer.keys.index_select(-2, keep)
+            layer.values = layer.values.index_select(-2, keep)
 
 
 def select_cache_batch(cache, index: int) -> None:
     """Keep one batch row (the chosen candidate) of every layer, in place."""
     for layer in cache.layers:
-        layer.keys = layer.keys[index:index + 1].contiguous()
-        layer.values = layer.values[index:index + 1].contiguous()
+        if hasattr(layer, "select_batch"):
+            layer.select_batch(index)
+        else:
+            layer.keys = layer.keys[index:index + 1].contiguous()
+            layer.values = layer.values[index:index + 1].contiguous()
 
 
 def cache_length(cache) -> int:
-    return int(cache.layers[0].keys.shape[-2])
+    return int(cache.layers[0].get_seq_length())
 
 
 def lowest_cells(scores: torch.Tensor, count: int, excluded: set[int]) -> list[int]:
