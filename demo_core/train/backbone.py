@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -316,9 +317,12 @@ def main(argv=None):
                                           "step": step, "elapsed": timer.elapsed})
         export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer)
 
+    stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, export, exit
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.append(True))
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True)
-    while step < args.steps:
+    while step < args.steps and not stop:
         lr = cosine_lr(step, args.steps, args.lr, args.warmup)
         if warm_from and step - warm_from < 100:
             lr *= (step - warm_from + 1) / 100
@@ -352,7 +356,7 @@ def main(argv=None):
             last_save = time.time()
     bar.close()
     checkpoint()
-    logger.info("done")
+    logger.info("stopped by signal" if stop else "done")
 
 
 if __name__ == "__main__":
