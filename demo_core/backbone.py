@@ -121,13 +121,22 @@ class GrowingLayer:
     is_sliding = False
     is_compileable = False
 
+    _combined = None
+
     def __new__(cls, *args, **kwargs):
         from transformers.cache_utils import DynamicLayer
 
-        # subclass DynamicLayer lazily (transformers is imported only when a model is used)
+        # subclass DynamicLayer lazily (transformers is imported only when a model is used), once
         if not issubclass(cls, DynamicLayer):
-            cls = type("GrowingDynamicLayer", (cls, DynamicLayer), {})
+            if GrowingLayer._combined is None:
+                GrowingLayer._combined = type("GrowingDynamicLayer", (cls, DynamicLayer), {})
+            cls = GrowingLayer._combined
         return object.__new__(cls)
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("GrowingLayer supports update/keep/select_batch only (use DynamicCache for generate/beam search)")
+
+    crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device

@@ -117,8 +117,10 @@ def main(argv=None) -> int:
     except BundleError as error:
         print(f"error: {error}")
         return 1
-    report = bench(engine, args.runs, min(args.pairs, engine.max_pairs), args.seed, args.scan_iterations, args.scan_cells,
-                   args.canvas_every)
+    if not 1 <= args.pairs <= engine.max_pairs:
+        print(f"error: --pairs must be between 1 and {engine.max_pairs}")
+        return 1
+    report = bench(engine, args.runs, args.pairs, args.seed, args.scan_iterations, args.scan_cells, args.canvas_every)
     lines = [f"device {report['device']} ({report['threads']} threads), K={report['pairs']}, medians of {report['runs']} runs",
              "per image: " + ", ".join(f"{k} {v:.1f} ms" for k, v in report["per_stage_ms"].items()),
              f"draft {report['draft_tokens_per_s']:.0f} tokens/s; model.generate {report['generate_tokens_per_s']:.0f} tokens/s; "

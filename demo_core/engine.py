@@ -95,6 +95,11 @@ class Engine:
 
     def prepare(self, pairs: Sequence, query) -> tuple[list[tuple[Image.Image, Image.Image]], Image.Image]:
         """Validate and load the images (any size or mode: centre-cropped, resized, converted to RGB)."""
+        if pairs is not None and not isinstance(pairs, (list, tuple)):
+            raise EngineInputError("pairs must be a list of (input, answer) image pairs.")
+        for number, pair in enumerate(pairs or [], 1):
+            if pair is not None and not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise EngineInputError(f"Pair {number} must be an (input, answer) pair of two images.")
         pairs = [tuple(pair) if pair is not None else (None, None) for pair in (pairs or [])]
         pairs = [pair for pair in pairs if not (pair[0] is None and pair[1] is None)]
         if not pairs:
@@ -124,13 +129,18 @@ class Engine:
         return self.tokenizer.encode(images).view(len(images), -1).cpu()
 
     def decode(self, codes) -> Image.Image:
-        codes = torch.as_tensor(np.asarray(codes)).view(1, self.grid, self.grid)
+        codes = torch.as_tensor(codes).detach().cpu().view(1, self.grid, self.grid)
         return self.tokenizer.decode_pil(codes)
 
     # -- generation -----------------------------------------------------------------------------
     def stream(self, pairs: Sequence, query, refine: Sequence[str] = ("scan",), seed: int = 0, **settings) -> Iterator[Event]:
         """Generate, then refine; yields typed events (see events.py) and finally `Finished(result)`."""
+        unknown_settings = sorted(set(settings) - set(RunSettings.__dataclass_fields__))
+        if unknown_settings:
+            raise EngineInputError(f"Unknown setting {unknown_settings[0]!r}; see RunSettings for the options.")
         settings = RunSettings(refine=tuple(refine or ()), seed=int(seed), **settings)
+        if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
+            raise EngineInputError("Sampling needs temperature >= 0 (0 = greedy), 0 < top-p <= 1 and top-k >= 0 (0 = off).")
         unknown = [stage for stage in settings.refine if stage not in REFINERS]
         if unknown:
             raise EngineInputError(f"Unknown refiner {unknown[0]!r}; choose from {', '.join(REFINERS)}.")
@@ -225,12 +235,14 @@ class Engine:
             state = states[0]
         mean_quality = state.scores.mean(1)
         chosen = int(mean_quality.argmax())
-        candidate_images = [self.decode(state.codes[b]) for b in range(state.codes.shape[0])]
         if state.codes.shape[0] > 1:
             select_cache_batch(state.cache, chosen)
-            state.codes, state.scores = state.codes[chosen:chosen + 1], state.scores[chosen:chosen + 1]
         timings["draft"] = time.perf_counter() - start - decode_time - score_time
-        timings["decode"] = decode_time
+        tick = time.perf_counter()
+        candidate_images = [self.decode(state.codes[b]) for b in range(state.codes.shape[0])]
+        timings["decode"] = decode_time + time.perf_counter() - tick
+        if state.codes.shape[0] > 1:
+            state.codes, state.scores = state.codes[chosen:chosen + 1], state.scores[chosen:chosen + 1]
         draft_image = candidate_images[chosen]
         stage_images = {"draft": draft_image}
         stage_tokens = {"draft": self._grid(state.codes[0]).astype(np.int64)}

@@ -191,7 +191,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Retouch eval: {report['bundle']}", "",
              f"N = {report['n']} validation examples per task (held-out source images), K = {report['pairs']} pairs, "
              f"seed {report['seed']}; sampling {report['settings']}. FID only for N >= 10.", "",
-             "| task | stage | PSNR ↑ | SSIM ↑ | LPIPS ↓ | token acc ↑ | cos-dist AUC ↓ | FID ↓ | s/image |",
+             "| task | stage | PSNR ↑ | SSIM ↑ | LPIPS ↓ | token acc ↑ | cos-dist AUC ↓ | FID ↓ | s/image (model, excl. VQ) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task, rows in report["table"].items():
         for label, e in rows.items():

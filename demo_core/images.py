@@ -23,7 +23,10 @@ class ImageInputError(ValueError):
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     """Any PIL mode -> RGB. Alpha is composited on white; 16-bit and float are rescaled."""
-    image = ImageOps.exif_transpose(image)  # phone photos carry their rotation in EXIF
+    try:
+        image = ImageOps.exif_transpose(image)  # phone photos carry their rotation in EXIF
+    except Exception:  # malformed EXIF: keep the pixels as stored
+        pass
     mode = image.mode
     if mode == "RGB":
         return image

@@ -584,7 +584,7 @@ def _number(value, name: str, low, high, kind=float):
     """A numeric widget value, or a gr.Error naming the field and its range."""
     try:
         number = kind(float(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise gr.Error(f"{name} must be a number between {low} and {high}, got {value!r}.")
     if not (low <= number <= high) or number != number:
         raise gr.Error(f"{name} must be between {low} and {high}, got {value}.")

@@ -121,3 +121,40 @@ def test_growing_cache_matches_a_dynamic_cache(tiny_model):
     assert growing.get_seq_length() == 4 and torch.equal(growing.layers[0].keys, reference)
     select_cache_batch(growing, 1)
     assert torch.equal(growing.layers[0].keys, reference[1:2])
+
+
+def test_scan_over_many_iterations_matches_an_uncached_sequence():
+    """Random draft order, 3 candidates, the cache growing past its first buffer and many accepted pairs:
+    every new score equals an uncached forward over [context, draft, accepted pairs so far, <at_n>, y'_n]."""
+    from demo_core.backbone import BackboneConfig, build_backbone, quality_from_logits
+    from demo_core.refiners.scan import select_cache_batch
+    from demo_core.sequence import interleave_answer
+
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=512), VOCAB).eval()
+    length = 230
+    ctx = torch.randint(0, VOCAB.codebook_size, (length,), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(VOCAB.cells, generator=torch.Generator().manual_seed(3))
+    states = []
+    list(draft_scan(model, VOCAB, ctx, SamplingConfig(candidates=3), torch.Generator().manual_seed(1), order=order, state_out=states))
+    state = states[0]
+    select_cache_batch(state.cache, 2)
+    state.codes, state.scores = state.codes[2:3], state.scores[2:3]
+    draft = state.codes[0].clone()
+    history = list(scan_refine(model, VOCAB, state, ScanConfig(iterations=40, cells_per_iteration=3, patience=100, max_tries=10),
+                               SamplingConfig(temperature=2.0), torch.Generator().manual_seed(0)))
+    ids = ctx.tolist() + interleave_answer(VOCAB, order, draft[order]).tolist()
+    pos = list(range(length)) + [length + int(c) for c in order for _ in range(2)]
+    accepted = 0
+    for record in history:
+        for cell, new, score in zip(record.cells, record.new_tokens, record.new_scores):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + [VOCAB.at(cell), new]]),
+                               position_ids=torch.tensor([pos + [length + cell] * 2])).logits[0, -1]
+            assert abs(float(quality_from_logits(logits, VOCAB)) - score) < 1e-4
+        for cell, new, ok in zip(record.cells, record.new_tokens, record.accepted):
+            if ok:
+                ids += [VOCAB.at(cell), new]
+                pos += [length + cell] * 2
+                accepted += 1
+    assert accepted >= 10 and state.cache.layers[0].get_seq_length() == len(ids)

@@ -65,3 +65,19 @@ def test_bad_files_and_refiners(engine, tmp_path):
         engine.run([(x, y)], q, refine=("self",))
     with pytest.raises(EngineInputError, match="Unknown refiner"):
         engine.run([(x, y)], q, refine=("magic",))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"top_k": -1}, "top-k >= 0"), ({"top_p": 0.0}, "top-p"), ({"temperature": -1.0}, "temperature"),
+    ({"colour": 1}, "Unknown setting"),
+])
+def test_bad_settings(engine, settings, message):
+    x, y, q = images(4, 3)
+    with pytest.raises(EngineInputError, match=message):
+        engine.run([(x, y)], q, **settings)
+
+
+def test_pairs_must_be_pairs(engine):
+    x, y, q = images(5, 3)
+    with pytest.raises(EngineInputError, match="Pair 1 must be an"):
+        engine.run([x], q)

@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -163,7 +164,9 @@ def build_batch(vocab: Vocab, context: torch.Tensor, answer: torch.Tensor, tf_co
 
 
 def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_targets, tail: int):
-    logits = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=tail).logits   # (B, tail, V)
+    # an explicit mask + no cache: cell-aligned (non-consecutive) position ids must never be read as packed sequences
+    logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
+                   use_cache=False, logits_to_keep=tail).logits   # (B, tail, V)
     at_logits = logits[:, 0::2, : vocab.codebook_size]
     code_logits = logits[:, 1::2]
     quality_logits = torch.stack([code_logits[..., vocab.bad], code_logits[..., vocab.good]], -1)   # class 1 = good
@@ -181,7 +184,8 @@ def teacher_forcing_codes(model, vocab: Vocab, context, answer, generator) -> to
     tail = interleave_answer(vocab, order, answer)
     input_ids = torch.cat([context, tail], 1)
     positions = torch.cat([torch.arange(context.shape[1])[None].repeat(batch, 1), answer_positions(context.shape[1], order)], 1)
-    logits = model(input_ids=input_ids, position_ids=positions, logits_to_keep=tail.shape[1]).logits[:, 0::2, : vocab.codebook_size]
+    logits = model(input_ids=input_ids, position_ids=positions, attention_mask=torch.ones_like(input_ids), use_cache=False,
+                   logits_to_keep=tail.shape[1]).logits[:, 0::2, : vocab.codebook_size]
     probs = torch.softmax(logits.float(), -1).reshape(-1, vocab.codebook_size)
     return torch.multinomial(probs, 1, generator=generator).view(batch, cells)
 
@@ -218,7 +222,8 @@ class ValidationSet:
         for tasks, context, answer in self.groups:
             ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, None, generator, max_refine=0,
                                                      negative_ratio=(0.0, 0.0), random_order_share=0.0)
-            logits = model(input_ids=ids, position_ids=pos, logits_to_keep=tail).logits
+            logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False,
+                           logits_to_keep=tail).logits
             hits = (logits[:, 0::2, : vocab.codebook_size].argmax(-1) == gen_t).float().mean(1)
             for task, hit in zip(tasks, hits.tolist()):
                 correct.setdefault(task, []).append(hit)
@@ -287,6 +292,9 @@ def main(argv=None):
     checkpoint_path = args.run_dir / "checkpoint.pt"
     state = load_checkpoint(checkpoint_path)
     exported = args.bundle / "backbone" / "training.json"
+    if state is not None and state.get("tokenizer_sha256_16", fingerprint) != fingerprint:
+        logger.info(f"{checkpoint_path} was trained on another tokenizer: starting afresh")
+        state = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -314,12 +322,14 @@ def main(argv=None):
 
     def checkpoint():
         save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "step": step, "elapsed": timer.elapsed})
+                                          "step": step, "elapsed": timer.elapsed, "tokenizer_sha256_16": fingerprint})
         export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer)
 
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, export, exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.append(True))
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous_handlers[signum] = signal.signal(signum, lambda *_: stop.append(True))
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True)
     while step < args.steps and not stop:
@@ -355,6 +365,8 @@ def main(argv=None):
             checkpoint()
             last_save = time.time()
     bar.close()
+    for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
     checkpoint()
     logger.info("stopped by signal" if stop else "done")
 
