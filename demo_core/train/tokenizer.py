@@ -167,10 +167,10 @@ def validate(tokenizer: VQTokenizer, per_kind: int = 32, seed: int = 0) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m demo_core.train tokenizer", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3000, help="total optimisation steps")
+    parser.add_argument("--steps", type=int, default=1600, help="total optimisation steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup-ae", type=int, default=300, help="autoencoder steps before quantization")
+    parser.add_argument("--warmup-ae", type=int, default=250, help="autoencoder steps before quantization")
     parser.add_argument("--codes", type=int, default=1024)
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--channels", default="32,64,128,128")
