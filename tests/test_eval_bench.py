@@ -63,3 +63,13 @@ def test_bench_reports_every_figure(bundle, capsys, tmp_path):
         assert report[key] > 0, key
     assert set(report["per_stage_ms"]) >= {"draft", "scan", "decode", "total"}
     assert "our loop / generate" in capsys.readouterr().out
+
+
+def test_eval_reports_every_stage_when_a_refiner_exists(tmp_path):
+    bundle = build_tiny_bundle(tmp_path / "with_refiner", refiner=True)
+    out = tmp_path / "eval"
+    assert eval_module.main(["--bundle", str(bundle), "--n", "1", "--tasks", "inpainting", "--incontext", "0",
+                             "--scan-iterations", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["stages"] == ["draft", "+SCAN", "+VSR", "+SCAN+VSR"]
+    assert set(report["table"]["inpainting"]) >= {"draft", "+SCAN", "+VSR", "+SCAN+VSR"}
