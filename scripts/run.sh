@@ -5,8 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$("$ROOT/scripts/setup.sh")"
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # relative paths in arguments stay relative to where you are
 if [ "$#" -gt 0 ]; then
   exec "$VENV/bin/python" -m demo_core "$@"
 fi
-exec "$VENV/bin/python" app.py
+exec "$VENV/bin/python" "$ROOT/app.py"
