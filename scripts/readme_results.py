@@ -14,10 +14,12 @@ delta = {t: rows[t]["+SCAN"]["psnr"] - rows[t]["draft"]["psnr"] for t in rows}
 acc = {t: (rows[t]["draft"]["token_acc"], rows[t]["+SCAN"]["token_acc"]) for t in rows}
 worse_acc = [t for t, (a, b) in acc.items() if b < a]
 worse_psnr = [t for t, d in delta.items() if d < 0]
+worse_lpips = [t for t in rows if rows[t]["+SCAN"]["lpips"] > rows[t]["draft"]["lpips"]]
 auroc = {t: rows[t].get("quality_auroc", float("nan")) for t in rows}
 honest = (f"SCAN changes PSNR by {min(delta.values()):+.2f} to {max(delta.values()):+.2f} dB across tasks"
           + (f"; it lowers PSNR on {', '.join(worse_psnr)}" if worse_psnr else " (it raises it on every task)")
-          + (f"; token accuracy drops on {', '.join(worse_acc)}" if worse_acc else "")
+          + (f"; token accuracy drops on {', '.join(worse_acc)}" if worse_acc else "; token accuracy rises on every task")
+          + (f"; but LPIPS gets worse on {', '.join(worse_lpips)}" if worse_lpips else "")
           + f". Drafts are still poor (token accuracy {min(a for a, _ in acc.values()) * 100:.1f}–{max(a for a, _ in acc.values()) * 100:.1f} %);"
           f" the quality score's AUROC for wrong vs right tokens ranges {min(auroc.values()):.2f}–{max(auroc.values()):.2f} by task.")
 b = bench
