@@ -191,7 +191,8 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
              randomize, candidates, canvas_every, frame_ms, draft_mode],
             outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
             show_progress_on=[status])
-        stop_button.click(stopped_status, [status], [status], cancels=[generation], **cheap)
+        # cancel first, then mark the status: a frame still in flight from the cancelled run cannot overwrite it
+        stop_button.click(None, None, None, cancels=[generation], queue=False).then(stopped_status, [status], [status], **cheap)
 
         timeline_slider.input(timeline_view, [timeline_slider, run_state], [timeline_image, timeline_text],
                               api_name="timeline", concurrency_limit=None, trigger_mode="always_last", show_progress="hidden")
