@@ -40,7 +40,6 @@ def generate_baseline(engine, context: torch.Tensor, new_tokens: int) -> float:
 
 def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_cells: int, canvas_every: int) -> dict:
     from .events import DraftDone, Finished, TokensWritten
-    from .sequence import context_tokens
 
     sampler = ExampleSampler("val", engine.image_size, seed)
     refine = tuple(stage for stage in ("scan", "self") if stage in engine.available_refiners)
@@ -60,8 +59,7 @@ def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_c
                 result = event.result
         final = time.perf_counter() - start
         # our loop vs model.generate: the same prompt, the same number of forwards
-        codes = engine.encode([im for pair in pair_images for im in pair] + [query])
-        context = context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(pairs)], codes[-1])
+        context, _ = engine.build_context(pair_images, query)
         baseline = generate_baseline(engine, context, engine.vocab.cells)
         vsr_lookup = _time_vsr(engine, result) if "self" in refine else None
         if index:

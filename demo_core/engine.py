@@ -128,6 +128,11 @@ class Engine:
     def encode(self, images: list[Image.Image]) -> torch.Tensor:
         return self.tokenizer.encode(images).view(len(images), -1).cpu()
 
+    def build_context(self, loaded, query_image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared pairs + query -> the context [x1, y1, ..., xK, yK, xq] (1-D) and the query's codes (N,)."""
+        codes = self.encode([image for pair in loaded for image in pair] + [query_image])   # (2K+1, N)
+        return context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(len(loaded))], codes[-1]), codes[-1]
+
     def decode(self, codes) -> Image.Image:
         codes = torch.as_tensor(codes).detach().cpu().view(1, self.grid, self.grid)
         return self.tokenizer.decode_pil(codes)
@@ -176,10 +181,7 @@ class Engine:
     def _stream_scan(self, loaded, query_image: Image.Image, settings: RunSettings) -> Iterator[Event]:
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        images = [image for pair in loaded for image in pair] + [query_image]
-        codes = self.encode(images)                                          # (2K+1, N)
-        query_codes = codes[-1]
-        context = context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(len(loaded))], query_codes)
+        context, query_codes = self.build_context(loaded, query_image)
         timings["encode"] = time.perf_counter() - start
         cells = self.vocab.cells
         yield GenerationStarted(total_tokens=cells, grid=self.grid, pairs=len(loaded), context_tokens=int(context.numel()),

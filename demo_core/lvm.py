@@ -53,7 +53,6 @@ from .backbone import SamplingConfig, sample_from_logits
 from .bundle import FORMAT, FORMAT_VERSION, HUB_ID, Bundle, BundleError, load_backbone_part, load_refiner_part
 from .events import DraftDone, Event, Finished, GenerationStarted, Result, ScanStep, StageDone, TokensWritten
 from .refiners.scan import ScanConfig, ScanIteration, lowest_cells
-from .sequence import context_tokens
 
 LVM_BACKBONE_REPO = "Emma02/LVM_ckpts"
 LVM_TOKENIZER_REPO = "Emma02/vqvae_ckpts"
@@ -528,10 +527,7 @@ def lvm_stream(engine, loaded_pairs, query_image, settings) -> Iterator[Event]:
     codebook_size, cells = vocab.codebook_size, vocab.cells
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    images = [image for pair in loaded_pairs for image in pair] + [query_image]
-    codes = engine.encode(images)                                                 # (2K+1, N)
-    query_codes = codes[-1]
-    context = context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(len(loaded_pairs))], query_codes)
+    context, query_codes = engine.build_context(loaded_pairs, query_image)
     timings["encode"] = time.perf_counter() - start
     yield GenerationStarted(total_tokens=cells, grid=engine.grid, pairs=len(loaded_pairs),
                             context_tokens=int(context.numel()), stages=["draft", *settings.refine], sequence_format="lvm")
