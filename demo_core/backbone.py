@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from .fast_llama import fast_runner, unchanged_prefix
 from .sequence import Vocab, answer_positions
 
 
@@ -177,11 +178,12 @@ class GrowingLayer:
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only sequence positions `index` (sorted), compacted to the front."""
-        kept_k = self.key_buffer[..., : self.length, :].index_select(-2, index)
-        kept_v = self.value_buffer[..., : self.length, :].index_select(-2, index)
+        start = unchanged_prefix(index)          # SCAN keeps the whole committed prefix: move only the tail
+        kept_k = self.key_buffer[..., : self.length, :].index_select(-2, index[start:])
+        kept_v = self.value_buffer[..., : self.length, :].index_select(-2, index[start:])
         self.length = int(index.numel())
-        self.key_buffer[..., : self.length, :] = kept_k
-        self.value_buffer[..., : self.length, :] = kept_v
+        self.key_buffer[..., start: self.length, :] = kept_k
+        self.value_buffer[..., start: self.length, :] = kept_v
         self._views()
 
     def select_batch(self, row: int) -> None:
@@ -201,11 +203,13 @@ def new_cache():
     return GrowingCache()
 
 
-def _forward(model, input_ids, position_ids, cache, attention_mask=None):
-    if cache is None:
+def _forward(model, input_ids, position_ids, cache, attention_mask=None, logits_to_keep: int = 0):
+    """One cached forward through the model's fast runner (`fast_llama.py`), or HF's forward when unsupported."""
+    runner = fast_runner(model)
+    if cache is None and runner is model:
         cache = new_cache()
-    out = model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                attention_mask=attention_mask)
+    out = runner(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                 attention_mask=attention_mask, logits_to_keep=logits_to_keep)
     return out.logits, out.past_key_values
 
 
@@ -231,7 +235,7 @@ def draft_scan(model, vocab: Vocab, context: torch.Tensor, sampling: SamplingCon
     first = int(order[0])
     input_ids = torch.cat([context.to(device), torch.tensor([vocab.at(first)], device=device)])[None].repeat(batch, 1)
     positions = torch.cat([torch.arange(context_length), torch.tensor([context_length + first])]).to(device)[None].repeat(batch, 1)
-    logits, cache = _forward(model, input_ids, positions, None)
+    logits, cache = _forward(model, input_ids, positions, None, logits_to_keep=1)
     gen_logits = logits[:, -1, : vocab.codebook_size]
     for index in range(cells):
         cell = int(order[index])
@@ -270,7 +274,7 @@ def score_answer(model, vocab: Vocab, context: torch.Tensor, codes: torch.Tensor
     input_ids = torch.cat([context.to(device)[None].repeat(batch, 1), answer], dim=1)
     positions = torch.cat([torch.arange(context_length, device=device)[None].repeat(batch, 1),
                            answer_positions(context_length, order[None].repeat(batch, 1))], dim=1)
-    logits, cache = _forward(model, input_ids, positions, new_cache())
+    logits, cache = _forward(model, input_ids, positions, None)
     at_logits = logits[:, context_length::2, : vocab.codebook_size]     # (B, N, C) in `order`
     quality = quality_from_logits(logits[:, context_length + 1::2], vocab)
     gen = torch.empty_like(at_logits)

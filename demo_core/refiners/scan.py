@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from ..backbone import DraftState, SamplingConfig, quality_from_logits, sample_from_logits
+from ..fast_llama import fast_runner
 from ..sequence import Vocab
 
 
@@ -80,6 +81,7 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
                 generator: torch.Generator | None = None) -> Iterator[ScanIteration]:
     """Refine `state` (batch of one) in place; yields one ScanIteration per finished iteration."""
     device = next(model.parameters()).device
+    runner = fast_runner(model)       # the same runner that built the draft's cache
     cache = state.cache
     codes, scores = state.codes[0].clone(), state.scores[0].clone()
     context_length = state.context_length
@@ -108,16 +110,17 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
             mask[0, 0, i, past + i] = True
         for j in range(len(pending)):                 # y'_n also sees its own <at_n>
             mask[0, 0, 2 * j + 1, past + 2 * j] = True
-        out = model(input_ids=torch.tensor([tokens], device=device), position_ids=torch.tensor([positions], device=device),
+        out = runner(input_ids=torch.tensor([tokens], device=device), position_ids=torch.tensor([positions], device=device),
                     past_key_values=cache, use_cache=True, attention_mask=mask)
         logits = out.logits[0]
         cache = out.past_key_values
 
-        keep = list(range(past))
+        keep: list[int] = []                          # new positions to keep after the committed `past`
         if pending:
             record = ScanIteration(iteration, [], [], [], [], [], [])
+            new_scores = quality_from_logits(logits[1: 2 * len(pending): 2], vocab).tolist()
             for j, (cell, code) in enumerate(pending):
-                new_score = float(quality_from_logits(logits[2 * j + 1], vocab))
+                new_score = new_scores[j]
                 old_score = float(scores[cell])
                 accepted = new_score > old_score          # Eq. 5: keep only if the score improves
                 record.cells.append(cell)
@@ -136,7 +139,8 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
             record.codes, record.scores = codes.clone(), scores.clone()
             iteration += 1
             yield record
-        select_cache_positions(cache, torch.tensor(keep, device=device))
+        if len(keep) < new:
+            select_cache_positions(cache, torch.cat([torch.arange(past, device=device), torch.tensor(keep, dtype=torch.long, device=device)]))
         if probes:
             gen_logits = logits[2 * len(pending):, : vocab.codebook_size]
             sampled = sample_from_logits(gen_logits, sampling, generator)

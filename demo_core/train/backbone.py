@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..backbone import BackboneConfig, backbone_config_dict, build_backbone
+from ..backbone import BackboneConfig, SamplingConfig, backbone_config_dict, build_backbone, sample_from_logits
 from ..sequence import Vocab, answer_positions, interleave_answer
 from ..tasks import TASKS, ExampleSampler
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
@@ -186,8 +186,9 @@ def teacher_forcing_codes(model, vocab: Vocab, context, answer, generator) -> to
     positions = torch.cat([torch.arange(context.shape[1])[None].repeat(batch, 1), answer_positions(context.shape[1], order)], 1)
     logits = model(input_ids=input_ids, position_ids=positions, attention_mask=torch.ones_like(input_ids), use_cache=False,
                    logits_to_keep=tail.shape[1]).logits[:, 0::2, : vocab.codebook_size]
-    probs = torch.softmax(logits.float(), -1).reshape(-1, vocab.codebook_size)
-    return torch.multinomial(probs, 1, generator=generator).view(batch, cells)
+    # the production sampler (top-p 0.9), so these negatives look like the errors real drafts make
+    codes = sample_from_logits(logits.reshape(-1, vocab.codebook_size), SamplingConfig(top_p=0.9), generator)
+    return codes.view(batch, cells)
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -260,7 +261,7 @@ def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m demo_core.train backbone", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)

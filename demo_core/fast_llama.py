@@ -1,0 +1,185 @@
+"""A plain-torch forward for small `LlamaForCausalLM`s: the draft loop's and SCAN's hot path on CPU.
+
+The default backbone is 4 layers of width 256: one decoding step is ~30 tiny matmuls, and
+transformers' per-call machinery (mask building, cache wrappers, module hooks, config lookups)
+costs about as much as the maths. This module runs the same weights with fused q/k/v and
+gate/up projections, `F.rms_norm`, SDPA and its own KV buffer, and nothing else.
+
+It reads the model's own parameters (re-fused whenever one changes, tracked by tensor version
+counters), uses the model's rotary module for cos/sin, and answers the subset of the HF call
+signature the loops use: `runner(input_ids=, position_ids=, past_key_values=, attention_mask=,
+logits_to_keep=)` -> `.logits`, `.past_key_values`. `fast_runner(model)` returns the model
+itself when its config is outside what this path implements (LVM-7B on a GPU keeps HF's path).
+Tests check its logits against transformers' for prefill, steps and SCAN's 4-D masks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def unchanged_prefix(index: torch.Tensor) -> int:
+    """How many leading entries of a sorted, distinct position list are 0, 1, 2, ... (positions that stay put)."""
+    count = int(index.numel())
+    if count == 0 or int(index[-1]) == count - 1:
+        return count
+    return int((index != torch.arange(count, device=index.device)).int().argmax())
+
+
+class KVBuffer:
+    """One layer's keys and values in a preallocated buffer (grown by doubling); SCAN edits compact it in place."""
+
+    def __init__(self):
+        self.key_buffer = self.value_buffer = None
+        self.length = 0
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor):
+        end = self.length + keys.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+            capacity = max(256, 1 << (end - 1).bit_length())
+            new_k = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+            new_v = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
+            if self.length:
+                new_k[..., : self.length, :] = self.key_buffer[..., : self.length, :]
+                new_v[..., : self.length, :] = self.value_buffer[..., : self.length, :]
+            self.key_buffer, self.value_buffer = new_k, new_v
+        self.key_buffer[..., self.length:end, :] = keys
+        self.value_buffer[..., self.length:end, :] = values
+        self.length = end
+        return self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only sequence positions `index` (sorted), compacted to the front."""
+        if self.key_buffer is None:
+            return
+        start = unchanged_prefix(index)          # SCAN keeps the whole committed prefix: move only the tail
+        kept_k = self.key_buffer[..., : self.length, :].index_select(-2, index[start:])
+        kept_v = self.value_buffer[..., : self.length, :].index_select(-2, index[start:])
+        self.length = int(index.numel())
+        self.key_buffer[..., start: self.length, :] = kept_k
+        self.value_buffer[..., start: self.length, :] = kept_v
+
+    def select_batch(self, row: int) -> None:
+        self.key_buffer = self.key_buffer[row:row + 1].clone()
+        self.value_buffer = self.value_buffer[row:row + 1].clone()
+
+
+class FastCache:
+    """The KV cache of `FastLlama`: a list of `KVBuffer`s (the same `layers` API SCAN's cache edits use)."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [KVBuffer() for _ in range(num_layers)]
+
+    def get_seq_length(self) -> int:
+        return self.layers[0].length
+
+
+@dataclass
+class FastOutput:
+    logits: torch.Tensor
+    past_key_values: FastCache
+
+
+def supported(model) -> bool:
+    """True when `model` is a LlamaForCausalLM this path reproduces exactly."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "llama":
+        return False
+    rope = getattr(config, "rope_scaling", None) or {}
+    return (config.hidden_act == "silu" and not getattr(config, "attention_bias", False)
+            and not getattr(config, "mlp_bias", False) and getattr(config, "pretraining_tp", 1) == 1
+            and rope.get("rope_type", rope.get("type", "default")) == "default"
+            and next(model.parameters()).device.type == "cpu")
+
+
+class FastLlama:
+    """Runs a `LlamaForCausalLM`'s weights with fused projections (see the module docstring)."""
+
+    def __init__(self, model):
+        self.model = model
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.num_layers = config.num_hidden_layers
+        self._params = list(model.parameters())
+        self._signature = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        signature = tuple(p._version for p in self._params)
+        if signature == self._signature:
+            return
+        inner = self.model.model
+        self.layers = []
+        with torch.no_grad():
+            for layer in inner.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                self.layers.append((
+                    layer.input_layernorm.weight,
+                    torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                    attn.o_proj.weight,
+                    layer.post_attention_layernorm.weight,
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    mlp.down_proj.weight,
+                ))
+        self._signature = signature
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values: FastCache | None = None,
+                 attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, use_cache: bool = True) -> FastOutput:
+        self._refresh()
+        inner = self.model.model
+        cache = past_key_values if past_key_values is not None else FastCache(self.num_layers)
+        batch, length = input_ids.shape
+        past = cache.get_seq_length()
+        x = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(x, position_ids)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)          # (B, 1, T, d)
+        mask, causal = None, False
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.bool()
+        elif length > 1:
+            if past == 0:
+                causal = True
+            else:
+                mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        half = self.head_dim // 2
+        for (norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down), layer_cache in zip(self.layers, cache.layers):
+            h = F.rms_norm(x, (x.shape[-1],), norm_in, self.eps)
+            q, k, v = F.linear(h, w_qkv).split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + torch.cat([-q[..., half:], q[..., :half]], -1) * sin
+            k = k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
+            keys, values = layer_cache.update(k, v)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                                      enable_gqa=self.kv_heads != self.heads)
+            x = x + F.linear(attended.transpose(1, 2).reshape(batch, length, q_size), w_o)
+            h = F.rms_norm(x, (x.shape[-1],), norm_post, self.eps)
+            gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w_down)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        x = inner.norm(x)
+        return FastOutput(self.model.lm_head(x), cache)
+
+
+def fast_runner(model):
+    """The model's `FastLlama` (built once and kept on the model), or the model itself when unsupported."""
+    runner = getattr(model, "_retouch_fast", None)
+    if runner is not None:
+        return runner
+    if not supported(model):
+        return model
+    runner = FastLlama(model)
+    object.__setattr__(model, "_retouch_fast", runner)     # not a submodule: no state_dict entry
+    return runner

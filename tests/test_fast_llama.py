@@ -1,0 +1,87 @@
+"""The plain-torch decoder must reproduce transformers' LlamaForCausalLM exactly (to float tolerance)."""
+import pytest
+import torch
+
+from demo_core.fast_llama import FastLlama, fast_runner, supported
+
+
+def hf_logits(model, ids, positions, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, position_ids=positions, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                     use_cache=False).logits
+
+
+def gqa_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("which", ["default", "gqa"])
+def test_prefill_then_steps_match_an_uncached_forward(tiny_model, which):
+    model = tiny_model if which == "default" else gqa_model()
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 40), generator=generator)
+    positions = torch.cat([torch.arange(30), 30 + torch.randperm(10, generator=generator)])[None].repeat(2, 1)  # cell-aligned jumps
+    reference = hf_logits(model, ids, positions)
+    runner = FastLlama(model)
+    out = runner(ids[:, :30], positions[:, :30])
+    assert torch.allclose(out.logits, reference[:, :30], atol=1e-5)
+    cache = out.past_key_values
+    for start in range(30, 40, 2):                       # two tokens per step, as the draft loop feeds them
+        out = runner(ids[:, start:start + 2], positions[:, start:start + 2], past_key_values=cache)
+        assert torch.allclose(out.logits, reference[:, start:start + 2], atol=1e-5)
+    assert cache.get_seq_length() == 40
+    last = runner(ids, positions, logits_to_keep=1).logits
+    assert last.shape[1] == 1 and torch.allclose(last, reference[:, -1:], atol=1e-5)
+
+
+def test_four_d_mask_and_cache_edits_match_transformers(tiny_model):
+    """SCAN's forward: new pairs that see the cache and only themselves, then keep some positions."""
+    from transformers.cache_utils import DynamicCache
+
+    from demo_core.refiners.scan import select_cache_positions
+
+    ids = torch.randint(0, 30, (1, 20))
+    positions = torch.arange(20)[None]
+    runner = FastLlama(tiny_model)
+    fast_cache = runner(ids, positions).past_key_values
+    hf_cache = DynamicCache()
+    with torch.no_grad():
+        tiny_model(input_ids=ids, position_ids=positions, past_key_values=hf_cache, use_cache=True)
+    new = torch.randint(0, 30, (1, 4))
+    new_positions = torch.tensor([[3, 3, 7, 7]])
+    mask = torch.zeros(1, 1, 4, 24, dtype=torch.bool)
+    mask[..., :20] = True
+    for i in range(4):
+        mask[0, 0, i, 20 + i] = True
+    mask[0, 0, 1, 20] = mask[0, 0, 3, 22] = True
+    fast = runner(new, new_positions, past_key_values=fast_cache, attention_mask=mask).logits
+    with torch.no_grad():
+        slow = tiny_model(input_ids=new, position_ids=new_positions, past_key_values=hf_cache, use_cache=True,
+                          attention_mask=mask).logits
+    assert torch.allclose(fast, slow, atol=1e-5)
+    keep = torch.tensor([0, 1, 5, 20, 21])
+    select_cache_positions(fast_cache, keep)
+    assert fast_cache.get_seq_length() == 5
+    assert torch.equal(fast_cache.layers[1].key_buffer[..., :5, :], hf_cache.layers[1].keys.index_select(-2, keep))
+
+
+def test_runner_follows_weight_changes_and_falls_back_when_unsupported(tiny_model):
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    runner = fast_runner(model)
+    assert isinstance(runner, FastLlama) and fast_runner(model) is runner and "_retouch_fast" not in model.state_dict()
+    ids, positions = torch.randint(0, 30, (1, 8)), torch.arange(8)[None]
+    before = runner(ids, positions).logits
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2.0)     # e.g. a trainer stepped in between
+    after = runner(ids, positions).logits
+    assert not torch.allclose(before, after) and torch.allclose(after, hf_logits(model, ids, positions), atol=1e-5)
+    model.config.hidden_act = "gelu"
+    assert not supported(model)
