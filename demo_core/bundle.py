@@ -44,6 +44,7 @@ class Bundle:
     source: str = ""
     extras: dict = field(default_factory=dict)
     tensor: torch.nn.Module | None = None    # refiners.tensor.TensorAR over `backbone` (tensor/), optional
+    folder: Path | None = None               # where the parts were read from (a local folder or the Hub snapshot)
 
     @property
     def vocab(self) -> Vocab:
@@ -257,4 +258,4 @@ def load_bundle(source: str | Path | None = None, revision: str | None = None, d
 
         tensor = load_tensor_part(folder / parts["tensor"], backbone)
     return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, refiner=refiner, source=str(source or "default"),
-                  tensor=tensor)
+                  tensor=tensor, folder=folder)

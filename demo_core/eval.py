@@ -217,6 +217,10 @@ def markdown(report: dict) -> str:
     if report.get("scan_ablation"):
         lines += ["", "| SCAN T | c | PSNR | token acc | s/image |", "|---|---|---|---|---|"]
         lines += [f"| {r['T']} | {r['c']} | {r['psnr']:.2f} | {r['token_acc']:.3f} | {r['seconds']:.2f} |" for r in report["scan_ablation"]]
+    if report.get("tensor"):
+        from .eval_tensor import markdown as tensor_markdown
+
+        lines += tensor_markdown(report["tensor"])
     if report.get("pairs_ablation"):
         lines += ["", "| K | stage | PSNR |", "|---|---|---|"]
         lines += [f"| {r['K']} | {r['stage']} | {r['psnr']:.2f} |" for r in report["pairs_ablation"]]
@@ -278,6 +282,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ablate-T", default="", help="SCAN ablation iterations, e.g. 0,10,20,30")
     parser.add_argument("--ablate-c", default="", help="SCAN ablation cells per iteration, e.g. 1,2,4,8")
     parser.add_argument("--ablate-K", default="", help="pairs ablation, e.g. 1,2,3")
+    parser.add_argument("--tensor", choices=("auto", "off"), default="auto",
+                        help="TensorAR rows (AR vs TensorAR vs control) when the bundle has tensor/ (auto) or never (off)")
+    parser.add_argument("--tensor-variants", default="",
+                        help="more TensorAR adapters to compare, name=folder,... (k / schedule ablations; the last = splits)")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"))
     args = parser.parse_args(argv)
     from .bundle import BundleError
@@ -294,6 +302,16 @@ def main(argv=None) -> int:
     if not 1 <= args.pairs <= engine.max_pairs:
         print(f"error: --pairs must be between 1 and {engine.max_pairs}")
         return 1
+    variants = None
+    extra = dict(item.rsplit("=", 1) for item in args.tensor_variants.split(",") if "=" in item)
+    if args.tensor != "off" and (engine.bundle.tensor is not None or extra):
+        from .eval_tensor import tensor_variants
+
+        try:
+            variants = tensor_variants(engine, extra)
+        except (BundleError, OSError, ValueError) as error:
+            print(f"error: --tensor-variants: {error}")
+            return 1
     settings = {"temperature": args.temperature, "top_p": args.top_p, "scan_iterations": args.scan_iterations,
                 "scan_cells": args.scan_cells}
     labels = stage_labels(engine)
@@ -312,6 +330,11 @@ def main(argv=None) -> int:
     if args.ablate_K:
         report["pairs_ablation"] = pairs_ablation(engine, [t for t in tasks if t in CORE_TASKS] or tasks, max(2, args.n // 2),
                                                   args.seed, [k for k in ints(args.ablate_K) if k <= engine.max_pairs], labels, settings)
+    if variants:
+        from .eval_tensor import tensor_comparison
+
+        report["tensor"] = tensor_comparison(engine, [t for t in tasks if t in CORE_TASKS] or tasks, args.n, args.pairs,
+                                             args.seed, settings, variants)
     report["seconds"] = round(time.time() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")

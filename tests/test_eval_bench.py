@@ -73,3 +73,30 @@ def test_eval_reports_every_stage_when_a_refiner_exists(tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert report["stages"] == ["draft", "+SCAN", "+VSR", "+SCAN+VSR"]
     assert set(report["table"]["inpainting"]) >= {"draft", "+SCAN", "+VSR", "+SCAN+VSR"}
+
+
+def test_eval_compares_ar_tensorar_control_and_extra_variants(tmp_path):
+    """TensorAR rows: the AR draft, the bundle's tensor/, its tensor-control/ and a --tensor-variants folder,
+    each on the same examples; a bad variant folder is one error line before any work."""
+    from demo_core.refiners.tensor import TensorAdapter
+    from demo_core.bundle import load_bundle
+
+    folder = build_tiny_bundle(tmp_path / "with_tensor", tensor=True)
+    backbone = load_bundle(folder).backbone
+    control = TensorAdapter.for_backbone(backbone, 16, k=1, heads=4)
+    control.save_pretrained(folder / "tensor-control")
+    info = json.loads((folder / "bundle.json").read_text())
+    info["parts"]["tensor_control"] = "tensor-control"
+    (folder / "bundle.json").write_text(json.dumps(info))
+    TensorAdapter.for_backbone(backbone, 16, k=2, heads=4, schedule="linear").save_pretrained(tmp_path / "k2")
+    out = tmp_path / "eval"
+    assert eval_module.main(["--bundle", str(folder), "--n", "1", "--tasks", "colorization,posterize", "--incontext", "0",
+                             "--scan-iterations", "1", "--tensor-variants", f"k=2 linear={tmp_path / 'k2'}", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["tensor"]
+    assert {r["task"] for r in rows} == {"colorization"}           # core tasks only
+    assert [r["variant"] for r in rows] == ["AR (SCAN-form draft)", "TensorAR k=4", "control (k=1, same steps)", "k=2 linear"]
+    assert [r["k"] for r in rows] == [1, 4, 1, 2] and rows[3]["schedule"] == "linear"
+    assert all(0 <= r["token_acc"] <= 1 and r["seconds"] > 0 for r in rows)
+    assert "TensorAR k=4 beats AR (SCAN-form draft) in PSNR on" in (out / "results.md").read_text()
+    assert eval_module.main(["--bundle", str(folder), "--n", "1", "--tensor-variants", f"x={tmp_path / 'missing'}",
+                             "--out", str(tmp_path / "bad")]) == 1

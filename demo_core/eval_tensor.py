@@ -1,0 +1,129 @@
+"""TensorAR rows of `python -m demo_core eval` (TensorAR paper's comparisons, on our validation split).
+
+Draft quality, with no refiner, of: the default AR draft (SCAN form, one token per step); the
+bundle's TensorAR (tensor/, k = 4 by default); the paper's equal-steps control (tensor-control/:
+the same LoRA budget fine-tuned with k = 1 for the same number of steps); and any further adapter
+folders given as `--tensor-variants name=folder,...` (the k and noise-schedule ablations, each
+trained with `python -m demo_core.train tensor --k K --schedule S --out folder`). Every variant
+drafts the same examples with the same seeds; the time is the draft's own (model only).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .images import float_to_pil, pil_to_float
+from .tasks import ExampleSampler
+
+AR = "AR (SCAN-form draft)"
+CONTROL = "control (k=1, same steps)"
+
+
+def adapter_info(folder: Path) -> dict:
+    """k, schedule and training steps of an adapter folder (from its config.json and training.json)."""
+    config = json.loads((folder / "config.json").read_text())
+    training = folder / "training.json"
+    steps = json.loads(training.read_text()).get("step") if training.exists() else None
+    return {"k": int(config.get("k", 1)), "schedule": config.get("schedule"), "steps": steps}
+
+
+def tensor_variants(engine, extra: dict[str, str] | None = None) -> dict[str, tuple]:
+    """name -> (TensorAR or None for the AR draft, info). The bundle's tensor/ and tensor-control/ first, then `extra`."""
+    from .refiners.tensor import load_tensor_part
+
+    bundle = engine.bundle
+    variants = {AR: (None, {"k": 1, "schedule": None, "steps": (bundle.info.get("training") or {}).get("backbone_steps")})}
+    parts = bundle.info.get("parts", {})
+    folder = bundle.folder
+    if bundle.tensor is not None and folder is not None:
+        info = adapter_info(folder / parts["tensor"])
+        variants[f"TensorAR k={info['k']}"] = (bundle.tensor, info)
+    if folder is not None and "tensor_control" in parts and (folder / parts["tensor_control"]).is_dir():
+        path = folder / parts["tensor_control"]
+        variants[CONTROL] = (load_tensor_part(path, engine.model, "tensor-control"), adapter_info(path))
+    for name, path in (extra or {}).items():
+        path = Path(path).expanduser()
+        variants[name] = (load_tensor_part(path, engine.model, name), adapter_info(path))
+    return variants
+
+
+@torch.no_grad()
+def draft_codes(engine, model, context: torch.Tensor, seed: int, settings: dict) -> tuple[torch.Tensor, float]:
+    """One draft's codes (N,) and its seconds: the AR draft loop when `model` is None, else the sliding TensorAR draft."""
+    from .backbone import SamplingConfig, draft_scan
+    from .refiners.tensor import draft_tensor
+
+    sampling = SamplingConfig(temperature=settings.get("temperature", 1.0), top_p=settings.get("top_p", 0.9))
+    generator = torch.Generator().manual_seed(seed)
+    states: list = []
+    start = time.perf_counter()
+    if model is None:
+        for _ in draft_scan(engine.model, engine.vocab, context, sampling, generator, state_out=states):
+            pass
+    else:
+        for _ in draft_tensor(model, context, engine.vocab.cells, sampling, generator, state_out=states):
+            pass
+    seconds = time.perf_counter() - start
+    return states[0].codes[0].cpu(), seconds
+
+
+def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: dict, variants: dict, progress: bool = True) -> list[dict]:
+    """Per task and variant: PSNR, SSIM, token accuracy and seconds of the draft, on the same examples and seeds."""
+    from tqdm import tqdm
+
+    from .eval import truth_statistics
+    from .metrics import psnr, ssim, token_accuracy
+
+    rows = []
+    bar = tqdm(total=len(tasks) * n * len(variants), desc="eval tensor", disable=not progress, dynamic_ncols=True)
+    for task in tasks:
+        sampler = ExampleSampler("val", engine.image_size, seed)
+        values = {name: {"psnr": [], "ssim": [], "acc": [], "time": []} for name in variants}
+        for index in range(n):
+            example = sampler.sample(task=task, k=pairs)
+            truth, _ = truth_statistics(engine, example)
+            target = pil_to_float(float_to_pil(example.answer))
+            context, _ = engine.build_context([(float_to_pil(x), float_to_pil(y)) for x, y in example.pairs],
+                                              float_to_pil(example.query))
+            for name, (model, _) in variants.items():
+                codes, seconds = draft_codes(engine, model, context, seed + index, settings)
+                image = pil_to_float(engine.decode(codes))
+                value = values[name]
+                value["psnr"].append(psnr(image, target))
+                value["ssim"].append(ssim(image, target))
+                value["acc"].append(token_accuracy(codes.numpy(), truth))
+                value["time"].append(seconds)
+                bar.update(1)
+        for name, value in values.items():
+            info = variants[name][1]
+            rows.append({"task": task, "variant": name, "k": info["k"], "schedule": info["schedule"], "steps": info["steps"],
+                         "psnr": float(np.mean(value["psnr"])), "ssim": float(np.mean(value["ssim"])),
+                         "token_acc": float(np.mean(value["acc"])), "seconds": float(np.mean(value["time"]))})
+    bar.close()
+    return rows
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "TensorAR (draft only, no refiner; same examples and seeds for every variant):", "",
+             "| task | draft | k | schedule | training steps | PSNR ↑ | SSIM ↑ | token acc ↑ | s/image |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        steps = r["steps"] if r["steps"] is not None else ""
+        lines.append(f"| {r['task']} | {r['variant']} | {r['k']} | {r['schedule'] or ''} | {steps} | {r['psnr']:.2f} | "
+                     f"{r['ssim']:.3f} | {r['token_acc']:.3f} | {r['seconds']:.2f} |")
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    by = {(r["task"], r["variant"]): r for r in rows}
+    tensor = next((r["variant"] for r in rows if r["variant"].startswith("TensorAR")), None)
+    if tensor is not None:
+        for other in (AR, CONTROL):
+            if not any((t, other) in by for t in tasks):
+                continue
+            wins = [t for t in tasks if (t, other) in by and by[(t, tensor)]["psnr"] > by[(t, other)]["psnr"]]
+            lines.append(f"\n{tensor} beats {other} in PSNR on {len(wins)} of {len(tasks)} tasks"
+                         + (f" ({', '.join(wins)})" if wins else "") + ".")
+    return lines
