@@ -84,7 +84,7 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
     from .metrics import edge_precision_recall, fid, lpips_batch, psnr, ssim, token_accuracy
     from .train.backbone import auroc
 
-    table, curves = {}, {}
+    table, curves, task_curves = {}, {}, {}
     bar = tqdm(total=len(tasks) * n, desc="eval", disable=not progress, dynamic_ncols=True)
     for task in tasks:
         sampler = ExampleSampler("val", engine.image_size, seed)
@@ -127,12 +127,14 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
                 entry.update(edge_precision=float(p), edge_recall=float(r), edge_f1=float(f))
             table[task][label] = entry
             curves.setdefault(label, []).extend(row["cos"])
+            task_curves.setdefault(task, {})[label] = np.mean(row["cos"], axis=0).tolist()
         table[task]["perplexity"] = float(np.nanmean(perplexities))
         if q_scores:
             # the score should be LOW for wrong tokens: AUROC of (1 - quality) for "token differs from truth"
             table[task]["quality_auroc"] = auroc(1 - np.concatenate(q_scores), np.concatenate(q_wrong))
     bar.close()
-    return {"table": table, "curves": {label: np.mean(v, axis=0).tolist() for label, v in curves.items()}}
+    return {"table": table, "curves": {label: np.mean(v, axis=0).tolist() for label, v in curves.items()},
+            "task_curves": task_curves}
 
 
 def incontext_check(engine, n: int, pairs: int, seed: int, settings: dict) -> dict:
@@ -227,20 +229,28 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(curves: dict, path: Path) -> None:
+def plot_curves(curves: dict, path: Path, task_curves: dict | None = None) -> None:
+    """VSR Fig. 2: per-token cosine distance to the ground truth per stage; all tasks, then one panel per task."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    for label, curve in curves.items():
-        ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{label} (AUC {np.mean(curve):.3f})", lw=1.4)
-    ax.set_xlabel("token position (raster)")
-    ax.set_ylabel("cosine distance to ground truth")
-    ax.set_title("Per-token embedding distance (VSR Fig. 2 style)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    panels = [("all tasks", curves)] + list((task_curves or {}).items())
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.9 * rows), dpi=100, squeeze=False, sharey=True)
+    for ax, (title, panel) in zip(axes.flat, panels):
+        for label, curve in panel.items():
+            ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{label} (AUC {np.mean(curve):.3f})", lw=1.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("token position (raster)", fontsize=8)
+        ax.set_ylabel("cosine distance to truth", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("Per-token embedding distance to the ground truth (VSR Fig. 2 style; AUC = mean over positions)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -340,7 +350,7 @@ def main(argv=None) -> int:
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     (args.out / "results.md").write_text(text)
-    plot_curves(report["curves"], args.out / "cosine_curve.png")
+    plot_curves(report["curves"], args.out / "cosine_curve.png", report.get("task_curves"))
     plot_examples(examples, args.out / "examples.png")
     print(text)
     print(f"wrote {args.out}/results.json, results.md, cosine_curve.png, examples.png in {report['seconds']} s")
