@@ -154,6 +154,8 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
                                                      height=360)
                         gr.HTML(legend("accepted", "rejected", "vsr"))
                         timeline_text = gr.Markdown("Run a generation with SCAN to see its iterations here.")
+                        tensor_plot = gr.Plot(label="TensorAR revisions per slide", format="png", show_label=False,
+                                              visible=False, elem_id="tensor-plot")
                     with gr.Tab("Before / after", id="compare"):
                         before_after = gr.ImageSlider(label="Draft ↔ final", format="png", interactive=False,
                                                       elem_classes="rt-pixelated", max_height=440, elem_id="before-after")
@@ -171,7 +173,7 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
 
         components = dict(canvas=canvas, status=status, seed=seed, quality_draft=quality_draft, quality_final=quality_final,
                           quality_note=quality_note, timeline_slider=timeline_slider, timeline_image=timeline_image,
-                          timeline_text=timeline_text, vsr_image=vsr_image, before_after=before_after,
+                          timeline_text=timeline_text, vsr_image=vsr_image, tensor_plot=tensor_plot, before_after=before_after,
                           compare_a=compare_a, compare_b=compare_b, stage_grid=stage_grid, metrics_table=metrics_table,
                           timings_table=timings_table, cosine_plot=cosine_plot, quality_plot=quality_plot,
                           metrics_note=metrics_note, run_state=run_state)

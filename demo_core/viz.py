@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 DISPLAY_SIDE = 384                   # upscale token images to at least this many pixels a side
 UNWRITTEN_DIM = 0.68                 # how far not-yet-written cells fade towards UNWRITTEN_TINT
 UNWRITTEN_TINT = (24, 28, 38)
+PROVISIONAL_DIM = 0.38               # TensorAR: predicted but not yet final cells fade this far (less than unwritten)
 HATCH_COLOUR = (148, 163, 184)
 HATCH_SPACING = 7                    # display pixels between hatch lines
 ACCEPTED = "#22c55e"                 # SCAN kept the regenerated token (its score improved, Eq. 6)
@@ -106,12 +107,15 @@ def hatch_pattern(side: int, spacing: int = HATCH_SPACING) -> np.ndarray:
 
 
 def canvas_view(canvas: Image.Image, written: np.ndarray, scale: int | None = None,
-                current_cell: int | None = None, window_cells: Sequence[int] = ()) -> Image.Image:
+                current_cell: int | None = None, window_cells: Sequence[int] = (),
+                final: np.ndarray | None = None, revisions: np.ndarray | None = None) -> Image.Image:
     """The live canvas: written cells in full colour, the others dimmed and hatched.
 
     `canvas` is the decoded image (unwritten cells show whatever the engine put there, e.g. the
     query's codes); `written` is the (grid, grid) bool mask of cells written so far. TensorAR's
-    `window_cells` (still being revised) are boxed in WINDOW, `current_cell` in CURRENT on top.
+    `window_cells` (still being revised) are boxed in WINDOW, `current_cell` in CURRENT on top;
+    with `final` (grid, grid) bool, written cells that are not final yet are faded, and with
+    `revisions` (grid, grid) int each of them shows how many times it has been predicted.
     """
     written = np.asarray(written, dtype=bool)
     grid = written.shape[0]
@@ -121,8 +125,19 @@ def canvas_view(canvas: Image.Image, written: np.ndarray, scale: int | None = No
     pending = ~nearest_grid(written, side)                                   # (side, side)
     dimmed = pixels * (1 - UNWRITTEN_DIM) + np.asarray(UNWRITTEN_TINT, np.float32) * UNWRITTEN_DIM
     dimmed[hatch_pattern(side)] = HATCH_COLOUR
+    provisional_cells = written & ~np.asarray(final, dtype=bool) if final is not None else np.zeros_like(written)
+    if provisional_cells.any():
+        faded = pixels * (1 - PROVISIONAL_DIM) + np.asarray(UNWRITTEN_TINT, np.float32) * PROVISIONAL_DIM
+        pixels = np.where(nearest_grid(provisional_cells, side)[..., None], faded, pixels)
     pixels = np.where(pending[..., None], dimmed, pixels)
     view = Image.fromarray(pixels.round().astype(np.uint8), "RGB")
+    if revisions is not None and provisional_cells.any():
+        draw = ImageDraw.Draw(view)
+        font = _font(max(8, side // grid // 3))
+        for cell in np.flatnonzero(provisional_cells):
+            x0, y0, _, _ = cell_box(int(cell), grid, side)
+            draw.text((x0 + 2, y0 + 1), str(int(np.asarray(revisions).flat[cell])), fill="white", font=font,
+                      stroke_width=1, stroke_fill="black")
     if len(window_cells):
         _draw_cell_boxes(view, list(window_cells), [WINDOW] * len(window_cells), grid)
     if current_cell is not None and 0 <= int(current_cell) < grid * grid:
@@ -348,4 +363,19 @@ def quality_figure(iterations: Sequence[int], mean_quality: Sequence[float], acc
     extra = bars.get_legend_handles_labels()
     figure.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, frameon=False, loc="outside lower center",
                   ncols=4)
+    return figure
+
+
+def revisions_figure(changed_per_slide: Sequence[int], window: int) -> Figure:
+    """TensorAR: how many cells of the window changed their code at each slide (the draft revising itself)."""
+    figure, axes = _figure(height=2.8)
+    steps = np.arange(1, len(changed_per_slide) + 1)
+    axes.bar(steps, changed_per_slide, color=WINDOW, alpha=0.8, width=0.85)
+    axes.set_xlabel("slide (step of the TensorAR draft)")
+    axes.set_ylabel("cells revised")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylim(0, max(1, window - 1) + 0.5)
+    total = int(np.sum(changed_per_slide))
+    axes.set_title(f"TensorAR draft: {total} revisions of not-yet-final cells over {len(changed_per_slide)} slides "
+                   f"(window k = {window})", fontsize=10)
     return figure

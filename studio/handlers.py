@@ -54,7 +54,7 @@ DRAFT_MODES = {"ar": "AR: one token per step", "tensor": "TensorAR: sliding wind
 OUTPUTS = (
     "canvas", "status", "seed",
     "quality_draft", "quality_final", "quality_note",
-    "timeline_slider", "timeline_image", "timeline_text", "vsr_image",
+    "timeline_slider", "timeline_image", "timeline_text", "vsr_image", "tensor_plot",
     "before_after", "compare_a", "compare_b", "stage_grid",
     "metrics_table", "timings_table", "cosine_plot", "quality_plot", "metrics_note",
     "run_state",
@@ -406,14 +406,15 @@ class Studio:
                                 status=_status(stages, "draft", 0.0, f"Drafting: 0 of {total} tokens…"),
                                 seed=seed, quality_draft=None, quality_final=None, quality_note="",
                                 timeline_slider=gr.update(visible=False, value=0, maximum=1), timeline_image=None,
-                                timeline_text="", vsr_image=gr.update(value=None, visible=False), before_after=None,
+                                timeline_text="", vsr_image=gr.update(value=None, visible=False),
+                                tensor_plot=gr.update(value=None, visible=False), before_after=None,
                                 stage_grid=None, metrics_table=None, timings_table=None, cosine_plot=None,
                                 quality_plot=None, metrics_note="", run_state=None)
                 elif isinstance(event, WindowSlid):      # TensorAR: predicted cells show, the window stays boxed
                     if event.canvas is not None:
                         total = event.final.size
                         view = viz.canvas_view(event.canvas, event.codes >= 0, current_cell=event.cells[0],
-                                               window_cells=event.cells[1:])
+                                               window_cells=event.cells[1:], final=event.final, revisions=event.revisions)
                         yield paced(frame(canvas=view, status=_status(
                             stages, "draft", (event.step + 1) / total,
                             f"TensorAR step {event.step + 1} of {total}: window of {len(event.cells)} cells, "
@@ -535,6 +536,13 @@ class Studio:
             quality_plot = viz.quality_figure([s.iteration + 1 for s in history], [_mean(s.quality) for s in history],
                                               [sum(s.accepted) for s in history],
                                               [len(s.accepted) - sum(s.accepted) for s in history], draft_mean)
+        tensor_plot = gr.update(value=None, visible=False)
+        if result.slides:
+            changed = [len(slide.changed) for slide in result.slides]
+            window = max(len(slide.cells) for slide in result.slides)
+            tensor_plot = gr.update(value=viz.revisions_figure(changed, window), visible=True)
+            timeline_text += (f"\n\nTensorAR draft: the window of {window} cells slid {len(changed)} times and "
+                              f"revised not-yet-final cells {sum(changed)} times (cells whose code changed before it became final).")
         metrics_note = ("Metrics compare each stage with the ground truth you gave." if truth_image is not None else
                         "Add a ground-truth answer (the optional image under the query) to see PSNR, SSIM, LPIPS, "
                         "token accuracy and the per-token cosine-distance curve.")
@@ -546,7 +554,7 @@ class Studio:
         return frame(canvas=viz.upscale(result.final), status=_status(stages, None, 1.0, message, "done"),
                      quality_draft=_annotated(result.draft, result.quality["draft"], score_range), quality_final=quality_final,
                      quality_note=quality_note, timeline_slider=slider, timeline_image=timeline_image,
-                     timeline_text=timeline_text, before_after=(viz.upscale(result.draft), viz.upscale(result.final)),
+                     timeline_text=timeline_text, tensor_plot=tensor_plot, before_after=(viz.upscale(result.draft), viz.upscale(result.final)),
                      compare_a=gr.update(choices=choices, value="draft"), compare_b=gr.update(choices=choices, value=final_name),
                      stage_grid=sheet, metrics_table=metrics_rows, timings_table=timings_rows, cosine_plot=cosine_plot,
                      quality_plot=quality_plot, metrics_note=metrics_note, run_state=run)

@@ -166,3 +166,19 @@ def test_quality_figure_plots_the_mean_and_the_bars():
     line_axes = figure.axes[0]
     assert list(line_axes.get_lines()[-1].get_ydata()) == [0.5, 0.55, 0.6]
     assert len(figure.axes[1].patches) == 6                              # accepted + rejected bars
+
+
+def test_tensor_canvas_fades_provisional_cells_and_counts_revisions():
+    from demo_core.viz import canvas_view
+
+    canvas = Image.new("RGB", (4, 4), (200, 200, 200))
+    written = np.array([[1, 1], [1, 0]], dtype=bool)
+    final = np.array([[1, 0], [0, 0]], dtype=bool)
+    revisions = np.array([[1, 2], [3, 0]])
+    plain = np.asarray(canvas_view(canvas, written, scale=40))
+    view = np.asarray(canvas_view(canvas, written, scale=40, final=final, revisions=revisions))
+    final_cell, provisional, unwritten = view[5:75, 5:75], view[100:150, 30:75], view[100:150, 100:150]   # 80-px cells
+    assert np.array_equal(final_cell, plain[5:75, 5:75])                         # final cells untouched
+    assert provisional.mean() < final_cell.mean() and provisional.mean() > unwritten.mean()   # faded, less than unwritten
+    assert (view[0:20, 80:100] == 255).all(axis=-1).any()                         # a white revision digit in the corner
+    assert not (plain[0:20, 80:100] == 255).all(axis=-1).any()
