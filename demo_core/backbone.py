@@ -104,7 +104,7 @@ class DraftStep:
 class DraftState:
     """What the draft leaves behind for the refiners: the KV cache and the answer so far."""
 
-    cache: object               # transformers DynamicCache over [context, answer pairs]
+    cache: object               # KV cache over [context, answer pairs]: a fast_llama.FastCache, or transformers' on other models
     context_length: int
     codes: torch.Tensor         # (B, N) long
     scores: torch.Tensor        # (B, N) float

@@ -313,7 +313,14 @@ def main(argv=None) -> int:
         print(f"error: --pairs must be between 1 and {engine.max_pairs}")
         return 1
     variants = None
-    extra = dict(item.rsplit("=", 1) for item in args.tensor_variants.split(",") if "=" in item)
+    items = [item.strip() for item in args.tensor_variants.split(",") if item.strip()]
+    if any("=" not in item for item in items):
+        print("error: --tensor-variants takes name=folder items separated by commas")
+        return 1
+    extra = dict(item.rsplit("=", 1) for item in items)
+    if extra and args.tensor == "off":
+        print("error: --tensor off and --tensor-variants contradict each other")
+        return 1
     if args.tensor != "off" and (engine.bundle.tensor is not None or extra):
         from .eval_tensor import tensor_variants
 

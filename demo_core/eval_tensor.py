@@ -36,9 +36,12 @@ def tensor_variants(engine, extra: dict[str, str] | None = None) -> dict[str, tu
     from .refiners.tensor import load_tensor_part
 
     bundle = engine.bundle
-    variants = {AR: (None, {"k": 1, "schedule": None, "steps": (bundle.info.get("training") or {}).get("backbone_steps")})}
     parts = bundle.info.get("parts", {})
     folder = bundle.folder
+    backbone_training = folder / parts.get("backbone", "backbone") / "training.json" if folder is not None else None
+    backbone_steps = (json.loads(backbone_training.read_text()).get("step")
+                      if backbone_training is not None and backbone_training.exists() else None)
+    variants = {AR: (None, {"k": 1, "schedule": None, "steps": backbone_steps})}
     if bundle.tensor is not None and folder is not None:
         info = adapter_info(folder / parts["tensor"])
         variants[f"TensorAR k={info['k']}"] = (bundle.tensor, info)
@@ -46,6 +49,8 @@ def tensor_variants(engine, extra: dict[str, str] | None = None) -> dict[str, tu
         path = folder / parts["tensor_control"]
         variants[CONTROL] = (load_tensor_part(path, engine.model, "tensor-control"), adapter_info(path))
     for name, path in (extra or {}).items():
+        if name in variants:
+            raise ValueError(f"{name!r} is already a row of the comparison; give the extra adapter another name")
         path = Path(path).expanduser()
         variants[name] = (load_tensor_part(path, engine.model, name), adapter_info(path))
     return variants
@@ -58,7 +63,7 @@ def draft_codes(engine, model, context: torch.Tensor, seed: int, settings: dict)
     from .refiners.tensor import draft_tensor
 
     sampling = SamplingConfig(temperature=settings.get("temperature", 1.0), top_p=settings.get("top_p", 0.9))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
     states: list = []
     start = time.perf_counter()
     if model is None:
@@ -110,7 +115,9 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
 def markdown(rows: list[dict]) -> list[str]:
     if not rows:
         return []
-    lines = ["", "TensorAR (draft only, no refiner; same examples and seeds for every variant):", "",
+    lines = ["", "TensorAR (draft only, no refiner; same examples and seeds for every variant; the AR draft runs on "
+             "the plain-torch fast path, the adapters on transformers' forward with LoRA hooks, so s/image compares "
+             "implementations as well as methods):", "",
              "| task | draft | k | schedule | training steps | PSNR ↑ | SSIM ↑ | token acc ↑ | s/image |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         steps = r["steps"] if r["steps"] is not None else ""

@@ -108,20 +108,21 @@ class FastLlama:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.num_layers = config.num_hidden_layers
-        self._params = list(model.parameters())
         self._signature = None
         self._refresh()
 
     def _refresh(self) -> None:
-        signature = tuple(p._version for p in self._params)
+        # storage, version counter and dtype of every parameter: in-place updates, `p.data = ...`,
+        # load_state_dict(assign=True) and casts all re-fuse the projections
+        signature = tuple((p.data_ptr(), p._version, p.dtype) for p in self.model.parameters())
         if signature == self._signature:
             return
         inner = self.model.model
-        self.layers = []
+        layers = []                       # built aside, then swapped in: a concurrent call never sees half a list
         with torch.no_grad():
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                self.layers.append((
+                layers.append((
                     layer.input_layernorm.weight,
                     torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
                     attn.o_proj.weight,
@@ -129,6 +130,7 @@ class FastLlama:
                     torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                     mlp.down_proj.weight,
                 ))
+        self.layers = layers
         self._signature = signature
 
     @torch.no_grad()
@@ -137,6 +139,12 @@ class FastLlama:
         self._refresh()
         inner = self.model.model
         cache = past_key_values if past_key_values is not None else FastCache(self.num_layers)
+        if not isinstance(cache, FastCache):
+            raise TypeError(f"FastLlama needs its own FastCache, got {type(cache).__name__} (a cache built by another forward)")
+        if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dim() == 4:
+            raise ValueError("FastLlama takes 4-D attention masks as booleans (True = may attend)")
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            raise ValueError("FastLlama does not implement padding masks; use the transformers forward")
         batch, length = input_ids.shape
         past = cache.get_seq_length()
         x = inner.embed_tokens(input_ids)
@@ -144,7 +152,7 @@ class FastLlama:
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)          # (B, 1, T, d)
         mask, causal = None, False
         if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask.bool()
+            mask = attention_mask
         elif length > 1:
             if past == 0:
                 causal = True
@@ -152,7 +160,7 @@ class FastLlama:
                 mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         half = self.head_dim // 2
-        for (norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down), layer_cache in zip(self.layers, cache.layers):
+        for (norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down), layer_cache in zip(self.layers, cache.layers, strict=True):
             h = F.rms_norm(x, (x.shape[-1],), norm_in, self.eps)
             q, k, v = F.linear(h, w_qkv).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
@@ -175,11 +183,11 @@ class FastLlama:
 
 def fast_runner(model):
     """The model's `FastLlama` (built once and kept on the model), or the model itself when unsupported."""
+    if not supported(model):            # checked every call: a model moved to a GPU goes back to transformers
+        return model
     runner = getattr(model, "_retouch_fast", None)
     if runner is not None:
         return runner
-    if not supported(model):
-        return model
     runner = FastLlama(model)
     object.__setattr__(model, "_retouch_fast", runner)     # not a submodule: no state_dict entry
     return runner

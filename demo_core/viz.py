@@ -372,10 +372,10 @@ def revisions_figure(changed_per_slide: Sequence[int], window: int) -> Figure:
     steps = np.arange(1, len(changed_per_slide) + 1)
     axes.bar(steps, changed_per_slide, color=WINDOW, alpha=0.8, width=0.85)
     axes.set_xlabel("slide (step of the TensorAR draft)")
-    axes.set_ylabel("cells revised")
+    axes.set_ylabel("codes changed")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylim(0, max(1, window - 1) + 0.5)
     total = int(np.sum(changed_per_slide))
-    axes.set_title(f"TensorAR draft: {total} revisions of not-yet-final cells over {len(changed_per_slide)} slides "
+    axes.set_title(f"TensorAR draft: {total} code changes in not-yet-final cells over {len(changed_per_slide)} slides "
                    f"(window k = {window})", fontsize=10)
     return figure

@@ -19,13 +19,17 @@ VARIANTS = {"attention, cosine (default)": ROOT / "assets/retouch-tiny/refiner",
             "attention + query tokens, cosine": ROOT / "runs/vsr-ablation/query"}
 CORE = ("colorization", "inpainting", "edges")
 
-rows = {}
+rows, backbone = {}, None
 for name, folder in VARIANTS.items():
     path = folder / "training.json"
     if not path.exists():
         print(f"skipped {name}: no {path}")
         continue
     report = json.loads(path.read_text())
+    backbone = backbone or report["backbone_sha256"]
+    if report["backbone_sha256"] != backbone:       # drafts of another backbone: not comparable
+        print(f"skipped {name}: trained on another backbone ({report['backbone_sha256'][:12]} vs {backbone[:12]})")
+        continue
     v = report["validation"]
     rows[name] = {"parameters": report["parameters"], "minutes": report["elapsed_minutes"],
                   "token_acc": [v["token_accuracy"]["draft"], v["token_accuracy"]["refined"]],
@@ -33,6 +37,8 @@ for name, folder in VARIANTS.items():
                   "fixed": v["cells_fixed"], "broken": v["cells_broken"],
                   "per_task_acc": {t: [r["token_accuracy"]["draft"], r["token_accuracy"]["refined"]] for t, r in v["per_task"].items()},
                   "overhead": report.get("overhead", {}).get("ratio")}
+if not rows:
+    raise SystemExit("no VSR runs found: train them first (see this script's docstring)")
 out = ROOT / "docs/results"
 out.mkdir(parents=True, exist_ok=True)
 (out / "vsr_ablation.json").write_text(json.dumps(rows, indent=2) + "\n")

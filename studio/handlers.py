@@ -418,7 +418,8 @@ class Studio:
                         yield paced(frame(canvas=view, status=_status(
                             stages, "draft", (event.step + 1) / total,
                             f"TensorAR step {event.step + 1} of {total}: window of {len(event.cells)} cells, "
-                            f"{len(event.changed)} revised; {int(event.final.sum())} final")))
+                            f"{len(event.changed)} revised; {int(event.final.sum())} final (faded cells are not final yet; "
+                            f"their number counts how often each was predicted)")))
                 elif isinstance(event, TokensWritten):
                     if event.canvas is not None and not tensor_draft:   # TensorAR's frames came with WindowSlid
                         view = viz.canvas_view(event.canvas, event.written, current_cell=event.cell)
@@ -541,8 +542,6 @@ class Studio:
             changed = [len(slide.changed) for slide in result.slides]
             window = max(len(slide.cells) for slide in result.slides)
             tensor_plot = gr.update(value=viz.revisions_figure(changed, window), visible=True)
-            timeline_text += (f"\n\nTensorAR draft: the window of {window} cells slid {len(changed)} times and "
-                              f"revised not-yet-final cells {sum(changed)} times (cells whose code changed before it became final).")
         metrics_note = ("Metrics compare each stage with the ground truth you gave." if truth_image is not None else
                         "Add a ground-truth answer (the optional image under the query) to see PSNR, SSIM, LPIPS, "
                         "token accuracy and the per-token cosine-distance curve.")

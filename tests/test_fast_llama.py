@@ -85,3 +85,24 @@ def test_runner_follows_weight_changes_and_falls_back_when_unsupported(tiny_mode
     assert not torch.allclose(before, after) and torch.allclose(after, hf_logits(model, ids, positions), atol=1e-5)
     model.config.hidden_act = "gelu"
     assert not supported(model)
+
+
+def test_runner_refuses_foreign_caches_and_masks_and_sees_assigned_weights(tiny_model):
+    import copy
+
+    from transformers.cache_utils import DynamicCache
+
+    model = copy.deepcopy(tiny_model)
+    runner = FastLlama(model)
+    ids, positions = torch.randint(0, 30, (1, 6)), torch.arange(6)[None]
+    with pytest.raises(TypeError, match="FastCache"):
+        runner(ids, positions, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="padding"):
+        runner(ids, positions, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="booleans"):
+        runner(ids, positions, attention_mask=torch.zeros(1, 1, 6, 6))
+    before = runner(ids, positions).logits
+    state = {k: v * 1.5 if k.endswith("o_proj.weight") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)                     # new tensors, fresh version counters
+    after = runner(ids, positions).logits
+    assert not torch.allclose(before, after) and torch.allclose(after, hf_logits(model, ids, positions), atol=1e-5)

@@ -151,7 +151,6 @@ def test_tensor_draft_shows_the_sliding_window(images, tmp_path):
     assert 'data-state="done"' in frames[-1]["status"]
     plot = frames[-1]["tensor_plot"]                              # the timeline's revisions-per-slide plot
     assert plot["visible"] is True and plot["value"] is not None
-    assert "TensorAR draft: the window of 4 cells slid 16 times" in frames[-1]["timeline_text"]
     with pytest.raises(gr.Error, match="cannot draft"):
         next(studio.generate(pairs=[(images["x1"], images["y1"])], query=images["query"], draft_mode="diffusion"))
 

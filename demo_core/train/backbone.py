@@ -261,7 +261,7 @@ def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m demo_core.train backbone", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4500)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
