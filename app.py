@@ -98,7 +98,7 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
 
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                     draft_mode = gr.Radio([(DRAFT_MODES.get(m, m), m) for m in modes], value="ar", label="Draft",
-                                          visible=len(modes) > 1)
+                                          visible=len(modes) > 1, elem_id="draft-mode")
                     refiners = gr.Radio(refiner_choices(available), value=default_refiner(available),
                                         label="Refiners after the draft, in order")
                     with gr.Row():

@@ -2,7 +2,8 @@
 
 Serves app.py's page in this process, drives it in headless Debian Chromium (Playwright) and
 writes small PNGs to docs/screenshots/: studio.png (whole page mid-generation), live.png,
-quality.png, timeline.png, before_after.png, metrics.png.
+quality.png, timeline.png, before_after.png, metrics.png; with a TensorAR part also
+tensor_live.png (the sliding window mid-draft) and tensor_timeline.png (revisions per slide).
 
     python scripts/screenshots.py [--bundle FOLDER] [--example colorization] [--out docs/screenshots]
 
@@ -129,6 +130,24 @@ def main(argv=None) -> int:
                     set_number(page, "timeline-slider", 2)
                     page.wait_for_timeout(700)
                 page.locator("#outputs").screenshot(path=args.out / f"{name}.png")
+
+            # 4. TensorAR, when the model has it: the sliding window mid-draft, then its revisions per slide
+            page.get_by_role("tab", name="Live").click()
+            page.locator("#advanced").get_by_text("Advanced").first.click()
+            if page.locator("#draft-mode").is_visible():
+                page.locator("#draft-mode").get_by_text("TensorAR").click()
+                set_number(page, "pace", 250)
+                page.locator("#advanced").get_by_text("Advanced").first.click()
+                page.click("#generate")
+                page.wait_for_function(
+                    "() => { const s = document.querySelector('#status .rt-status');"
+                    " return s && s.dataset.state === 'running' && /TensorAR step [2-9][0-9]/.test(s.textContent); }",
+                    timeout=timeout_ms)
+                page.locator("#outputs").screenshot(path=args.out / "tensor_live.png")
+                page.wait_for_selector(DONE, state="attached", timeout=timeout_ms)
+                page.get_by_role("tab", name="Timeline").click()
+                page.wait_for_timeout(900)
+                page.locator("#outputs").screenshot(path=args.out / "tensor_timeline.png")
             browser.close()
     finally:
         demo.close()
