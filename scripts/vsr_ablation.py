@@ -6,6 +6,8 @@ The runs (each reuses the cached drafts in runs/refiner/, a few minutes each):
     python -m demo_core.train refiner --kind mlp --out runs/vsr-ablation/mlp
     python -m demo_core.train refiner --kind conv --out runs/vsr-ablation/conv
     python -m demo_core.train refiner --with-query --out runs/vsr-ablation/query
+    python -m demo_core.train refiner --loss ce --out runs/vsr-ablation/ce
+    python -m demo_core.train refiner --epochs 10 --out runs/vsr-ablation/e10
 Figures are the trainer's validation (the same validation drafts for every variant).
 """
 import json
@@ -16,7 +18,9 @@ VARIANTS = {"attention, cosine (default)": ROOT / "assets/retouch-tiny/refiner",
             "attention, L2 loss": ROOT / "runs/vsr-ablation/l2",
             "MLP mixer, cosine": ROOT / "runs/vsr-ablation/mlp",
             "1D conv, cosine": ROOT / "runs/vsr-ablation/conv",
-            "attention + query tokens, cosine": ROOT / "runs/vsr-ablation/query"}
+            "attention + query tokens, cosine": ROOT / "runs/vsr-ablation/query",
+            "attention, cross-entropy over codes": ROOT / "runs/vsr-ablation/ce",
+            "attention, cosine, 10 epochs": ROOT / "runs/vsr-ablation/e10"}
 CORE = ("colorization", "inpainting", "edges")
 
 rows, backbone = {}, None

@@ -144,6 +144,7 @@ def wide_lvm_bundle(folder):
 @pytest.mark.parametrize("make, overrides", [
     (build_tiny_bundle, {}),
     (wide_lvm_bundle, dict(drafts=12, loss="l2", kind="conv", with_query=True)),
+    (build_tiny_bundle, dict(loss="ce", kind="mlp")),
 ])
 def test_trainer_lowers_its_loss_and_leaves_the_backbone_bit_identical(tmp_path, make, overrides):
     bundle = load_bundle(make(tmp_path / "b"))

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..backbone import SamplingConfig, draft_scan
@@ -42,7 +43,8 @@ from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from .backbone import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, setup_logging, write_json
 
-LOSSES = ("cosine", "l2")
+LOSSES = ("cosine", "l2", "ce")
+CE_TEMPERATURE = 0.1            # --loss ce: softmax over cosine similarities to every code embedding / tau
 VALIDATION_SEED = 1234          # the validation drafts stay the same whatever --seed is
 
 
@@ -163,10 +165,16 @@ def load_or_make_drafts(bundle, recipe: DraftRecipe, count: int, run_dir: Path, 
 
 # -- g_phi training ------------------------------------------------------------------------------
 
-def refiner_loss(refined: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean over tokens of the cosine distance (Eq. 4) or of the squared L2 distance (Table 6)."""
+def refiner_loss(refined: torch.Tensor, target: torch.Tensor, loss: str, table: torch.Tensor | None = None,
+                 answer: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens of the cosine distance (Eq. 4), of the squared L2 distance (Table 6), or (beyond the
+    paper, "ce") the cross-entropy of the ground-truth code under a softmax of cosine similarities to every
+    code embedding: the nearest-code decoding's own argmax, trained directly."""
     if loss == "cosine":
         return cosine_distance(refined, target).mean()
+    if loss == "ce":
+        logits = F.normalize(refined.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T / CE_TEMPERATURE
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer.reshape(-1).to(logits.device))
     return (refined.float() - target.float()).pow(2).sum(-1).mean()
 
 
@@ -188,7 +196,7 @@ def evaluate(refiner: SelfRefiner, bundle, drafts: dict, loss: str, batch: int =
     losses, rows = [], {key: [] for key in ("hit_draft", "hit_refined", "cos_draft", "cos_embedding", "cos_refined")}
     for index in torch.arange(len(drafts["tasks"])).split(batch):
         refined, target = refine_batch(refiner, table, drafts, index)
-        losses.append(refiner_loss(refined, target, loss).item() * len(index))
+        losses.append(refiner_loss(refined, target, loss, table, drafts["answer"][index]).item() * len(index))
         query_codes = drafts["query"][index] if refiner.with_query else None
         codes = self_refine(refiner, bundle.backbone, vocab, drafts["draft"][index], query_codes)   # the production path
         answer, draft = drafts["answer"][index], drafts["draft"][index]
@@ -283,7 +291,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
         total = 0.0
         for step, index in enumerate(torch.randperm(len(train["tasks"]), generator=order).split(config.batch)):
             refined, target = refine_batch(refiner, table, train, index)
-            loss = refiner_loss(refined, target, config.loss)
+            loss = refiner_loss(refined, target, config.loss, table, train["answer"][index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -349,7 +357,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--loss", choices=LOSSES, default=defaults.loss, help="cosine (Eq. 4) or l2 (Table 6)")
+    parser.add_argument("--loss", choices=LOSSES, default=defaults.loss, help="cosine (Eq. 4), l2 (Table 6) or ce (cross-entropy over codes)")
     parser.add_argument("--kind", choices=KINDS, default=defaults.kind, help="g_phi's token mixer (Table 7)")
     parser.add_argument("--with-query", action="store_true", help="g_phi also sees the query image's tokens")
     parser.add_argument("--heads", type=int, default=defaults.heads)
