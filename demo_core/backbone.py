@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from .fast_llama import fast_runner, unchanged_prefix
+from .fast_llama import KVBuffer, fast_runner
 from .sequence import Vocab, answer_positions
 
 
@@ -112,7 +112,7 @@ class DraftState:
 
 
 class GrowingLayer:
-    """A KV-cache layer that writes into a preallocated buffer (grown by doubling) and hands out views.
+    """A transformers KV-cache layer over `fast_llama.KVBuffer` (preallocated, grown by doubling), handing out views.
 
     transformers' DynamicLayer `torch.cat`s the whole cache on every step: O(length) copies per
     token, a quarter of the draft's time for the default model. Here a step writes only its new
@@ -141,54 +141,31 @@ class GrowingLayer:
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.key_buffer = self.value_buffer = None
-        self.length = 0
+        self.buffer = KVBuffer()                 # the fast path's buffer; this class only adapts it to transformers
         self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
         self.is_initialized = True
 
-    def _ensure(self, needed: int, like_k, like_v):
-        if self.key_buffer is not None and needed <= self.key_buffer.shape[-2]:
-            return
-        capacity = max(256, 1 << (needed - 1).bit_length())
-        batch, heads, _, dim_k = like_k.shape
-        new_k = like_k.new_empty(batch, heads, capacity, dim_k)
-        new_v = like_v.new_empty(batch, heads, capacity, like_v.shape[-1])
-        if self.length:
-            new_k[..., : self.length, :] = self.key_buffer[..., : self.length, :]
-            new_v[..., : self.length, :] = self.value_buffer[..., : self.length, :]
-        self.key_buffer, self.value_buffer = new_k, new_v
-
     def _views(self):
-        self.keys = self.key_buffer[..., : self.length, :]
-        self.values = self.value_buffer[..., : self.length, :]
+        length = self.buffer.length
+        self.keys = self.buffer.key_buffer[..., :length, :]
+        self.values = self.buffer.value_buffer[..., :length, :]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        self._ensure(end, key_states, value_states)
-        self.key_buffer[..., self.length:end, :] = key_states
-        self.value_buffer[..., self.length:end, :] = value_states
-        self.length = end
-        self._views()
+        self.keys, self.values = self.buffer.update(key_states, value_states)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self.length if self.is_initialized else 0
+        return self.buffer.length if self.is_initialized else 0
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only sequence positions `index` (sorted), compacted to the front."""
-        start = unchanged_prefix(index)          # SCAN keeps the whole committed prefix: move only the tail
-        kept_k = self.key_buffer[..., : self.length, :].index_select(-2, index[start:])
-        kept_v = self.value_buffer[..., : self.length, :].index_select(-2, index[start:])
-        self.length = int(index.numel())
-        self.key_buffer[..., start: self.length, :] = kept_k
-        self.value_buffer[..., start: self.length, :] = kept_v
+        self.buffer.keep(index)
         self._views()
 
     def select_batch(self, row: int) -> None:
-        self.key_buffer = self.key_buffer[row:row + 1].clone()
-        self.value_buffer = self.value_buffer[row:row + 1].clone()
+        self.buffer.select_batch(row)
         self._views()
 
 

@@ -55,18 +55,23 @@ def run_stages(engine, example: Example, labels: list[str], seed: int, **setting
     return outputs
 
 
-@torch.no_grad()
-def truth_statistics(engine, example: Example) -> tuple[np.ndarray, float]:
-    """Ground-truth answer tokens and their perplexity under the backbone (teacher forced, raster)."""
-    from .backbone import score_answer
+def encode_example(engine, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """One VQ encode of an example: its in-context prompt [x1, y1, ..., xK, yK, xq] and the answer's tokens (N,)."""
     from .sequence import context_tokens
 
     images = [float_to_pil(im) for pair in example.pairs for im in pair] + [float_to_pil(example.query), float_to_pil(example.answer)]
     codes = engine.encode(images)
-    truth = codes[-1]
+    return context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(len(example.pairs))], codes[-2]), codes[-1]
+
+
+@torch.no_grad()
+def truth_statistics(engine, example: Example) -> tuple[np.ndarray, float]:
+    """Ground-truth answer tokens and their perplexity under the backbone (teacher forced, raster)."""
+    from .backbone import score_answer
+
+    context, truth = encode_example(engine, example)
     if engine.bundle.sequence_format != "scan":
         return truth.numpy(), float("nan")
-    context = context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(len(example.pairs))], codes[-2])
     gen, _, _ = score_answer(engine.model, engine.vocab, context, truth[None])
     log_probs = torch.log_softmax(gen[0].float(), -1).gather(1, truth.to(gen.device)[:, None]).squeeze(1)
     return truth.numpy(), float(torch.exp(-log_probs.mean()))

@@ -80,7 +80,7 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
     """Per task and variant: PSNR, SSIM, token accuracy and seconds of the draft, on the same examples and seeds."""
     from tqdm import tqdm
 
-    from .eval import truth_statistics
+    from .eval import encode_example
     from .metrics import psnr, ssim, token_accuracy
 
     rows = []
@@ -90,10 +90,9 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
         values = {name: {"psnr": [], "ssim": [], "acc": [], "time": []} for name in variants}
         for index in range(n):
             example = sampler.sample(task=task, k=pairs)
-            truth, _ = truth_statistics(engine, example)
+            context, truth = encode_example(engine, example)       # no perplexity pass: the drafts need only these
+            truth = truth.numpy()
             target = pil_to_float(float_to_pil(example.answer))
-            context, _ = engine.build_context([(float_to_pil(x), float_to_pil(y)) for x, y in example.pairs],
-                                              float_to_pil(example.query))
             for name, (model, _) in variants.items():
                 codes, seconds = draft_codes(engine, model, context, seed + index, settings)
                 image = pil_to_float(engine.decode(codes))
