@@ -24,11 +24,17 @@ CONTROL = "control (k=1, same steps)"
 
 
 def adapter_info(folder: Path) -> dict:
-    """k, schedule and training steps of an adapter folder (from its config.json and training.json)."""
+    """k, noise, schedule and training steps of an adapter folder (from its config.json and training.json).
+
+    Runs from before `--noise` existed trained with the paper's uniform noise; k = 1 has no noise at all.
+    """
     config = json.loads((folder / "config.json").read_text())
     training = folder / "training.json"
-    steps = json.loads(training.read_text()).get("step") if training.exists() else None
-    return {"k": int(config.get("k", 1)), "schedule": config.get("schedule"), "steps": steps}
+    report = json.loads(training.read_text()) if training.exists() else {}
+    k = int(config.get("k", 1))
+    noise = report.get("config", {}).get("noise", "uniform") if k > 1 else None
+    return {"k": k, "noise": noise, "schedule": config.get("schedule") if noise == "uniform" else None,
+            "steps": report.get("step")}
 
 
 def tensor_variants(engine, extra: dict[str, str] | None = None) -> dict[str, tuple]:
@@ -41,7 +47,7 @@ def tensor_variants(engine, extra: dict[str, str] | None = None) -> dict[str, tu
     backbone_training = folder / parts.get("backbone", "backbone") / "training.json" if folder is not None else None
     backbone_steps = (json.loads(backbone_training.read_text()).get("step")
                       if backbone_training is not None and backbone_training.exists() else None)
-    variants = {AR: (None, {"k": 1, "schedule": None, "steps": backbone_steps})}
+    variants = {AR: (None, {"k": 1, "noise": None, "schedule": None, "steps": backbone_steps})}
     if bundle.tensor is not None and folder is not None:
         info = adapter_info(folder / parts["tensor"])
         variants[f"TensorAR k={info['k']}"] = (bundle.tensor, info)
@@ -104,7 +110,8 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
                 bar.update(1)
         for name, value in values.items():
             info = variants[name][1]
-            rows.append({"task": task, "variant": name, "k": info["k"], "schedule": info["schedule"], "steps": info["steps"],
+            rows.append({"task": task, "variant": name, "k": info["k"], "noise": info.get("noise"),
+                         "schedule": info["schedule"], "steps": info["steps"],
                          "psnr": float(np.mean(value["psnr"])), "ssim": float(np.mean(value["ssim"])),
                          "token_acc": float(np.mean(value["acc"])), "seconds": float(np.mean(value["time"]))})
     bar.close()
@@ -117,10 +124,11 @@ def markdown(rows: list[dict]) -> list[str]:
     lines = ["", "TensorAR (draft only, no refiner; same examples and seeds for every variant; the AR draft runs on "
              "the plain-torch fast path, the adapters on transformers' forward with LoRA hooks, so s/image compares "
              "implementations as well as methods):", "",
-             "| task | draft | k | schedule | training steps | PSNR ↑ | SSIM ↑ | token acc ↑ | s/image |", "|---|---|---|---|---|---|---|---|---|"]
+             "| task | draft | k | noise | training steps | PSNR ↑ | SSIM ↑ | token acc ↑ | s/image |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         steps = r["steps"] if r["steps"] is not None else ""
-        lines.append(f"| {r['task']} | {r['variant']} | {r['k']} | {r['schedule'] or ''} | {steps} | {r['psnr']:.2f} | "
+        noise = {"self": "own drafts", "uniform": f"uniform, {r.get('schedule')} β"}.get(r.get("noise"), "")
+        lines.append(f"| {r['task']} | {r['variant']} | {r['k']} | {noise} | {steps} | {r['psnr']:.2f} | "
                      f"{r['ssim']:.3f} | {r['token_acc']:.3f} | {r['seconds']:.2f} |")
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     by = {(r["task"], r["variant"]): r for r in rows}

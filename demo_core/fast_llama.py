@@ -11,9 +11,19 @@ signature the loops use: `runner(input_ids=, position_ids=, past_key_values=, at
 logits_to_keep=)` -> `.logits`, `.past_key_values`. `fast_runner(model)` returns the model
 itself when its config is outside what this path implements (LVM-7B on a GPU keeps HF's path).
 Tests check its logits against transformers' for prefill, steps and SCAN's 4-D masks.
+
+Precision: on a CPU with native bfloat16 matmuls (AVX512-BF16/AMX, `bf16_supported()`), the
+fused copies of a float32 model are kept in bfloat16 and the forward computes in bfloat16,
+returning float32 logits. A decoding step multiplies a 2-token activation by every weight, so it
+is bound by reading ~14 MB of float32 weights that do not stay in cache; half the bytes (and the
+oneDNN bf16 kernels) make a step ~2x faster here (`python -m demo_core bench` reports it). The
+model's own float32 weights are untouched (training, VSR and transformers' path use them).
+RETOUCH_FAST_DTYPE=float32 (or bfloat16) overrides the choice; the test suite pins float32 so
+its comparisons with transformers stay exact, and checks the bfloat16 path separately.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -97,11 +107,37 @@ def supported(model) -> bool:
             and next(model.parameters()).device.type == "cpu")
 
 
-class FastLlama:
-    """Runs a `LlamaForCausalLM`'s weights with fused projections (see the module docstring)."""
+def bf16_supported() -> bool:
+    """True on CPUs whose oneDNN has native bfloat16 matmuls (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "AVX512" in torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return False
 
-    def __init__(self, model):
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype `fast_runner` computes in for `model`: RETOUCH_FAST_DTYPE, else bfloat16 for a float32 model on a
+    bf16-capable CPU, else the model's own dtype."""
+    own = next(model.parameters()).dtype
+    wanted = os.environ.get("RETOUCH_FAST_DTYPE", "auto").strip().lower()
+    if wanted in ("float32", "fp32"):
+        return torch.float32
+    if wanted in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if wanted not in ("", "auto"):
+        raise ValueError(f"RETOUCH_FAST_DTYPE must be auto, float32 or bfloat16, not {wanted!r}")
+    return torch.bfloat16 if own == torch.float32 and bf16_supported() else own
+
+
+class FastLlama:
+    """Runs a `LlamaForCausalLM`'s weights with fused projections (see the module docstring).
+
+    `dtype` is the compute dtype (default: the model's); the fused weights are kept in it.
+    """
+
+    def __init__(self, model, dtype: torch.dtype | None = None):
         self.model = model
+        self.dtype = dtype or next(model.parameters()).dtype
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -109,28 +145,34 @@ class FastLlama:
         self.eps = config.rms_norm_eps
         self.num_layers = config.num_hidden_layers
         self._signature = None
+        # the modules that hold parameters, found once (walking the module tree costs ~0.25 ms a call); their
+        # `_parameters` dicts are read on every call, so replaced Parameters (load_state_dict(assign=True)) are seen
+        self._owners = [module for module in model.modules() if module._parameters]
         self._refresh()
 
     def _refresh(self) -> None:
         # storage, version counter and dtype of every parameter: in-place updates, `p.data = ...`,
         # load_state_dict(assign=True) and casts all re-fuse the projections
-        signature = tuple((p.data_ptr(), p._version, p.dtype) for p in self.model.parameters())
+        signature = tuple((p.data_ptr(), p._version, p.dtype) for module in self._owners
+                          for p in module._parameters.values() if p is not None)
         if signature == self._signature:
             return
         inner = self.model.model
         layers = []                       # built aside, then swapped in: a concurrent call never sees half a list
+        dtype = self.dtype
         with torch.no_grad():
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                layers.append((
+                layers.append(tuple(w.to(dtype) for w in (
                     layer.input_layernorm.weight,
                     torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
                     attn.o_proj.weight,
                     layer.post_attention_layernorm.weight,
                     torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                     mlp.down_proj.weight,
-                ))
-        self.layers = layers
+                )))
+            head = (inner.norm.weight.to(dtype), self.model.lm_head.weight.to(dtype))
+        self.layers, self.head = layers, head
         self._signature = signature
 
     @torch.no_grad()
@@ -147,7 +189,7 @@ class FastLlama:
             raise ValueError("FastLlama does not implement padding masks; use the transformers forward")
         batch, length = input_ids.shape
         past = cache.get_seq_length()
-        x = inner.embed_tokens(input_ids)
+        x = inner.embed_tokens(input_ids).to(self.dtype)
         cos, sin = inner.rotary_emb(x, position_ids)
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)          # (B, 1, T, d)
         mask, causal = None, False
@@ -177,17 +219,22 @@ class FastLlama:
             x = x + F.linear(F.silu(gate) * up, w_down)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        x = inner.norm(x)
-        return FastOutput(self.model.lm_head(x), cache)
+        norm, head = self.head
+        logits = F.linear(F.rms_norm(x, (x.shape[-1],), norm, inner.norm.variance_epsilon), head)
+        return FastOutput(logits.to(self.model.lm_head.weight.dtype), cache)
 
 
 def fast_runner(model):
-    """The model's `FastLlama` (built once and kept on the model), or the model itself when unsupported."""
+    """The model's `FastLlama` (built once and kept on the model), or the model itself when unsupported.
+
+    Its compute dtype is `compute_dtype(model)`; a change (of the model's dtype or RETOUCH_FAST_DTYPE) builds a new one.
+    """
     if not supported(model):            # checked every call: a model moved to a GPU goes back to transformers
         return model
+    dtype = compute_dtype(model)
     runner = getattr(model, "_retouch_fast", None)
-    if runner is not None:
+    if runner is not None and runner.dtype == dtype:
         return runner
-    runner = FastLlama(model)
+    runner = FastLlama(model, dtype)
     object.__setattr__(model, "_retouch_fast", runner)     # not a submodule: no state_dict entry
     return runner

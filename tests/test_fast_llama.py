@@ -106,3 +106,30 @@ def test_runner_refuses_foreign_caches_and_masks_and_sees_assigned_weights(tiny_
     model.load_state_dict(state, assign=True)                     # new tensors, fresh version counters
     after = runner(ids, positions).logits
     assert not torch.allclose(before, after) and torch.allclose(after, hf_logits(model, ids, positions), atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_stays_close(tiny_model, monkeypatch):
+    """The CPU fast path: bf16 copies of the fused weights, float32 logits near the float32 forward's."""
+    import copy
+
+    from demo_core.fast_llama import compute_dtype
+
+    model = copy.deepcopy(tiny_model)
+    ids, positions = torch.randint(0, 30, (2, 24)), torch.arange(24)[None].repeat(2, 1)
+    reference = hf_logits(model, ids, positions)
+    runner = FastLlama(model, torch.bfloat16)
+    out = runner(ids[:, :20], positions[:, :20])
+    step = runner(ids[:, 20:], positions[:, 20:], past_key_values=out.past_key_values)
+    logits = torch.cat([out.logits, step.logits], 1)
+    assert logits.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert runner.layers[0][1].dtype == torch.bfloat16 and out.past_key_values.layers[0].key_buffer.dtype == torch.bfloat16
+    scale = reference.abs().max()
+    assert (logits - reference).abs().max() < 0.05 * scale
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+    monkeypatch.setenv("RETOUCH_FAST_DTYPE", "bfloat16")
+    assert compute_dtype(model) == torch.bfloat16 and fast_runner(model).dtype == torch.bfloat16
+    monkeypatch.setenv("RETOUCH_FAST_DTYPE", "float32")
+    assert compute_dtype(model) == torch.float32 and fast_runner(model).dtype == torch.float32   # rebuilt on change
+    monkeypatch.setenv("RETOUCH_FAST_DTYPE", "half-ish")
+    with pytest.raises(ValueError, match="RETOUCH_FAST_DTYPE"):
+        compute_dtype(model)

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 from demo_core.backbone import SamplingConfig
 from demo_core.bundle import BundleError, load_bundle
 from demo_core.refiners.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_noise, answer_windows, attach,
-                                       draft_raster, draft_tensor, load_tensor_part, noise_schedule, teacher_forced_logits)
+                                       draft_raster, draft_tensor, load_tensor_part, noise_schedule, self_draft_windows,
+                                       teacher_forced_logits)
 from demo_core.testing import build_tiny_bundle, tiny_parts
 from demo_core.train import tensor as trainer
 from demo_core.train.refiner import state_fingerprint
@@ -204,6 +205,32 @@ def test_adapter_must_fit_the_backbone(parts):
         TensorAR(backbone, adapter)
 
 
+def test_self_draft_noise_fills_the_overlapped_slots_with_the_models_own_greedy_drafts(parts):
+    _, backbone, vocab = parts
+    model = wrapper(backbone, vocab, k=3, seed=4)
+    context, answer = context_of(vocab, batch=2), context_of(vocab, images=1, seed=5, batch=2)
+    windows, valid = answer_windows(answer, 3)
+    windows, valid = windows[:, :-1], valid[:, :-1]
+    noisy = self_draft_windows(model, context, windows, valid, SamplingConfig(temperature=0.0))
+    assert torch.equal(noisy[..., 0], windows[..., 0])                  # the front is the final token, untouched
+    assert torch.equal(noisy[~valid], windows[~valid])                  # padding stays padding
+    # slot j of window a is what the model predicts for cell a + j when it sees only the fronts (no drafts)
+    front_only = valid & (torch.arange(3) == 0)
+    logits = teacher_forced_logits(model, context, windows, front_only)[..., : vocab.codebook_size]
+    expected = logits[:, : windows.shape[1], 1:].argmax(-1)
+    assert torch.equal(noisy[..., 1:][valid[..., 1:]], expected[valid[..., 1:]])
+    # those drafts do not depend on the ground truth in slots >= 1
+    scrambled = windows.clone()
+    scrambled[..., 1:] = (scrambled[..., 1:] + 1) % vocab.codebook_size
+    assert torch.equal(self_draft_windows(model, context, scrambled, valid, SamplingConfig(temperature=0.0))[..., 1:],
+                       noisy[..., 1:].where(valid[..., 1:], scrambled[..., 1:]))
+    one = wrapper(backbone, vocab, k=1, seed=4)
+    assert self_draft_windows(one, context, answer[:, :-1, None], torch.ones_like(answer[:, :-1, None], dtype=torch.bool),
+                              SamplingConfig()) is not None
+    model.remove_hooks()
+    one.remove_hooks()
+
+
 # -- training --------------------------------------------------------------------------------------------
 
 def test_training_steps_lower_the_loss_and_leave_the_backbone_bit_identical(parts):
@@ -218,7 +245,7 @@ def test_training_steps_lower_the_loss_and_leave_the_backbone_bit_identical(part
 
     def loss():
         with torch.no_grad():
-            return trainer.tensor_loss(model, *trainer.build_batch(model.adapter, context, answer, None, noise=False))[0].item()
+            return trainer.tensor_loss(model, *trainer.build_batch(model, context, answer, None, noise="none"))[0].item()
 
     before = loss()
     logs = [trainer.train_step(model, optimizer, context, answer, generator) for _ in range(12)]
@@ -232,7 +259,7 @@ def test_loss_ignores_padding_and_sums_the_slots(parts):
     _, backbone, vocab = parts
     model = wrapper(backbone, vocab, k=4, seed=6)
     context, answer = context_of(vocab, batch=2), context_of(vocab, images=1, seed=3, batch=2)
-    _, windows, valid, targets = trainer.build_batch(model.adapter, context, answer, None, noise=False)
+    _, windows, valid, targets = trainer.build_batch(model, context, answer, None, noise="none")
     assert windows.shape == (2, vocab.cells - 1, 4) and targets.shape == (2, vocab.cells, 4)
     assert (targets[:, -1, 1:] == -100).all() and torch.equal(targets[:, :, 0], answer)
     total, per_slot, _ = trainer.tensor_loss(model, context, windows, valid, targets)
@@ -248,7 +275,7 @@ def test_main_trains_exports_lists_and_resumes(tmp_path, control):
     folder = build_tiny_bundle(tmp_path / "bundle")
     run_dir = tmp_path / "run"
     common = ["--bundle", str(folder), "--run-dir", str(run_dir), "--batch", "2", "--heads", "4", "--val-examples", "3",
-              "--validate-every", "1"] + (["--control"] if control else ["--k", "3", "--schedule", "sine"])
+              "--validate-every", "1"] + (["--control"] if control else ["--k", "3", "--schedule", "sine", "--noise", "uniform"])
     assert trainer.main(common + ["--steps", "1"]) == 0
     name = "tensor-control" if control else "tensor"
     info = json.loads((folder / "bundle.json").read_text())

@@ -106,10 +106,10 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
         new = len(tokens)
         mask = torch.zeros(1, 1, new, past + new, dtype=torch.bool, device=device)
         mask[..., :past] = True
-        for i in range(new):
-            mask[0, 0, i, past + i] = True
-        for j in range(len(pending)):                 # y'_n also sees its own <at_n>
-            mask[0, 0, 2 * j + 1, past + 2 * j] = True
+        diagonal = torch.arange(new, device=device)
+        mask[0, 0, diagonal, past + diagonal] = True                       # each new token sees itself
+        pairs = torch.arange(len(pending), device=device)
+        mask[0, 0, 2 * pairs + 1, past + 2 * pairs] = True                 # y'_n also sees its own <at_n>
         out = runner(input_ids=torch.tensor([tokens], device=device), position_ids=torch.tensor([positions], device=device),
                     past_key_values=cache, use_cache=True, attention_mask=mask)
         logits = out.logits[0]

@@ -4,9 +4,13 @@
     nohup nice -n 5 python -m demo_core.train tensor --control > runs/tensor-control.out 2>&1 &
 
 Every example is [x1, y1, ..., xK, yK, xq] (K in 1..3, the bundle's tasks) followed by the answer
-in LVM raster format. The input at answer index a is the window [y_a .. y_{a+k-1}] with discrete
-tensor noise: slot j replaced by a uniform random code with probability beta(j) (exponential
-schedule by default; beta(0) = 0, beta(k-1) = 1). Each output predicts the next window; the loss
+in LVM raster format. The input at answer index a is the window [y_a .. y_{a+k-1}] with tensor
+noise on the overlapped slots j >= 1: `--noise self` (default) puts the model's own drafts there
+(`self_draft_windows`, one extra no-grad pass per step, sampled like the studio: T = 1, top-p 0.9);
+`--noise uniform` is the paper's discrete noise, slot j replaced by a uniform random code with
+probability beta(j) (`--schedule`, exponential by default; beta(0) = 0, beta(k-1) = 1). The
+uniform noise is what the first default was trained with; its drafts copied themselves (see
+docs/training.md). Each output predicts the next window; the loss
 is the cross-entropy summed over the k slots (each slot averaged over its valid positions),
 padding past the answer's end ignored. Only the adapter trains; the backbone is checked
 bit-identical at every export.
@@ -35,7 +39,7 @@ from tqdm import tqdm
 
 from ..backbone import SamplingConfig
 from ..refiners.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_noise, answer_windows,
-                               draft_tensor, parameter_count, teacher_forced_logits)
+                               draft_tensor, parameter_count, self_draft_windows, teacher_forced_logits)
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from .backbone import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
@@ -51,6 +55,8 @@ class TensorTrainConfig:
     k: int = 4                      # window size (paper default 4; 1 = plain AR)
     schedule: str = "exponential"   # beta(j): exponential, linear, sine, sqrt
     schedule_rate: float = 3.0      # exponential only: beta = (e^(rate u) - 1) / (e^rate - 1)
+    noise: str = "self"             # self: the model's own drafts in slots >= 1; uniform: the paper's beta(j) noise
+    noise_top_p: float = 0.9        # self noise: drafts sampled at temperature 1 with this top-p (the studio's default)
     control: bool = False           # the paper's control: k = 1, LoRA only, same steps
     steps: int = 2000
     batch: int = 16                 # the backbone trainer's batch
@@ -73,19 +79,30 @@ class TensorTrainConfig:
 
 # -- batches and loss ----------------------------------------------------------------------------------
 
-def build_batch(adapter: TensorAdapter, context: torch.Tensor, answer: torch.Tensor, generator: torch.Generator | None,
-                noise: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+NOISES = ("self", "uniform", "none")
+
+
+def build_batch(model: TensorAR, context: torch.Tensor, answer: torch.Tensor, generator: torch.Generator | None,
+                noise: str = "self", top_p: float = 0.9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """context (B, L), answer (B, N) -> context, input windows (B, N-1, k) noised, their valid mask, targets (B, N, k).
 
     Window w (answer index a = w) is [y_a .. y_{a+k-1}]; the last answer token is never an input.
     targets[:, s, j] = y_{s+j} (output s predicts the window over cells s .. s+k-1), -100 past the end.
     """
+    if noise not in NOISES:
+        raise ValueError(f"unknown tensor noise {noise!r}; choose from {', '.join(NOISES)}")
+    adapter = model.adapter
     k = adapter.k
     windows, valid = answer_windows(answer, k)                                         # (B, N, k)
     targets = windows.masked_fill(~valid, -100)
     windows, valid = windows[:, :-1], valid[:, :-1]
-    if noise and k > 1:
+    if noise == "uniform" and k > 1:
         windows = add_tensor_noise(windows, valid, adapter.beta(), adapter.codebook_size, generator)
+    elif noise == "self" and k > 1:
+        was_training = adapter.training
+        adapter.eval()
+        windows = self_draft_windows(model, context, windows, valid, SamplingConfig(temperature=1.0, top_p=top_p), generator)
+        adapter.train(was_training)
     return context, windows, valid, targets
 
 
@@ -119,7 +136,7 @@ class TensorValidation:
             self.groups.append(([e.task for e in examples], context, answer))
 
     @torch.no_grad()
-    def evaluate(self, model: TensorAR) -> dict:
+    def evaluate(self, model: TensorAR, noise: str = "self") -> dict:
         """Teacher-forced loss/accuracy per slot (clean and noised windows) and greedy sliding drafts (first vs final)."""
         greedy = SamplingConfig(temperature=0.0)
         generator = torch.Generator().manual_seed(0)
@@ -129,11 +146,11 @@ class TensorValidation:
         for tasks, context, answer in self.groups:
             device = model.device
             context, answer = context.to(device), answer.to(device)
-            batch = build_batch(model.adapter, context, answer, generator, noise=True)
+            batch = build_batch(model, context, answer, generator, noise=noise)
             _, per_slot, accuracy = tensor_loss(model, *batch)
             slot_loss.append(per_slot)
             slot_acc.append(accuracy)
-            slot_acc_clean.append(tensor_loss(model, *build_batch(model.adapter, context, answer, None, noise=False))[2])
+            slot_acc_clean.append(tensor_loss(model, *build_batch(model, context, answer, None, noise="none"))[2])
             states = []
             start = time.perf_counter()
             for _ in draft_tensor(model, context, answer.shape[1], greedy, None, states):
@@ -165,13 +182,14 @@ def make_optimizer(adapter: TensorAdapter, config: TensorTrainConfig) -> torch.o
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
 
 
-def train_step(model: TensorAR, optimizer, context, answer, generator, lr: float | None = None) -> dict:
+def train_step(model: TensorAR, optimizer, context, answer, generator, lr: float | None = None, noise: str = "self",
+               top_p: float = 0.9) -> dict:
     """One optimizer step on a batch of (context, answer) codes; returns the scalar logs."""
     if lr is not None:
         set_lr(optimizer, lr)
     model.backbone.requires_grad_(False)          # frozen: gradients flow through it to the adapter, never into it
     model.adapter.train()
-    loss, per_slot, accuracy = tensor_loss(model, *build_batch(model.adapter, context, answer, generator))
+    loss, per_slot, accuracy = tensor_loss(model, *build_batch(model, context, answer, generator, noise, top_p))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.adapter.parameters(), 1.0)
@@ -258,7 +276,7 @@ def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bu
         lr = cosine_lr(step, config.steps, config.lr, config.warmup)
         pairs = int(sampler.rng.integers(1, max_k + 1))
         context, answer = encode_examples(tokenizer, [sampler.sample(k=pairs) for _ in range(config.batch)])
-        logs = train_step(model, optimizer, context.to(device), answer.to(device), generator, lr)
+        logs = train_step(model, optimizer, context.to(device), answer.to(device), generator, lr, config.noise, config.noise_top_p)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.3f}", acc0=f"{logs['slot_accuracy'][0]:.3f}")
@@ -267,7 +285,7 @@ def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bu
                         f"{' '.join(f'{v:.3f}' for v in logs['slot_loss'])} acc "
                         f"{' '.join(f'{v:.3f}' for v in logs['slot_accuracy'])} lr {lr:.2e} elapsed {timer.elapsed / 60:.1f}m")
         if step % validate_every == 0 or step == config.steps:
-            validation = {"step": step, **validation_set.evaluate(model)}
+            validation = {"step": step, **validation_set.evaluate(model, config.noise)}
             history.append({key: validation[key] for key in ("step", "loss", "draft_accuracy", "first_prediction_accuracy")})
             logger.info(f"step {step} validation {json.dumps(validation)}")
         if time.time() - last_save > checkpoint_minutes * 60 or step == config.steps:
@@ -288,6 +306,9 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=defaults.k, help="window size")
     parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="noise schedule beta(j)")
     parser.add_argument("--schedule-rate", type=float, default=defaults.schedule_rate)
+    parser.add_argument("--noise", choices=NOISES[:2], default=defaults.noise,
+                        help="self: the model's own drafts in the overlapped slots; uniform: the paper's beta(j) noise")
+    parser.add_argument("--noise-top-p", type=float, default=defaults.noise_top_p)
     for name in ("steps", "batch", "warmup", "lora_rank", "heads", "ffn_multiple", "decoder_multiple", "seed", "val_examples"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "weight_decay", "lora_alpha"):
