@@ -200,16 +200,14 @@ class FastLlama:
                 causal = True
             else:
                 mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q_size = self.heads * self.head_dim
         half = self.head_dim // 2
         for (norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down), layer_cache in zip(self.layers, cache.layers, strict=True):
             h = F.rms_norm(x, (x.shape[-1],), norm_in, self.eps)
-            q, k, v = F.linear(h, w_qkv).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + torch.cat([-q[..., half:], q[..., :half]], -1) * sin
-            k = k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
+            qkv = F.linear(h, w_qkv).view(batch, length, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            qk, v = qkv[:, : self.heads + self.kv_heads], qkv[:, self.heads + self.kv_heads:]
+            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], -1) * sin      # rotary on q and k at once
+            q, k = qk.split([self.heads, self.kv_heads], dim=1)
             keys, values = layer_cache.update(k, v)
             attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                                       enable_gqa=self.kv_heads != self.heads)

@@ -250,7 +250,8 @@ def test_training_steps_lower_the_loss_and_leave_the_backbone_bit_identical(part
     before = loss()
     logs = [trainer.train_step(model, optimizer, context, answer, generator) for _ in range(12)]
     assert loss() < before - 0.5
-    assert len(logs[0]["slot_loss"]) == 4 and logs[0]["loss"] == pytest.approx(sum(logs[0]["slot_loss"]), rel=1e-5)
+    weighted = sum(w * v for w, v in zip(trainer.slot_weights(4).tolist(), logs[0]["slot_loss"]))   # the default: front
+    assert len(logs[0]["slot_loss"]) == 4 and logs[0]["loss"] == pytest.approx(weighted, rel=1e-5)
     assert state_fingerprint(backbone) == fingerprint and not any(p.requires_grad for p in backbone.parameters())
     model.remove_hooks()
 
@@ -267,6 +268,23 @@ def test_loss_ignores_padding_and_sums_the_slots(parts):
     last = torch.nn.functional.cross_entropy(logits[:, : vocab.cells - 3, 3].reshape(-1, vocab.codebook_size),
                                              answer[:, 3:].reshape(-1))
     assert per_slot[3].item() == pytest.approx(last.item(), rel=1e-5) and total.item() == pytest.approx(per_slot.sum().item())
+    model.remove_hooks()
+
+
+def test_slot_weights_sum_to_k_and_weigh_the_loss(parts):
+    assert trainer.slot_weights(4, "equal").tolist() == [1.0] * 4 and trainer.slot_weights(1).tolist() == [1.0]
+    front = trainer.slot_weights(4)
+    assert front.sum().item() == pytest.approx(4.0) and (front[1:] / front[:-1]).tolist() == pytest.approx([0.5] * 3)
+    with pytest.raises(ValueError, match="choose from"):
+        trainer.slot_weights(4, "back")
+    _, backbone, vocab = parts
+    model = wrapper(backbone, vocab, k=4, seed=2)
+    context, answer = context_of(vocab, batch=2), context_of(vocab, images=1, seed=4, batch=2)
+    batch = trainer.build_batch(model, context, answer, None, noise="none")
+    with torch.no_grad():
+        plain, per_slot, _ = trainer.tensor_loss(model, *batch)
+        weighted, _, _ = trainer.tensor_loss(model, *batch, front)
+    assert plain.item() == pytest.approx(per_slot.sum().item()) and weighted.item() == pytest.approx((per_slot * front).sum().item())
     model.remove_hooks()
 
 
