@@ -339,8 +339,12 @@ def main(argv=None) -> int:
     labels = stage_labels(engine)
     start = time.time()
     examples: list = []
+    import shlex
+    import sys
+
     report = {"bundle": str(args.bundle or "retouch-tiny (embedded)"), "n": args.n, "pairs": args.pairs, "seed": args.seed,
-              "settings": settings, "stages": labels}
+              "settings": settings, "stages": labels,
+              "command": "python -m demo_core eval " + shlex.join(sys.argv[1:] if argv is None else list(argv))}
     report.update(evaluate(engine, tasks, args.n, args.pairs, args.seed, labels, settings, examples))
     if args.incontext:
         report["incontext"] = incontext_check(engine, args.incontext, args.pairs, args.seed, settings)

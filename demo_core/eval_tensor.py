@@ -32,9 +32,10 @@ def adapter_info(folder: Path) -> dict:
     training = folder / "training.json"
     report = json.loads(training.read_text()) if training.exists() else {}
     k = int(config.get("k", 1))
-    noise = report.get("config", {}).get("noise", "uniform") if k > 1 else None
+    trained = report.get("config", {})
+    noise = trained.get("noise", "uniform") if k > 1 else None
     return {"k": k, "noise": noise, "schedule": config.get("schedule") if noise == "uniform" else None,
-            "steps": report.get("step")}
+            "weights": trained.get("slot_weights", "equal") if k > 1 else None, "steps": report.get("step")}
 
 
 def tensor_variants(engine, extra: dict[str, str] | None = None) -> dict[str, tuple]:
@@ -110,7 +111,7 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
                 bar.update(1)
         for name, value in values.items():
             info = variants[name][1]
-            rows.append({"task": task, "variant": name, "k": info["k"], "noise": info.get("noise"),
+            rows.append({"task": task, "variant": name, "k": info["k"], "noise": info.get("noise"), "weights": info.get("weights"),
                          "schedule": info["schedule"], "steps": info["steps"],
                          "psnr": float(np.mean(value["psnr"])), "ssim": float(np.mean(value["ssim"])),
                          "token_acc": float(np.mean(value["acc"])), "seconds": float(np.mean(value["time"]))})
@@ -124,10 +125,11 @@ def markdown(rows: list[dict]) -> list[str]:
     lines = ["", "TensorAR (draft only, no refiner; same examples and seeds for every variant; the AR draft runs on "
              "the plain-torch fast path, the adapters on transformers' forward with LoRA hooks, so s/image compares "
              "implementations as well as methods):", "",
-             "| task | draft | k | noise | training steps | PSNR ↑ | SSIM ↑ | token acc ↑ | s/image |", "|---|---|---|---|---|---|---|---|---|"]
+             "| task | draft | k | noise, slot weights | training steps | PSNR ↑ | SSIM ↑ | token acc ↑ | s/image |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         steps = r["steps"] if r["steps"] is not None else ""
         noise = {"self": "own drafts", "uniform": f"uniform, {r.get('schedule')} β"}.get(r.get("noise"), "")
+        noise += f", {r['weights']}" if noise and r.get("weights") else ""
         lines.append(f"| {r['task']} | {r['variant']} | {r['k']} | {noise} | {steps} | {r['psnr']:.2f} | "
                      f"{r['ssim']:.3f} | {r['token_acc']:.3f} | {r['seconds']:.2f} |")
     tasks = list(dict.fromkeys(r["task"] for r in rows))

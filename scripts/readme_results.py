@@ -93,6 +93,16 @@ if tensor:
     trained.append(f"TensorAR adapter {tensor['step']:,} steps in {tensor['elapsed_minutes']} min")
 if control:
     trained.append(f"its control {control['step']:,} steps in {control['elapsed_minutes']} min")
+tensor_ablation = load("docs/results/tensor_ablation/results.json")
+tensor_ablation_text = ""
+if tensor_ablation and tensor_ablation.get("tensor"):
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from demo_core.eval_tensor import markdown as tensor_markdown
+
+    tensor_ablation_text = ("\n\nTensorAR ablations, short runs at equal steps (`" + tensor_ablation.get("command", "") + "`, "
+                            f"N = {tensor_ablation['n']} per task):\n" + "\n".join(tensor_markdown(tensor_ablation["tensor"])[2:]))
 ablation = ROOT / "docs/results/vsr_ablation.md"
 ablation_text = ("\n\nVSR ablations (`python scripts/vsr_ablation.py`, validation drafts, token level):\n\n" + ablation.read_text().strip()
                  if ablation.exists() else "")
@@ -102,13 +112,13 @@ block = f"""<!-- results:start -->
 Trained on this machine (2 CPU cores, torch 2.14.1): {'; '.join(trained)}.
 `python scripts/readme_results.py` rewrites this block from the files below.
 
-`python -m demo_core eval --out docs/results/eval` (defaults: N = 8 per task, K = 2, seed 0; {report['seconds']:.0f} s):
+`{report.get('command', 'python -m demo_core eval --out docs/results/eval')}` (N = {report['n']} per task, K = {report['pairs']}, seed {report['seed']}; {report['seconds']:.0f} s):
 
 {table}
 ![per-token cosine distance](docs/results/eval/cosine_curve.png)
 ![examples](docs/results/eval/examples.png)
 
-Reading it (computed from the numbers above): {' '.join(lines)}{ablation_text}
+Reading it (computed from the numbers above): {' '.join(lines)}{tensor_ablation_text}{ablation_text}
 
 `python -m demo_core bench --out docs/results/bench.json` (defaults: 5 runs): {speed}
 <!-- results:end -->"""
