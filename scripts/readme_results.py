@@ -101,8 +101,22 @@ if tensor_ablation and tensor_ablation.get("tensor"):
     sys.path.insert(0, str(ROOT))
     from demo_core.eval_tensor import markdown as tensor_markdown
 
+    arows = tensor_ablation["tensor"]
+    table_lines = [line for line in tensor_markdown(arows) if line.startswith("|")]
+    short = [r for r in arows if r["steps"] is not None and r["steps"] < 800 and r["k"] > 1]
+    reading = []
+    for label, pick in (("window size k (own drafts)", lambda r: r.get("noise") == "self"),
+                        ("noise schedule (uniform noise, k = 4)", lambda r: r.get("noise") == "uniform")):
+        best = {}
+        for r in filter(pick, short):
+            if r["task"] not in best or r["psnr"] > best[r["task"]]["psnr"]:
+                best[r["task"]] = r
+        if best:
+            reading.append(f"best {label} by PSNR: " + ", ".join(
+                f"{t} {('k=' + str(r['k'])) if 'window' in label else r['schedule']}" for t, r in best.items()))
     tensor_ablation_text = ("\n\nTensorAR ablations, short runs at equal steps (`" + tensor_ablation.get("command", "") + "`, "
-                            f"N = {tensor_ablation['n']} per task):\n" + "\n".join(tensor_markdown(tensor_ablation["tensor"])[2:]))
+                            f"N = {tensor_ablation['n']} per task; the 800-step default and control for reference):\n\n"
+                            + "\n".join(table_lines) + ("\n\nAt equal steps, " + "; ".join(reading) + "." if reading else ""))
 ablation = ROOT / "docs/results/vsr_ablation.md"
 ablation_text = ("\n\nVSR ablations (`python scripts/vsr_ablation.py`, validation drafts, token level):\n\n" + ablation.read_text().strip()
                  if ablation.exists() else "")
@@ -120,7 +134,7 @@ Trained on this machine (2 CPU cores, torch 2.14.1): {'; '.join(trained)}.
 
 Reading it (computed from the numbers above): {' '.join(lines)}{tensor_ablation_text}{ablation_text}
 
-`python -m demo_core bench --out docs/results/bench.json` (defaults: 5 runs): {speed}
+`python -m demo_core bench --runs {b["runs"]} --out docs/results/bench.json`: {speed}
 <!-- results:end -->"""
 readme = (ROOT / "README.md").read_text()
 if "<!-- results:start -->" not in readme:
