@@ -172,7 +172,7 @@ class FastLlama:
                     mlp.down_proj.weight,
                 )))
             head = (inner.norm.weight.to(dtype), self.model.lm_head.weight.to(dtype))
-        self.layers, self.head = layers, head
+        self.weights = (layers, head)      # one assignment: a concurrent call sees the old set or the new one
         self._signature = signature
 
     @torch.no_grad()
@@ -202,7 +202,8 @@ class FastLlama:
                 mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
         q_size = self.heads * self.head_dim
         half = self.head_dim // 2
-        for (norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down), layer_cache in zip(self.layers, cache.layers, strict=True):
+        layers, (norm, head) = self.weights
+        for (norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down), layer_cache in zip(layers, cache.layers, strict=True):
             h = F.rms_norm(x, (x.shape[-1],), norm_in, self.eps)
             qkv = F.linear(h, w_qkv).view(batch, length, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
             qk, v = qkv[:, : self.heads + self.kv_heads], qkv[:, self.heads + self.kv_heads:]
@@ -217,7 +218,6 @@ class FastLlama:
             x = x + F.linear(F.silu(gate) * up, w_down)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        norm, head = self.head
         logits = F.linear(F.rms_norm(x, (x.shape[-1],), norm, inner.norm.variance_epsilon), head)
         return FastOutput(logits.to(self.model.lm_head.weight.dtype), cache)
 

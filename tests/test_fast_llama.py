@@ -122,7 +122,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_stays_close(tiny_model, monk
     step = runner(ids[:, 20:], positions[:, 20:], past_key_values=out.past_key_values)
     logits = torch.cat([out.logits, step.logits], 1)
     assert logits.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
-    assert runner.layers[0][1].dtype == torch.bfloat16 and out.past_key_values.layers[0].key_buffer.dtype == torch.bfloat16
+    assert runner.weights[0][0][1].dtype == torch.bfloat16 and out.past_key_values.layers[0].key_buffer.dtype == torch.bfloat16
     scale = reference.abs().max()
     assert (logits - reference).abs().max() < 0.05 * scale
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
