@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -339,9 +341,6 @@ def main(argv=None) -> int:
     labels = stage_labels(engine)
     start = time.time()
     examples: list = []
-    import shlex
-    import sys
-
     report = {"bundle": str(args.bundle or "retouch-tiny (embedded)"), "n": args.n, "pairs": args.pairs, "seed": args.seed,
               "settings": settings, "stages": labels,
               "command": "python -m demo_core eval " + shlex.join(sys.argv[1:] if argv is None else list(argv))}

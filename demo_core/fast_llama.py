@@ -23,6 +23,7 @@ its comparisons with transformers stay exact, and checks the bfloat16 path separ
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -107,6 +108,7 @@ def supported(model) -> bool:
             and next(model.parameters()).device.type == "cpu")
 
 
+@functools.cache                          # the CPU does not change; fast_runner asks on every forward
 def bf16_supported() -> bool:
     """True on CPUs whose oneDNN has native bfloat16 matmuls (AVX512-BF16 or AMX)."""
     try:

@@ -115,11 +115,8 @@ def build_batch(model: TensorAR, context: torch.Tensor, answer: torch.Tensor, ge
     windows, valid = windows[:, :-1], valid[:, :-1]
     if noise == "uniform" and k > 1:
         windows = add_tensor_noise(windows, valid, adapter.beta(), adapter.codebook_size, generator)
-    elif noise == "self" and k > 1:
-        was_training = adapter.training
-        adapter.eval()
+    elif noise == "self" and k > 1:                  # the adapter has no dropout: train/eval mode changes nothing here
         windows = self_draft_windows(model, context, windows, valid, SamplingConfig(temperature=1.0, top_p=top_p), generator)
-        adapter.train(was_training)
     return context, windows, valid, targets
 
 
