@@ -196,6 +196,8 @@ def draft_scan(model, vocab: Vocab, context: torch.Tensor, sampling: SamplingCon
                state_out: list | None = None) -> Iterator[DraftStep]:
     """Write the answer in SCAN form with a KV cache, one forward per token.
 
+    `context` is one context (L,) drafted `sampling.candidates` times, or a batch of contexts (B, L).
+
     The context is prefilled once (with the first <at_n>); then each forward takes
     [y_prev, <at_next>]: the logits at y_prev score it (quality), those at <at_next> give the
     next code. Yields a DraftStep per token once its score is known; the final state (cache,
@@ -203,14 +205,16 @@ def draft_scan(model, vocab: Vocab, context: torch.Tensor, sampling: SamplingCon
     """
     device = next(model.parameters()).device
     cells = vocab.cells
-    batch = max(1, sampling.candidates)
+    context = context.to(device)
+    if context.dim() == 1:        # one context, `sampling.candidates` drafts of it
+        context = context[None].repeat(max(1, sampling.candidates), 1)
+    batch, context_length = context.shape     # (B, L): one draft per row (all rows the same length)
     order = torch.arange(cells) if order is None else order.cpu()
-    context_length = int(context.numel())
     codes = torch.zeros(batch, cells, dtype=torch.long, device=device)
     scores = torch.zeros(batch, cells, dtype=torch.float32, device=device)
 
     first = int(order[0])
-    input_ids = torch.cat([context.to(device), torch.tensor([vocab.at(first)], device=device)])[None].repeat(batch, 1)
+    input_ids = torch.cat([context, torch.full((batch, 1), vocab.at(first), device=device)], 1)
     positions = torch.cat([torch.arange(context_length), torch.tensor([context_length + first])]).to(device)[None].repeat(batch, 1)
     logits, cache = _forward(model, input_ids, positions, None, logits_to_keep=1)
     gen_logits = logits[:, -1, : vocab.codebook_size]

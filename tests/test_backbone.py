@@ -48,6 +48,19 @@ def test_candidates_batch(tiny_model):
     assert state.codes.shape == (3, VOCAB.cells) and state.scores.shape == (3, VOCAB.cells)
 
 
+def test_batch_of_contexts_drafts_each_row(tiny_model):
+    """A (B, L) context drafts one answer per row, each equal (greedy) to drafting that row alone."""
+    rows = torch.stack([context(0), context(1)])
+    greedy = SamplingConfig(temperature=0)
+    batched = []
+    list(draft_scan(tiny_model, VOCAB, rows, greedy, state_out=batched))
+    for row in range(2):
+        single = []
+        list(draft_scan(tiny_model, VOCAB, rows[row], greedy, state_out=single))
+        assert torch.equal(batched[0].codes[row], single[0].codes[0])
+        assert torch.allclose(batched[0].scores[row], single[0].scores[0], atol=1e-5)
+
+
 def test_top_k_one_is_greedy():
     logits = torch.randn(4, 10)
     picked = sample_from_logits(logits, SamplingConfig(temperature=1.0, top_k=1, top_p=1.0), torch.Generator().manual_seed(0))

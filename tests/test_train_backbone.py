@@ -39,6 +39,35 @@ def test_negative_ratio_is_bounded():
     assert 0.05 < sum(shares) / len(shares) < 0.3        # r ~ U[0, 0.4] (minus accidental matches)
 
 
+def test_drafted_examples_take_their_draft_whole_in_raster_order():
+    g = torch.Generator().manual_seed(0)
+    context, answer = torch.randint(0, 32, (4, 48), generator=g), torch.randint(0, 32, (4, 16), generator=g)
+    drafts = torch.full_like(answer, -1)
+    drafts[1] = torch.randint(0, 32, (16,), generator=g)
+    drafts[1, :5] = answer[1, :5]                                       # a few right, the rest (mostly) wrong
+    ids, pos, gen_t, q_t, tail = trainer.build_batch(VOCAB, context, answer, None, g, max_refine=4, drafts=drafts)
+    cells = ids[:, 48::2] - VOCAB.at_base
+    assert torch.equal(cells[1, :16], torch.arange(16))                 # raster, like the engine's draft
+    assert torch.equal(ids[1, 49:48 + 32:2], drafts[1])                 # the draft, every cell
+    assert torch.equal(q_t[1, :16], (drafts[1] == answer[1]).long())    # labelled against the truth
+    assert torch.equal(gen_t, answer.gather(1, cells))                  # targets stay the ground truth
+    refined = cells[1, 16:]                                             # re-asked cells: the draft's wrong ones first
+    wrong = (drafts[1] != answer[1]).nonzero().flatten().tolist()
+    assert set(refined.tolist()) <= set(wrong) or len(wrong) < len(refined)
+
+
+def test_task_weights():
+    import numpy as np
+    import pytest
+
+    weights = trainer.parse_task_weights("edges=2, posterize=2")
+    names = list(trainer.TASKS)
+    assert np.isclose(weights.sum(), 1) and np.isclose(weights[names.index("edges")], 2 * weights[names.index("invert")])
+    assert np.allclose(trainer.parse_task_weights(""), 1 / len(names))
+    with pytest.raises(SystemExit, match="unknown task"):
+        trainer.parse_task_weights("sketch=2")
+
+
 def test_auroc():
     import numpy as np
 
@@ -55,7 +84,11 @@ def test_trainer_runs_exports_and_resumes(tmp_path):
     info = json.loads((bundle / "backbone" / "training.json").read_text())
     assert info["step"] == 3 and info["validation"]["token_accuracy"] >= 0
     assert json.loads((bundle / "bundle.json").read_text())["parts"]["backbone"] == "backbone"
-    trainer.main([*args[:1], "5", *args[2:]])                    # resume to 5 steps
-    assert json.loads((bundle / "backbone" / "training.json").read_text())["step"] == 5
+    trainer.main([*args[:1], "5", *args[2:], "--draft-negatives", "0.5", "--k-weights", "0,1,1",
+                  "--task-weights", "edges=3"])                  # resume to 5 steps with the other data options
+    info = json.loads((bundle / "backbone" / "training.json").read_text())
+    assert info["step"] == 5 and set(info["validation"]["draft_auroc"]) <= set(trainer.TASKS)
+    assert [(h["from_step"], h["to_step"]) for h in info["history"]] == [(0, 3), (3, 5)]
+    assert "--draft-negatives 0.5" in info["command"] == info["history"][-1]["command"]
     from demo_core.bundle import load_bundle
     assert load_bundle(bundle).backbone.config.hidden_size == 32

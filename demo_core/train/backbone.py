@@ -7,6 +7,9 @@ SCAN form and an appended refinement segment (SCAN Sec. "Training", Fig. 2a):
 - answer inputs mix ground truth with negatives at a ratio r ~ U[0, 0.4] drawn per example:
   random codes, position-permuted codes of the same answer, and teacher-forcing errors (codes
   sampled from the model's own teacher-forced predictions in a no-grad pass on the same batch);
+- with probability --draft-negatives an example's whole answer is instead the model's own
+  free-running draft (raster, the production sampler): the errors the quality score meets at
+  inference, where most cells of a draft are wrong and the wrong ones cluster;
 - the refinement segment re-asks mostly the corrupted cells given the whole corrupted image,
   its new tokens again negatives with probability r;
 - generation order raster or random (half each), so any cell can be (re)generated.
@@ -21,7 +24,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,12 +36,26 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..backbone import BackboneConfig, SamplingConfig, backbone_config_dict, build_backbone, sample_from_logits
+from ..backbone import BackboneConfig, SamplingConfig, backbone_config_dict, build_backbone, draft_scan, sample_from_logits
 from ..sequence import Vocab, answer_positions, interleave_answer
 from ..tasks import TASKS, ExampleSampler
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
 
 NEGATIVE_RATIO = (0.0, 0.4)
+
+
+def parse_task_weights(text: str) -> np.ndarray:
+    """'edges=2,posterize=2' -> normalised frequencies over TASKS (unnamed tasks weigh 1)."""
+    weights = dict.fromkeys(TASKS, 1.0)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in weights:
+            raise SystemExit(f"--task-weights: unknown task {name!r}; tasks are {', '.join(TASKS)}")
+        weights[name] = float(value)
+    array = np.array(list(weights.values()))
+    if (array < 0).any() or array.sum() <= 0:
+        raise SystemExit("--task-weights: weights must be non-negative and not all zero")
+    return array / array.sum()
 
 
 def load_tokenizer(bundle: Path):
@@ -97,12 +116,13 @@ class TokenPool:
         if logger:
             logger.info(f"token pool: {len(self.codes)} crops x {len(VIEWS)} views")
 
-    def batch(self, count: int, k: int, rng: np.random.Generator, tasks=tuple(TASKS)) -> tuple[torch.Tensor, torch.Tensor]:
-        """count examples of K=k pairs (one random task per example, images never repeated within one)
-        -> context codes (B, (2k+1)N), answer codes (B, N)."""
+    def batch(self, count: int, k: int, rng: np.random.Generator, tasks=tuple(TASKS),
+              weights: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """count examples of K=k pairs (one random task per example, drawn with `weights`; images never
+        repeated within one) -> context codes (B, (2k+1)N), answer codes (B, N)."""
         contexts, answers = [], []
         for _ in range(count):
-            x_view, y_view = (VIEWS.index(v) for v in TASK_VIEWS[tasks[int(rng.integers(0, len(tasks)))]])
+            x_view, y_view = (VIEWS.index(v) for v in TASK_VIEWS[tasks[int(rng.choice(len(tasks), p=weights))]])
             rows = rng.choice(len(self.codes), size=k + 1, replace=False)
             parts = []
             for row in rows[:-1]:
@@ -127,8 +147,11 @@ def negatives(answer: torch.Tensor, tf_codes: torch.Tensor | None, codebook: int
 
 
 def build_batch(vocab: Vocab, context: torch.Tensor, answer: torch.Tensor, tf_codes: torch.Tensor | None,
-                generator: torch.Generator, max_refine: int = 16, negative_ratio=NEGATIVE_RATIO, random_order_share=0.5):
+                generator: torch.Generator, max_refine: int = 16, negative_ratio=NEGATIVE_RATIO, random_order_share=0.5,
+                drafts: torch.Tensor | None = None):
     """Token ids, position ids and targets for one batch (all examples share K, so no padding).
+
+    `drafts` (B, N), -1 where absent: examples with a draft take it whole as their answer inputs, in raster order.
 
     Returns input_ids (B, T), position_ids (B, T), gen_targets (B, N+R), quality_targets (B, N+R),
     and the answer length 2(N+R) (the tail of the sequence where the losses live).
@@ -140,6 +163,11 @@ def build_batch(vocab: Vocab, context: torch.Tensor, answer: torch.Tensor, tf_co
     ratio = torch.empty(batch, 1).uniform_(*negative_ratio, generator=generator)              # r per example
     is_negative = torch.rand(batch, cells, generator=generator) < ratio
     inputs = torch.where(is_negative, negatives(answer, tf_codes, vocab.codebook_size, generator), answer)
+    if drafts is not None:
+        has_draft = (drafts >= 0).all(1, keepdim=True)                                      # (B, 1)
+        orders = torch.where(has_draft, torch.arange(cells)[None], orders)
+        inputs = torch.where(has_draft, drafts, inputs)
+        is_negative = torch.where(has_draft, drafts != answer, is_negative)
     draft_codes = inputs.gather(1, orders)
     draft = interleave_answer(vocab, orders, draft_codes)                                     # (B, 2N)
 
@@ -174,6 +202,15 @@ def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_ta
     quality_loss = F.cross_entropy(quality_logits.reshape(-1, 2).float(), quality_targets.reshape(-1))
     gen_accuracy = (at_logits.argmax(-1) == gen_targets).float().mean()
     return gen_loss, quality_loss, gen_accuracy, quality_logits
+
+
+def model_drafts(model, vocab: Vocab, context: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Free-running drafts of every context (raster, the production sampler, KV-cached): codes (B, N) and the
+    quality scores the draft gave them (B, N)."""
+    states = []
+    for _ in draft_scan(model, vocab, context, SamplingConfig(top_p=0.9), generator, state_out=states):
+        pass
+    return states[0].codes.cpu(), states[0].scores.float().cpu()
 
 
 @torch.no_grad()
@@ -215,12 +252,19 @@ class ValidationSet:
 
     @torch.no_grad()
     def evaluate(self, model, vocab: Vocab) -> dict:
-        """Teacher-forced token accuracy per task (clean answers) and quality AUROC (answers with r=0.25 negatives)."""
+        """Teacher-forced token accuracy per task (clean answers), quality AUROC (answers with r=0.25 negatives),
+        and on free-running drafts: token accuracy and the AUROC of the draft's own scores, per task."""
         model.eval()
         generator = torch.Generator().manual_seed(0)
         correct: dict[str, list] = {}
         quality_scores, quality_labels = [], []
+        draft_hits: dict[str, list] = {}
+        draft_scores: dict[str, list] = {}
         for tasks, context, answer in self.groups:
+            codes, scores = model_drafts(model, vocab, context, generator)
+            for task, row_codes, row_scores, truth in zip(tasks, codes, scores, answer):
+                draft_hits.setdefault(task, []).append((row_codes == truth).numpy())
+                draft_scores.setdefault(task, []).append(row_scores.numpy())
             ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, None, generator, max_refine=0,
                                                      negative_ratio=(0.0, 0.0), random_order_share=0.0)
             logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False,
@@ -236,13 +280,19 @@ class ValidationSet:
             quality_labels.append(q_t.flatten().numpy())
         model.train()
         per_task = {task: float(np.mean(v)) for task, v in correct.items()}
+        draft_auroc = {task: auroc(np.concatenate(draft_scores[task]), np.concatenate(hits).astype(int))
+                       for task, hits in draft_hits.items()}
         return {"token_accuracy": float(np.mean([h for v in correct.values() for h in v])), "per_task": per_task,
-                "quality_auroc": auroc(np.concatenate(quality_scores), np.concatenate(quality_labels))}
+                "quality_auroc": auroc(np.concatenate(quality_scores), np.concatenate(quality_labels)),
+                "draft_accuracy": {task: float(np.mean(hits)) for task, hits in draft_hits.items()},
+                "draft_auroc": draft_auroc}
 
 
 def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int, elapsed: float, args, validation: dict | None,
-           fingerprint: str, tokenizer=None) -> None:
-    """Write backbone/ (+ training.json) and (re)write bundle.json, keeping parts other trainers listed."""
+           fingerprint: str, tokenizer=None, history: list | None = None) -> None:
+    """Write backbone/ (+ training.json) and (re)write bundle.json, keeping parts other trainers listed.
+
+    `history`: one entry per run that trained these weights (command, first and last step), oldest first."""
     from ..bundle import manifest
 
     out = bundle / "backbone"
@@ -253,8 +303,10 @@ def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int,
         info = manifest(tokenizer, model, name="retouch-tiny", tasks=list(TASKS))
         info["parts"] = {**old_parts, **info["parts"]}
         write_json(manifest_path, info)
+    history = history or [{"command": "python -m demo_core.train backbone", "from_step": 0, "to_step": step}]
     write_json(out / "training.json", {"step": step, "elapsed_minutes": round(elapsed / 60, 1),
-                                       "command": "python -m demo_core.train backbone", "tokenizer_sha256_16": fingerprint,
+                                       "command": history[-1]["command"], "history": history,
+                                       "tokenizer_sha256_16": fingerprint,
                                        "config": backbone_config_dict(config), "vocab": vocab.to_dict(),
                                        "args": {k: str(v) for k, v in vars(args).items()}, "validation": validation})
 
@@ -275,7 +327,17 @@ def main(argv=None):
     parser.add_argument("--validate-every", type=int, default=500)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--pool", type=int, default=6000, help="pre-tokenized training crops (0: encode every batch afresh)")
+    parser.add_argument("--task-weights", default="", help="relative task frequencies, e.g. 'edges=2,posterize=2' (others 1)")
+    parser.add_argument("--k-weights", default="1,1,1", help="relative frequencies of K = 1, 2, 3 demonstration pairs")
+    parser.add_argument("--draft-negatives", type=float, default=0.0,
+                        help="share of examples whose answer inputs are the model's own free-running draft")
     args = parser.parse_args(argv)
+    task_weights = parse_task_weights(args.task_weights)
+    k_weights = np.array([float(w) for w in args.k_weights.split(",")])
+    if len(k_weights) != 3 or (k_weights < 0).any() or k_weights.sum() <= 0:
+        parser.error("--k-weights takes three non-negative numbers, e.g. 1,2,2")
+    k_weights = k_weights / k_weights.sum()
+    command = " ".join(["python -m demo_core.train backbone", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
 
     torch.manual_seed(args.seed)
     logger = setup_logging(args.run_dir, "backbone")
@@ -290,6 +352,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
     step, elapsed, warm_from = 0, 0.0, 0
+    history: list = []
     checkpoint_path = args.run_dir / "checkpoint.pt"
     state = load_checkpoint(checkpoint_path)
     exported = args.bundle / "backbone" / "training.json"
@@ -300,6 +363,7 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
+        history = state.get("history", [])
         logger.info(f"resumed from {checkpoint_path} at step {step}")
     elif exported.exists() and json.loads(exported.read_text()).get("tokenizer_sha256_16") == fingerprint:
         from safetensors.torch import load_file
@@ -307,8 +371,12 @@ def main(argv=None):
         info = json.loads(exported.read_text())
         model.load_state_dict(load_file(args.bundle / "backbone" / "model.safetensors"), strict=True)
         step, elapsed = int(info["step"]), float(info["elapsed_minutes"]) * 60
+        history = info.get("history") or [{"command": info.get("command", "python -m demo_core.train backbone"),
+                                           "from_step": 0, "to_step": step}]
         warm_from = step   # optimizer moments were not saved with the export: re-warm the lr briefly
         logger.info(f"resumed from exported weights at step {step} (optimizer restarted, 100-step re-warm-up)")
+    if not history or history[-1]["command"] != command:
+        history.append({"command": command, "from_step": step, "to_step": step})
     timer = Timer(elapsed)
     logger.info(f"backbone {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {vocab.size}, "
                 f"config {backbone_config_dict(config)}, args {vars(args)}")
@@ -319,12 +387,17 @@ def main(argv=None):
         pool = TokenPool(tokenizer, args.pool, args.seed, args.run_dir / f"pool-{fingerprint}-{args.pool}-{args.seed}.pt", logger)
     validation_set = ValidationSet(tokenizer)
     validation = None
+    if step and step < args.steps:     # a resumed run: where it starts from, on the same yardstick as its later validations
+        validation = validation_set.evaluate(model, vocab)
+        logger.info(f"step {step} validation {json.dumps(validation)}")
     last_save = time.time()
 
     def checkpoint():
+        history[-1]["to_step"] = step
         save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "step": step, "elapsed": timer.elapsed, "tokenizer_sha256_16": fingerprint})
-        export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer)
+                                          "step": step, "elapsed": timer.elapsed, "tokenizer_sha256_16": fingerprint,
+                                          "history": history})
+        export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer, history)
 
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, export, exit
     previous_handlers = {}
@@ -338,15 +411,21 @@ def main(argv=None):
         if warm_from and step - warm_from < 100:
             lr *= (step - warm_from + 1) / 100
         set_lr(optimizer, lr)
-        k = int(sampler.rng.integers(1, 4))
+        k = int(sampler.rng.choice([1, 2, 3], p=k_weights))
         if pool is not None:
-            context, answer = pool.batch(args.batch, k, sampler.rng)
+            context, answer = pool.batch(args.batch, k, sampler.rng, weights=task_weights)
         else:
-            context, answer = encode_examples(tokenizer, [sampler.sample(k=k) for _ in range(args.batch)])
+            tasks = sampler.rng.choice(list(TASKS), size=args.batch, p=task_weights)
+            context, answer = encode_examples(tokenizer, [sampler.sample(task=str(t), k=k) for t in tasks])
         model.eval()
         tf_codes = teacher_forcing_codes(model, vocab, context, answer, generator)
+        drafts = None
+        drafted = torch.rand(args.batch, generator=generator) < args.draft_negatives
+        if drafted.any():
+            drafts = torch.full_like(answer, -1)
+            drafts[drafted] = model_drafts(model, vocab, context[drafted], generator)[0]
         model.train()
-        ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf_codes, generator, args.max_refine)
+        ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf_codes, generator, args.max_refine, drafts=drafts)
         gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail)
         loss = gen_loss + quality_loss
         optimizer.zero_grad(set_to_none=True)
