@@ -64,11 +64,13 @@ class KVBuffer:
     def get_seq_length(self) -> int:
         return self.length
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep only sequence positions `index` (sorted), compacted to the front."""
+    def keep(self, index: torch.Tensor, start: int | None = None) -> None:
+        """Keep only sequence positions `index` (sorted), compacted to the front. `start`: `unchanged_prefix(index)`
+        when the caller already knows it (one computation for all layers)."""
         if self.key_buffer is None:
             return
-        start = unchanged_prefix(index)          # SCAN keeps the whole committed prefix: move only the tail
+        if start is None:
+            start = unchanged_prefix(index)      # SCAN keeps the whole committed prefix: move only the tail
         kept_k = self.key_buffer[..., : self.length, :].index_select(-2, index[start:])
         kept_v = self.value_buffer[..., : self.length, :].index_select(-2, index[start:])
         self.length = int(index.numel())

@@ -73,6 +73,33 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {0, 1}
 
 
+def test_sampler_draws_the_truncated_distribution():
+    """Inverse-CDF sampling: frequencies match the top-k / top-p renormalised probabilities."""
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])).repeat(20000, 1)
+    cases = [(SamplingConfig(top_p=1.0), [0.5, 0.2, 0.15, 0.1, 0.05]),
+             (SamplingConfig(top_p=0.8), [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]),
+             (SamplingConfig(top_p=0.6), [5 / 7, 2 / 7, 0, 0, 0]),
+             (SamplingConfig(top_p=1.0, top_k=2), [5 / 7, 2 / 7, 0, 0, 0])]
+    for sampling, expected in cases:
+        drawn = sample_from_logits(logits, sampling, torch.Generator().manual_seed(0))
+        share = torch.bincount(drawn, minlength=5).float() / len(drawn)
+        assert torch.allclose(share, torch.tensor(expected), atol=0.015), (sampling, share)
+
+
+def test_nucleus_over_a_large_vocabulary():
+    """V > 64: the nucleus found in the top 64 (peaked) or by the full sort (flat) is the smallest prefix reaching p."""
+    for decay in (0.9, 0.999):                       # peaked: ~22 codes reach 0.9; flat: ~180 do
+        probs = decay ** torch.arange(200.0)
+        probs = probs / probs.sum()
+        before = probs.cumsum(0) - probs
+        nucleus = set(torch.nonzero(before <= 0.9).flatten().tolist())
+        rank = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+        logits = probs.log()[rank]                   # shuffled: cell j holds the rank[j]-th largest probability
+        drawn = sample_from_logits(logits[None].repeat(20000, 1), SamplingConfig(top_p=0.9), torch.Generator().manual_seed(1))
+        ranks = set(rank[torch.unique(drawn)].tolist())
+        assert ranks <= nucleus and len(ranks) >= 0.9 * len(nucleus)
+
+
 def test_scan_accepts_only_improvements_and_history_is_complete(tiny_model):
     _, state = run_draft(tiny_model, SamplingConfig())
     before = state.codes[0].clone()

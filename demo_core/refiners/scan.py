@@ -5,10 +5,11 @@ position-instruction tokens given the whole current image (Eq. 3), scores the ne
 (Eq. 4) and keeps a new token only if its score beats the old one (Eqs. 5-6).
 
 Pipelined as the paper's next-set prediction: one forward per iteration carries the previous
-iteration's new pairs [<at_n>, y'_n] (to be scored) and this iteration's probes <at_m> (to be
-generated). A 4-D attention mask lets every new token see the committed cache and its own pair
-only, so one forward holds all c cells and rejected tokens never influence anything: after the
-forward, the KV entries of accepted pairs are kept and everything else is dropped.
+iteration's new codes y'_n (to be scored) and this iteration's probes <at_m> (to be generated);
+a probe's <at_m> stays in the KV cache between the two forwards. A 4-D attention mask lets every
+new token see the committed cache and its own pair only, so one forward holds all c cells and
+rejected tokens never influence anything: after the forward, the KV entries of accepted pairs are
+committed, the new probes stay in flight, and everything else is dropped.
 Selection skips cells still in flight and cells already rejected `max_tries` times.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Iterator
 import torch
 
 from ..backbone import DraftState, SamplingConfig, quality_from_logits, sample_from_logits
-from ..fast_llama import fast_runner
+from ..fast_llama import fast_runner, unchanged_prefix
 from ..sequence import Vocab
 
 
@@ -48,9 +49,12 @@ class ScanIteration:
 
 def select_cache_positions(cache, keep: torch.Tensor) -> None:
     """Keep only the sequence positions `keep` (1-D long) of every layer of a DynamicCache, in place."""
+    start = None
     for layer in cache.layers:
         if hasattr(layer, "keep"):
-            layer.keep(keep)
+            if start is None:
+                start = unchanged_prefix(keep)
+            layer.keep(keep, start)
         else:
             layer.keys = layer.keys.index_select(-2, keep)
             layer.values = layer.values.index_select(-2, keep)
@@ -70,23 +74,48 @@ def cache_length(cache) -> int:
     return int(cache.layers[0].get_seq_length())
 
 
-def lowest_cells(scores: torch.Tensor, count: int, excluded: set[int]) -> list[int]:
-    """Eq. 2: the `count` cells with the lowest scores, skipping `excluded`."""
-    ranked = torch.argsort(scores.float().cpu(), stable=True).tolist()
+def lowest_cells(scores, count: int, excluded: set[int]) -> list[int]:
+    """Eq. 2: the `count` cells with the lowest scores (a tensor or a list; ties by cell index), skipping `excluded`."""
+    values = scores.float().cpu().tolist() if torch.is_tensor(scores) else scores
+    ranked = sorted(range(len(values)), key=values.__getitem__)
     return [cell for cell in ranked if cell not in excluded][:count]
+
+
+def pipeline_mask(committed: int, pending: int, probes: int, device) -> torch.Tensor:
+    """The 4-D mask of one SCAN forward (True = may attend).
+
+    The cache holds `committed` entries, then the `pending` <at_n> probes of the previous forward (in flight);
+    this forward carries the pending codes y'_n, then the new probes <at_m>. Each y'_n sees the committed
+    cache, its own <at_n> and itself; each new probe sees the committed cache and itself."""
+    past = committed + pending
+    new = pending + probes
+    mask = torch.zeros(1, 1, new, past + new, dtype=torch.bool, device=device)
+    mask[..., :committed] = True
+    rows = torch.arange(new, device=device)
+    mask[0, 0, rows, past + rows] = True
+    flight = torch.arange(pending, device=device)
+    mask[0, 0, flight, committed + flight] = True
+    return mask
 
 
 @torch.no_grad()
 def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, sampling: SamplingConfig,
                 generator: torch.Generator | None = None) -> Iterator[ScanIteration]:
-    """Refine `state` (batch of one) in place; yields one ScanIteration per finished iteration."""
+    """Refine `state` (batch of one) in place; yields one ScanIteration per finished iteration.
+
+    Each forward carries the previous iteration's codes y'_n (to be scored; their <at_n> were fed, and
+    cached, with the forward before) and this iteration's probes <at_m>: 2c tokens, not 3c. Afterwards
+    the cache keeps the committed entries, the accepted pairs, and the new probes (in flight, visible to
+    nothing but their own code next time); rejected pairs are dropped.
+    """
     device = next(model.parameters()).device
     runner = fast_runner(model)       # the same runner that built the draft's cache
     cache = state.cache
-    codes, scores = state.codes[0].clone(), state.scores[0].clone()
+    codes, scores = state.codes[0].tolist(), state.scores[0].float().tolist()   # Python lists: the bookkeeping is per cell
     context_length = state.context_length
-    tries = torch.zeros(vocab.cells, dtype=torch.long)
-    pending: list[tuple[int, int]] = []       # (cell, new code) awaiting their score
+    committed = cache_length(cache)
+    tries = [0] * vocab.cells
+    pending: list[tuple[int, int]] = []       # (cell, new code) awaiting their score; their <at_n> is in the cache
     idle, iteration = 0, 0
     for step in range(config.iterations + 1):
         probes: list[int] = []
@@ -95,36 +124,24 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
             probes = lowest_cells(scores, config.cells_per_iteration, excluded)
         if not probes and not pending:
             break
-        tokens, positions = [], []
-        for cell, code in pending:
-            tokens += [vocab.at(cell), code]
-            positions += [context_length + cell] * 2
-        for cell in probes:
-            tokens.append(vocab.at(cell))
-            positions.append(context_length + cell)
-        past = cache_length(cache)
-        new = len(tokens)
-        mask = torch.zeros(1, 1, new, past + new, dtype=torch.bool, device=device)
-        mask[..., :past] = True
-        diagonal = torch.arange(new, device=device)
-        mask[0, 0, diagonal, past + diagonal] = True                       # each new token sees itself
-        pairs = torch.arange(len(pending), device=device)
-        mask[0, 0, 2 * pairs + 1, past + 2 * pairs] = True                 # y'_n also sees its own <at_n>
+        tokens = [code for _, code in pending] + [vocab.at(cell) for cell in probes]
+        positions = [context_length + cell for cell, _ in pending] + [context_length + cell for cell in probes]
+        mask = pipeline_mask(committed, len(pending), len(probes), device)
+        past = committed + len(pending)
         out = runner(input_ids=torch.tensor([tokens], device=device), position_ids=torch.tensor([positions], device=device),
-                    past_key_values=cache, use_cache=True, attention_mask=mask)
+                     past_key_values=cache, use_cache=True, attention_mask=mask)
         logits = out.logits[0]
         cache = out.past_key_values
 
-        keep: list[int] = []                          # new positions to keep after the committed `past`
+        keep: list[int] = []                          # cache positions after `committed` to keep, in order
         if pending:
             record = ScanIteration(iteration, [], [], [], [], [], [])
-            new_scores = quality_from_logits(logits[1: 2 * len(pending): 2], vocab).tolist()
+            new_scores = quality_from_logits(logits[: len(pending)], vocab).tolist()
             for j, (cell, code) in enumerate(pending):
-                new_score = new_scores[j]
-                old_score = float(scores[cell])
+                new_score, old_score = new_scores[j], scores[cell]
                 accepted = new_score > old_score          # Eq. 5: keep only if the score improves
                 record.cells.append(cell)
-                record.old_tokens.append(int(codes[cell]))
+                record.old_tokens.append(codes[cell])
                 record.new_tokens.append(code)
                 record.old_scores.append(old_score)
                 record.new_scores.append(new_score)
@@ -132,21 +149,26 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
                 if accepted:
                     codes[cell] = code
                     scores[cell] = new_score              # Eq. 6
-                    keep += [past + 2 * j, past + 2 * j + 1]
+                    keep += [committed + j, past + j]     # its <at_n> (in flight) and its code
                 else:
                     tries[cell] += 1
             idle = 0 if any(record.accepted) else idle + 1
-            record.codes, record.scores = codes.clone(), scores.clone()
+            record.codes, record.scores = torch.tensor(codes), torch.tensor(scores)
             iteration += 1
             yield record
-        if len(keep) < new:
-            select_cache_positions(cache, torch.cat([torch.arange(past, device=device), torch.tensor(keep, dtype=torch.long, device=device)]))
+        accepted_entries = len(keep)
+        keep += range(past + len(pending), past + len(pending) + len(probes))    # the new probes stay in flight
+        if pending:                                   # drop rejected pairs, commit accepted ones before the probes
+            select_cache_positions(cache, torch.cat([torch.arange(committed, device=device),
+                                                     torch.tensor(keep, dtype=torch.long, device=device)]))
+        committed += accepted_entries
         if probes:
-            gen_logits = logits[2 * len(pending):, : vocab.codebook_size]
+            gen_logits = logits[len(pending):, : vocab.codebook_size]
             sampled = sample_from_logits(gen_logits, sampling, generator)
             pending = list(zip(probes, sampled.tolist()))
         else:
             pending = []
     state.cache = cache
-    state.codes = codes[None]
-    state.scores = scores[None]
+    device_codes = torch.tensor(codes, device=state.codes.device)
+    state.codes = device_codes[None]
+    state.scores = torch.tensor(scores, dtype=state.scores.dtype, device=state.scores.device)[None]
