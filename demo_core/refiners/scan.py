@@ -157,7 +157,7 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
             iteration += 1
             yield record
         accepted_entries = len(keep)
-        keep += range(past + len(pending), past + len(pending) + len(probes))    # the new probes stay in flight
+        keep = sorted(keep) + list(range(past + len(pending), past + len(pending) + len(probes)))   # probes stay in flight
         if pending:                                   # drop rejected pairs, commit accepted ones before the probes
             select_cache_positions(cache, torch.cat([torch.arange(committed, device=device),
                                                      torch.tensor(keep, dtype=torch.long, device=device)]))
