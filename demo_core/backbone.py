@@ -87,15 +87,14 @@ def sample_from_logits(logits_BV: torch.Tensor, sampling: SamplingConfig, genera
             top, top_index = probs_BV.sort(dim=-1, descending=True)
         probs_BV, index_BV = top, top_index
     cumulative = probs_BV.cumsum(-1)
-    mass = cumulative[:, -1:]
     if index_BV is not None:
         # the nucleus: the smallest prefix (by probability) whose mass reaches top_p
-        kept = ((cumulative - probs_BV) <= sampling.top_p).sum(-1, keepdim=True)
-        mass = cumulative.gather(-1, kept - 1)
+        last = ((cumulative - probs_BV) <= sampling.top_p).sum(-1, keepdim=True) - 1
+        mass = cumulative.gather(-1, last)
     else:
-        kept = torch.full_like(mass, logits_BV.shape[-1], dtype=torch.long)
+        last, mass = logits_BV.shape[-1] - 1, cumulative[:, -1:]
     u = torch.rand(mass.shape, generator=generator, device=mass.device) * mass
-    picked = torch.searchsorted(cumulative, u, right=True).clamp(max=kept - 1)     # first cell whose cumulative passes u
+    picked = torch.searchsorted(cumulative, u, right=True).clamp(max=last)     # first cell whose cumulative passes u
     return (picked if index_BV is None else index_BV.gather(-1, picked)).squeeze(-1)
 
 

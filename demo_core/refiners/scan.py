@@ -133,7 +133,7 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
         logits = out.logits[0]
         cache = out.past_key_values
 
-        keep: list[int] = []                          # cache positions after `committed` to keep, in order
+        accepted_entries: list[int] = []              # cache positions of accepted pairs: their <at_n> (in flight) and code
         if pending:
             record = ScanIteration(iteration, [], [], [], [], [], [])
             new_scores = quality_from_logits(logits[: len(pending)], vocab).tolist()
@@ -149,19 +149,18 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
                 if accepted:
                     codes[cell] = code
                     scores[cell] = new_score              # Eq. 6
-                    keep += [committed + j, past + j]     # its <at_n> (in flight) and its code
+                    accepted_entries += [committed + j, past + j]
                 else:
                     tries[cell] += 1
             idle = 0 if any(record.accepted) else idle + 1
             record.codes, record.scores = torch.tensor(codes), torch.tensor(scores)
             iteration += 1
             yield record
-        accepted_entries = len(keep)
-        keep = sorted(keep) + list(range(past + len(pending), past + len(pending) + len(probes)))   # probes stay in flight
-        if pending:                                   # drop rejected pairs, commit accepted ones before the probes
+        if pending:       # commit the accepted pairs (sorted) before the new probes, which stay in flight; drop the rest
+            tail = sorted(accepted_entries) + list(range(past + len(pending), past + len(pending) + len(probes)))
             select_cache_positions(cache, torch.cat([torch.arange(committed, device=device),
-                                                     torch.tensor(keep, dtype=torch.long, device=device)]))
-        committed += accepted_entries
+                                                     torch.tensor(tail, dtype=torch.long, device=device)]))
+        committed += len(accepted_entries)
         if probes:
             gen_logits = logits[len(pending):, : vocab.codebook_size]
             sampled = sample_from_logits(gen_logits, sampling, generator)
@@ -169,6 +168,5 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
         else:
             pending = []
     state.cache = cache
-    device_codes = torch.tensor(codes, device=state.codes.device)
-    state.codes = device_codes[None]
+    state.codes = torch.tensor(codes, device=state.codes.device)[None]
     state.scores = torch.tensor(scores, dtype=state.scores.dtype, device=state.scores.device)[None]
