@@ -66,6 +66,12 @@ def test_task_weights():
     assert np.allclose(trainer.parse_task_weights(""), 1 / len(names))
     with pytest.raises(SystemExit, match="unknown task"):
         trainer.parse_task_weights("sketch=2")
+    with pytest.raises(SystemExit, match="not a number"):
+        trainer.parse_task_weights("edges=lots")
+    assert np.allclose(trainer.parse_k_weights("1,2,2"), [0.2, 0.4, 0.4])
+    for bad, message in (("1,2", "three numbers"), ("1,x,2", "not a number"), ("0,0,0", "not all zero")):
+        with pytest.raises(SystemExit, match=message):
+            trainer.parse_k_weights(bad)
 
 
 def test_auroc():

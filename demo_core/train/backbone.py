@@ -51,10 +51,29 @@ def parse_task_weights(text: str) -> np.ndarray:
         name, _, value = item.partition("=")
         if name not in weights:
             raise SystemExit(f"--task-weights: unknown task {name!r}; tasks are {', '.join(TASKS)}")
-        weights[name] = float(value)
-    array = np.array(list(weights.values()))
+        weights[name] = _number(value, "--task-weights", "'edges=2,posterize=2'")
+    return _normalised(list(weights.values()), "--task-weights", "'edges=2,posterize=2'")
+
+
+def parse_k_weights(text: str) -> np.ndarray:
+    """'1,2,2' -> normalised frequencies of K = 1, 2, 3."""
+    values = [_number(v, "--k-weights", "1,2,2") for v in text.split(",")]
+    if len(values) != 3:
+        raise SystemExit("--k-weights takes three numbers (K = 1, 2, 3), e.g. 1,2,2")
+    return _normalised(values, "--k-weights", "1,2,2")
+
+
+def _number(text: str, option: str, example: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"{option}: {text.strip()!r} is not a number; e.g. {example}") from None
+
+
+def _normalised(values: list[float], option: str, example: str) -> np.ndarray:
+    array = np.array(values)
     if (array < 0).any() or array.sum() <= 0:
-        raise SystemExit("--task-weights: weights must be non-negative and not all zero")
+        raise SystemExit(f"{option}: weights must be non-negative and not all zero; e.g. {example}")
     return array / array.sum()
 
 
@@ -332,11 +351,7 @@ def main(argv=None):
     parser.add_argument("--draft-negatives", type=float, default=0.0,
                         help="share of examples whose answer inputs are the model's own free-running draft")
     args = parser.parse_args(argv)
-    task_weights = parse_task_weights(args.task_weights)
-    k_weights = np.array([float(w) for w in args.k_weights.split(",")])
-    if len(k_weights) != 3 or (k_weights < 0).any() or k_weights.sum() <= 0:
-        parser.error("--k-weights takes three non-negative numbers, e.g. 1,2,2")
-    k_weights = k_weights / k_weights.sum()
+    task_weights, k_weights = parse_task_weights(args.task_weights), parse_k_weights(args.k_weights)
     command = " ".join(["python -m demo_core.train backbone", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
 
     torch.manual_seed(args.seed)
