@@ -74,6 +74,24 @@ def test_task_weights():
             trainer.parse_k_weights(bad)
 
 
+def test_quality_weights_mask_tokens_out_of_the_quality_loss():
+    torch.manual_seed(0)
+    vocab = trainer.Vocab(16, 4)
+    model = trainer.build_backbone(trainer.BackboneConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64), vocab)
+    context, answer = torch.randint(0, 16, (2, 12)), torch.randint(0, 16, (2, 4))
+    ids, pos, gen_t, q_t, tail = trainer.build_batch(vocab, context, answer, None, torch.Generator().manual_seed(0), max_refine=0)
+    q_t = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]])
+    full = trainer.losses(model, vocab, ids, pos, gen_t, q_t, tail)
+    ones = trainer.losses(model, vocab, ids, pos, gen_t, q_t, tail, torch.ones(2, 4))
+    assert torch.allclose(full[1], ones[1]) and torch.equal(full[0], ones[0])
+    # weight 0 on row 0: the quality loss is the mean over row 1 only, whatever row 0's labels say
+    masked = trainer.losses(model, vocab, ids, pos, gen_t, q_t, tail, torch.tensor([[0.0] * 4, [1.0] * 4]))
+    flipped = trainer.losses(model, vocab, ids, pos, gen_t, torch.stack([1 - q_t[0], q_t[1]]), tail,
+                             torch.tensor([[0.0] * 4, [1.0] * 4]))
+    row1 = torch.nn.functional.cross_entropy(full[3][1].float(), q_t[1])
+    assert torch.allclose(masked[1], row1) and torch.allclose(flipped[1], row1)
+
+
 def test_auroc():
     import numpy as np
 
@@ -90,7 +108,7 @@ def test_trainer_runs_exports_and_resumes(tmp_path):
     info = json.loads((bundle / "backbone" / "training.json").read_text())
     assert info["step"] == 3 and info["validation"]["token_accuracy"] >= 0
     assert json.loads((bundle / "bundle.json").read_text())["parts"]["backbone"] == "backbone"
-    trainer.main([*args[:1], "5", *args[2:], "--draft-negatives", "0.5", "--k-weights", "0,1,1",
+    trainer.main([*args[:1], "5", *args[2:], "--draft-negatives", "0.5", "--draft-quality", "0", "--k-weights", "0,1,1",
                   "--task-weights", "edges=3"])                  # resume to 5 steps with the other data options
     info = json.loads((bundle / "backbone" / "training.json").read_text())
     assert info["step"] == 5 and set(info["validation"]["draft_auroc"]) <= set(trainer.TASKS)

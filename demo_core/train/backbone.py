@@ -9,7 +9,8 @@ SCAN form and an appended refinement segment (SCAN Sec. "Training", Fig. 2a):
   sampled from the model's own teacher-forced predictions in a no-grad pass on the same batch);
 - with probability --draft-negatives an example's whole answer is instead the model's own
   free-running draft (raster, the production sampler): the errors the quality score meets at
-  inference, where most cells of a draft are wrong and the wrong ones cluster;
+  inference, where most cells of a draft are wrong and the wrong ones cluster; --draft-quality weighs
+  the quality loss on those drafted tokens (0: they teach generation only, the head learns from the rest);
 - the refinement segment re-asks mostly the corrupted cells given the whole corrupted image,
   its new tokens again negatives with probability r;
 - generation order raster or random (half each), so any cell can be (re)generated.
@@ -210,7 +211,10 @@ def build_batch(vocab: Vocab, context: torch.Tensor, answer: torch.Tensor, tf_co
     return input_ids, position_ids, gen_targets, quality_targets, tail.shape[1]
 
 
-def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_targets, tail: int):
+def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_targets, tail: int,
+           quality_weights: torch.Tensor | None = None):
+    """Generation and quality cross-entropies over the answer tail; `quality_weights` (B, N+R) weighs each
+    code token's quality term (a weighted mean; None: all 1)."""
     # an explicit mask + no cache: cell-aligned (non-consecutive) position ids must never be read as packed sequences
     logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
                    use_cache=False, logits_to_keep=tail).logits   # (B, tail, V)
@@ -218,7 +222,12 @@ def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_ta
     code_logits = logits[:, 1::2]
     quality_logits = torch.stack([code_logits[..., vocab.bad], code_logits[..., vocab.good]], -1)   # class 1 = good
     gen_loss = F.cross_entropy(at_logits.reshape(-1, vocab.codebook_size).float(), gen_targets.reshape(-1))
-    quality_loss = F.cross_entropy(quality_logits.reshape(-1, 2).float(), quality_targets.reshape(-1))
+    if quality_weights is None:
+        quality_loss = F.cross_entropy(quality_logits.reshape(-1, 2).float(), quality_targets.reshape(-1))
+    else:
+        per_token = F.cross_entropy(quality_logits.reshape(-1, 2).float(), quality_targets.reshape(-1), reduction="none")
+        weights = quality_weights.reshape(-1).float()
+        quality_loss = (per_token * weights).sum() / weights.sum().clamp_min(1e-6)
     gen_accuracy = (at_logits.argmax(-1) == gen_targets).float().mean()
     return gen_loss, quality_loss, gen_accuracy, quality_logits
 
@@ -350,6 +359,8 @@ def main(argv=None):
     parser.add_argument("--k-weights", default="1,1,1", help="relative frequencies of K = 1, 2, 3 demonstration pairs")
     parser.add_argument("--draft-negatives", type=float, default=0.0,
                         help="share of examples whose answer inputs are the model's own free-running draft")
+    parser.add_argument("--draft-quality", type=float, default=1.0,
+                        help="weight of the quality loss on a drafted answer's own tokens (0: drafts train generation only)")
     args = parser.parse_args(argv)
     task_weights, k_weights = parse_task_weights(args.task_weights), parse_k_weights(args.k_weights)
     command = " ".join(["python -m demo_core.train backbone", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
@@ -441,7 +452,11 @@ def main(argv=None):
             drafts[drafted] = model_drafts(model, vocab, context[drafted], generator)[0]
         model.train()
         ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf_codes, generator, args.max_refine, drafts=drafts)
-        gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail)
+        quality_weights = None
+        if drafts is not None and args.draft_quality != 1.0:
+            quality_weights = torch.ones(q_t.shape)
+            quality_weights[drafted, : answer.shape[1]] = args.draft_quality   # the draft segment; refinements keep 1
+        gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail, quality_weights)
         loss = gen_loss + quality_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
