@@ -39,57 +39,101 @@ def unchanged_prefix(index: torch.Tensor) -> int:
     return int((index != torch.arange(count, device=index.device)).int().argmax())
 
 
-class KVBuffer:
-    """One layer's keys and values in a preallocated buffer (grown by doubling); SCAN edits compact it in place."""
+class KVStore:
+    """The keys and values of `num_layers` layers in one preallocated buffer (layers, 2, B, H, capacity, d), grown
+    by doubling. A step writes only its new entries; SCAN's cache edits (`keep`, `select_batch`) move every layer's
+    keys and values in one operation instead of two per layer."""
 
-    def __init__(self):
-        self.key_buffer = self.value_buffer = None
-        self.length = 0
+    def __init__(self, num_layers: int = 1):
+        self.buffer = None
+        self.lengths = [0] * num_layers
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor):
-        end = self.length + keys.shape[-2]
-        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+    def update_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        begin = self.lengths[layer]
+        end = begin + keys.shape[-2]
+        if self.buffer is None or end > self.buffer.shape[-2]:
             capacity = max(256, 1 << (end - 1).bit_length())
-            new_k = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
-            new_v = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
-            if self.length:
-                new_k[..., : self.length, :] = self.key_buffer[..., : self.length, :]
-                new_v[..., : self.length, :] = self.value_buffer[..., : self.length, :]
-            self.key_buffer, self.value_buffer = new_k, new_v
-        self.key_buffer[..., self.length:end, :] = keys
-        self.value_buffer[..., self.length:end, :] = values
-        self.length = end
-        return self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+            grown = keys.new_empty(len(self.lengths), 2, *keys.shape[:2], capacity, keys.shape[-1])
+            used = max(self.lengths)
+            if used:
+                grown[..., :used, :] = self.buffer[..., :used, :]
+            self.buffer = grown
+        self.buffer[layer, 0, ..., begin:end, :] = keys
+        self.buffer[layer, 1, ..., begin:end, :] = values
+        self.lengths[layer] = end
+        return self.buffer[layer, 0, ..., :end, :], self.buffer[layer, 1, ..., :end, :]
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.lengths[0]
 
     def keep(self, index: torch.Tensor, start: int | None = None) -> None:
-        """Keep only sequence positions `index` (sorted), compacted to the front. `start`: `unchanged_prefix(index)`
-        when the caller already knows it (one computation for all layers)."""
-        if self.key_buffer is None:
+        """Keep only sequence positions `index` (sorted, distinct) of every layer, compacted to the front. `start`:
+        `unchanged_prefix(index)` when the caller already knows it; only the entries after it move."""
+        if self.buffer is None:
             return
+        if len(set(self.lengths)) != 1:
+            raise RuntimeError(f"cache edit between the layers of one forward (lengths {self.lengths})")
         if start is None:
             start = unchanged_prefix(index)      # SCAN keeps the whole committed prefix: move only the tail
-        kept_k = self.key_buffer[..., : self.length, :].index_select(-2, index[start:])
-        kept_v = self.value_buffer[..., : self.length, :].index_select(-2, index[start:])
-        self.length = int(index.numel())
-        self.key_buffer[..., start: self.length, :] = kept_k
-        self.value_buffer[..., start: self.length, :] = kept_v
+        kept = self.buffer[..., : self.lengths[0], :].index_select(-2, index[start:])
+        count = int(index.numel())
+        self.buffer[..., start:count, :] = kept
+        self.lengths = [count] * len(self.lengths)
 
     def select_batch(self, row: int) -> None:
-        self.key_buffer = self.key_buffer[row:row + 1].clone()
-        self.value_buffer = self.value_buffer[row:row + 1].clone()
+        """Keep one batch row (the chosen candidate)."""
+        self.buffer = self.buffer[:, :, row:row + 1].clone()
 
 
-class FastCache:
-    """The KV cache of `FastLlama`: a list of `KVBuffer`s (the same `layers` API SCAN's cache edits use)."""
+class KVBuffer(KVStore):
+    """One layer's keys and values (a one-layer `KVStore`): the buffer behind `backbone.GrowingLayer`."""
 
-    def __init__(self, num_layers: int):
-        self.layers = [KVBuffer() for _ in range(num_layers)]
+    def __init__(self):
+        super().__init__(1)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor):
+        return self.update_layer(0, keys, values)
+
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
+
+    @property
+    def key_buffer(self) -> torch.Tensor:
+        return self.buffer[0, 0]
+
+    @property
+    def value_buffer(self) -> torch.Tensor:
+        return self.buffer[0, 1]
+
+
+class FastLayer:
+    """One layer's view of a `FastCache`."""
+
+    def __init__(self, store: KVStore, index: int):
+        self.store, self.index = store, index
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor):
+        return self.store.update_layer(self.index, keys, values)
 
     def get_seq_length(self) -> int:
-        return self.layers[0].length
+        return self.store.lengths[self.index]
+
+    @property
+    def key_buffer(self) -> torch.Tensor:
+        return self.store.buffer[self.index, 0]
+
+    @property
+    def value_buffer(self) -> torch.Tensor:
+        return self.store.buffer[self.index, 1]
+
+
+class FastCache(KVStore):
+    """The KV cache of `FastLlama`: all layers in one `KVStore`; `layers` are per-layer views (the forward's API)."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(num_layers)
+        self.layers = [FastLayer(self, i) for i in range(num_layers)]
 
 
 @dataclass
@@ -199,11 +243,12 @@ class FastLlama:
         mask, causal = None, False
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask
+        elif length > 1 and past:
+            mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
         elif length > 1:
-            if past == 0:
-                causal = True
-            else:
-                mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
+            causal = True
+        if mask is not None:        # additive, in the compute dtype, once: SDPA would convert a boolean mask in every layer
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(mask.logical_not(), float("-inf"))
         q_size = self.heads * self.head_dim
         half = self.head_dim // 2
         layers, (norm, head) = self.weights

@@ -133,7 +133,7 @@ def test_scan_scores_match_an_uncached_forward(tiny_model):
         draft = interleave_answer(VOCAB, order, run_draft(tiny_model, SamplingConfig(temperature=0))[1].codes[0])
         ids = torch.cat([context(), draft, torch.tensor([VOCAB.at(cell), new])])[None]
         pos = torch.cat([torch.arange(ctx_len), (ctx_len + order).repeat_interleave(2), torch.tensor([ctx_len + cell] * 2)])[None]
-        logits = tiny_model(input_ids=ids, position_ids=pos).logits[0]
+        logits = tiny_model(input_ids=ids, position_ids=pos).logits[0].detach()
         from demo_core.backbone import quality_from_logits
         assert abs(float(quality_from_logits(logits[-1], VOCAB)) - s_new) < 1e-4
 

@@ -40,6 +40,26 @@ def test_prefill_then_steps_match_an_uncached_forward(tiny_model, which):
     assert last.shape[1] == 1 and torch.allclose(last, reference[:, -1:], atol=1e-5)
 
 
+def test_cache_grows_keeps_and_selects_every_layer_alike(tiny_model):
+    """One buffer holds all layers: growing past 256 slots, a SCAN edit and a candidate pick move them together."""
+    from demo_core.refiners.scan import select_cache_batch, select_cache_positions
+
+    ids = torch.randint(0, 30, (2, 300))
+    positions = torch.arange(300)[None].repeat(2, 1)
+    runner = FastLlama(tiny_model)
+    cache = runner(ids[:, :200], positions[:, :200]).past_key_values
+    out = runner(ids[:, 200:], positions[:, 200:], past_key_values=cache)
+    assert torch.allclose(out.logits, hf_logits(tiny_model, ids, positions)[:, 200:], atol=1e-5)
+    before = [(layer.key_buffer[..., :300, :].clone(), layer.value_buffer[..., :300, :].clone()) for layer in cache.layers]
+    keep = torch.tensor([0, 1, 2, 150, 299])
+    select_cache_positions(cache, keep)
+    select_cache_batch(cache, 1)
+    assert cache.get_seq_length() == 5 == cache.layers[1].get_seq_length()
+    for layer, (keys, values) in zip(cache.layers, before):
+        assert torch.equal(layer.key_buffer[..., :5, :], keys[1:2].index_select(-2, keep))
+        assert torch.equal(layer.value_buffer[..., :5, :], values[1:2].index_select(-2, keep))
+
+
 def test_four_d_mask_and_cache_edits_match_transformers(tiny_model):
     """SCAN's forward: new pairs that see the cache and only themselves, then keep some positions."""
     from transformers.cache_utils import DynamicCache

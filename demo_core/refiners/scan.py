@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ..backbone import DraftState, SamplingConfig, quality_from_logits, sample_from_logits
@@ -48,7 +49,11 @@ class ScanIteration:
 
 
 def select_cache_positions(cache, keep: torch.Tensor) -> None:
-    """Keep only the sequence positions `keep` (1-D long) of every layer of a DynamicCache, in place."""
+    """Keep only the sequence positions `keep` (1-D long, sorted) of every layer of the cache, in place: a
+    `fast_llama.FastCache` in one operation, transformers' caches layer by layer."""
+    if hasattr(cache, "keep"):
+        cache.keep(keep)
+        return
     start = None
     for layer in cache.layers:
         if hasattr(layer, "keep"):
@@ -62,6 +67,9 @@ def select_cache_positions(cache, keep: torch.Tensor) -> None:
 
 def select_cache_batch(cache, index: int) -> None:
     """Keep one batch row (the chosen candidate) of every layer, in place."""
+    if hasattr(cache, "select_batch"):
+        cache.select_batch(index)
+        return
     for layer in cache.layers:
         if hasattr(layer, "select_batch"):
             layer.select_batch(index)
@@ -89,12 +97,13 @@ def pipeline_mask(committed: int, pending: int, probes: int, device) -> torch.Te
     cache, its own <at_n> and itself; each new probe sees the committed cache and itself."""
     past = committed + pending
     new = pending + probes
-    mask = torch.zeros(1, 1, new, past + new, dtype=torch.bool, device=device)
+    mask = np.zeros((1, 1, new, past + new), dtype=bool)      # numpy: a handful of ~1 us ops, not torch's ~10 us each
     mask[..., :committed] = True
-    rows = torch.arange(new, device=device)
+    rows = np.arange(new)
     mask[0, 0, rows, past + rows] = True
-    flight = torch.arange(pending, device=device)
-    mask[0, 0, flight, committed + flight] = True
+    mask[0, 0, rows[:pending], committed + rows[:pending]] = True
+    mask = torch.from_numpy(mask)
+    return mask if torch.device(device).type == "cpu" else mask.to(device)
     return mask
 
 
