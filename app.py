@@ -17,7 +17,7 @@ import gradio as gr  # noqa: E402
 
 from demo_core import viz  # noqa: E402
 from studio.handlers import (DRAFT_MODES, MAX_ROWS, MODEL_KINDS, OUTPUTS, METRIC_COLUMNS, TIMING_COLUMNS,  # noqa: E402
-                             Studio, add_pair, compare_view, default_refiner, draft_modes, example_preview,
+                             QUALITY_SCORE_CHOICES, Studio, add_pair, compare_view, default_refiner, draft_modes, example_preview,
                              list_examples, refiner_choices, remove_pair, stopped_status, timeline_view)
 from studio.layout import CSS, HEADER, IDLE_STATUS, TITLE, legend, theme  # noqa: E402
 
@@ -111,6 +111,10 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
                     with gr.Row():
                         top_k = gr.Slider(0, 1024, value=0, step=1, label="top-k", info="0 = off")
                         candidates = gr.Slider(1, 8, value=1, step=1, label="candidates", info="best mean quality wins")
+                    quality_score = gr.Radio(QUALITY_SCORE_CHOICES, value="combined", label="Quality score",
+                                             info="what the heatmap shows and SCAN ranks and compares "
+                                                  "(LVM-format models: always the token probability)",
+                                             elem_id="quality-score")
                     with gr.Row(equal_height=True):
                         seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                         randomize = gr.Checkbox(value=False, label="randomize seed")
@@ -190,7 +194,7 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
         generation = generate_button.click(
             studio.generate_endpoint(),
             [*pair_images, query, truth, refiners, scan_iterations, scan_cells, temperature, top_p, top_k, seed,
-             randomize, candidates, canvas_every, frame_ms, draft_mode],
+             randomize, candidates, canvas_every, frame_ms, draft_mode, quality_score],
             outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
             show_progress_on=[status])
         # cancel first, then mark the status: a frame still in flight from the cancelled run cannot overwrite it

@@ -59,6 +59,8 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--scan-iterations", type=int, default=30, help="SCAN T")
     parser.add_argument("--scan-cells", type=int, default=4, help="SCAN c")
+    parser.add_argument("--quality-score", choices=("combined", "head"), default="combined",
+                        help="the score SCAN ranks and compares: p(<good>) x p(code) (default), or the quality head alone")
     parser.add_argument("--bundle", default=None, help="bundle folder, Hub id or lvm-7b (default: embedded retouch-tiny)")
     parser.add_argument("--out", type=Path, default=Path("out.png"))
     parser.add_argument("--heatmap", action="store_true", help="also write OUT.quality.png (per-token quality of the final image)")
@@ -76,7 +78,8 @@ def generate_main(argv=None) -> int:
         engine = load_engine(args.bundle)
         result = engine.run([tuple(p) for p in args.pair], args.query, refine=refine, seed=args.seed,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, candidates=args.candidates,
-                            scan_iterations=args.scan_iterations, scan_cells=args.scan_cells)
+                            scan_iterations=args.scan_iterations, scan_cells=args.scan_cells,
+                            quality_score=args.quality_score)
     except (BundleError, EngineInputError) as error:
         return _fail(str(error))
     try:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbone import DraftState, SamplingConfig, draft_scan, score_answer
+from .backbone import QUALITY_SCORES, DraftState, SamplingConfig, draft_scan, score_answer
 from .bundle import Bundle, load_bundle
 from .events import DraftDone, Event, Finished, GenerationStarted, Result, ScanStep, StageDone, TokensWritten, WindowSlid
 from .images import ImageInputError, float_to_pil, load_square
@@ -46,6 +46,7 @@ class RunSettings:
     candidates: int = 1
     scan_iterations: int = 30             # SCAN T
     scan_cells: int = 4                   # SCAN c
+    quality_score: str = "combined"       # backbone.token_score: "combined" p(<good>) x p(code), or "head" (SCAN paper)
     canvas_every: int = 4                 # decode the live canvas every n tokens (0: never)
     decode_scan_steps: bool = True        # decode an image after every SCAN iteration
 
@@ -155,6 +156,8 @@ class Engine:
             raise EngineInputError(f"Unknown draft mode {settings.draft_mode!r}; choose from {', '.join(DRAFT_MODES)}.")
         if settings.draft_mode == "tensor" and self.bundle.tensor is None:
             raise EngineInputError("This model has no TensorAR part (tensor/); choose the AR draft or load a bundle with tensor/.")
+        if settings.quality_score not in QUALITY_SCORES:
+            raise EngineInputError(f"Unknown quality score {settings.quality_score!r}; choose from {', '.join(QUALITY_SCORES)}.")
         if settings.candidates < 1 or settings.scan_iterations < 0 or settings.scan_cells < 1:
             raise EngineInputError("candidates and SCAN c must be at least 1, SCAN T at least 0.")
         loaded, query_image = self.prepare(pairs, query)
@@ -220,12 +223,14 @@ class Engine:
                                     canvas)
             tick = time.perf_counter()
             draft_codes = states[0].codes
-            _, scores, cache = score_answer(self.model, self.vocab, context, draft_codes)   # SCAN quality + the refiners' cache
+            _, scores, cache = score_answer(self.model, self.vocab, context, draft_codes,   # SCAN quality + the refiners' cache
+                                            score=settings.quality_score)
             state = DraftState(cache, int(context.numel()), draft_codes, scores, torch.arange(cells))
             score_time = time.perf_counter() - tick
             timings["score"] = score_time
         else:
-            for step in draft_scan(self.model, self.vocab, context, sampling, generator, state_out=states):
+            for step in draft_scan(self.model, self.vocab, context, sampling, generator, state_out=states,
+                                   score=settings.quality_score):
                 written.flat[step.cell] = True
                 canvas_codes[step.cell] = int(step.codes[0])
                 canvas = None
@@ -259,7 +264,8 @@ class Engine:
             decoded_before = timings["decode"]     # SCAN-step decodes count under "decode", not twice
             before = state.codes[0].clone()
             if stage == "scan":
-                config = ScanConfig(iterations=settings.scan_iterations, cells_per_iteration=settings.scan_cells)
+                config = ScanConfig(iterations=settings.scan_iterations, cells_per_iteration=settings.scan_cells,
+                                    score=settings.quality_score)
                 for record in scan_refine(self.model, self.vocab, state, config, sampling, generator):
                     image = None
                     if settings.decode_scan_steps:
@@ -275,7 +281,8 @@ class Engine:
                 from .refiners.self_refine import self_refine
 
                 new_codes = self_refine(self.refiner, self.model, self.vocab, state.codes, query_codes=query_codes[None])
-                gen, scores, cache = score_answer(self.model, self.vocab, context, new_codes)   # re-score the new image
+                gen, scores, cache = score_answer(self.model, self.vocab, context, new_codes,   # re-score the new image
+                                                  score=settings.quality_score)
                 state.codes, state.scores, state.cache = new_codes, scores, cache
                 state.order = torch.arange(cells)
             name = stage if stage not in stage_images else f"{stage}#{len(stage_images)}"

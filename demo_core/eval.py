@@ -79,6 +79,19 @@ def truth_statistics(engine, example: Example) -> tuple[np.ndarray, float]:
     return truth.numpy(), float(torch.exp(-log_probs.mean()))
 
 
+@torch.no_grad()
+def head_scores(engine, example: Example, tokens: np.ndarray) -> np.ndarray | None:
+    """The quality head's own p(<good>) for an answer's tokens (raster, teacher forced): the SCAN paper's score, for
+    the AUROC table next to the score the engine uses. None for models without quality tokens."""
+    from .backbone import score_answer
+
+    if engine.bundle.sequence_format != "scan":
+        return None
+    context, _ = encode_example(engine, example)
+    codes = torch.as_tensor(np.asarray(tokens)).flatten().long()[None]
+    return score_answer(engine.model, engine.vocab, context, codes, score="head")[1][0].float().cpu().numpy()
+
+
 def cosine_distances(engine, tokens: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per-token cosine distance between generated and ground-truth token embeddings (VSR Fig. 2)."""
     table = engine.model.get_input_embeddings().weight[: engine.vocab.codebook_size].detach().float().cpu()
@@ -96,7 +109,7 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
     for task in tasks:
         sampler = ExampleSampler("val", engine.image_size, seed)
         rows = {label: {"psnr": [], "ssim": [], "acc": [], "time": [], "images": [], "cos": [], "edges": []} for label in labels}
-        truths, perplexities, q_scores, q_wrong = [], [], [], []
+        truths, perplexities, q_scores, q_wrong, q_head = [], [], [], [], []
         for index in range(n):
             example = sampler.sample(task=task, k=pairs)
             truth, ppl = truth_statistics(engine, example)
@@ -119,6 +132,9 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             if draft["quality"] is not None:
                 q_scores.append(draft["quality"].flatten())
                 q_wrong.append((draft["tokens"].flatten() != truth).astype(int))
+                head = head_scores(engine, example, draft["tokens"])
+                if head is not None:
+                    q_head.append(head)
             if examples_out is not None and index == 0:
                 examples_out.append((task, example, {label: out["image"] for label, out in outputs.items()}))
             bar.update(1)
@@ -139,6 +155,8 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
         if q_scores:
             # the score should be LOW for wrong tokens: AUROC of (1 - quality) for "token differs from truth"
             table[task]["quality_auroc"] = auroc(1 - np.concatenate(q_scores), np.concatenate(q_wrong))
+        if q_head:
+            table[task]["quality_auroc_head"] = auroc(1 - np.concatenate(q_head), np.concatenate(q_wrong))
     bar.close()
     return {"table": table, "curves": {label: np.mean(v, axis=0).tolist() for label, v in curves.items()},
             "task_curves": task_curves}
@@ -209,11 +227,14 @@ def markdown(report: dict) -> str:
             fid = f"{e['fid']:.1f}" if e.get("fid") is not None else "n/a"
             lines.append(f"| {task} | {label} | {e['psnr']:.2f} | {e['ssim']:.3f} | {e['lpips']:.3f} | {e['token_acc']:.3f} | "
                          f"{e['cos_auc']:.3f} | {fid} | {e['seconds']:.2f} |")
-    lines += ["", "| task | GT perplexity | quality AUROC (wrong vs right draft tokens) | edge P / R / F1 (draft) |", "|---|---|---|---|"]
+    score = report.get("settings", {}).get("quality_score", "combined")
+    lines += ["", f"| task | GT perplexity | quality AUROC, the engine's score ({score}) | AUROC, quality head alone "
+                  "(SCAN paper) | edge P / R / F1 (draft) |", "|---|---|---|---|---|"]
     for task, rows in report["table"].items():
         edge = rows["draft"].get("edge_precision")
         edge_text = f"{edge:.2f} / {rows['draft']['edge_recall']:.2f} / {rows['draft']['edge_f1']:.2f}" if edge is not None else ""
-        lines.append(f"| {task} | {rows['perplexity']:.1f} | {rows.get('quality_auroc', float('nan')):.3f} | {edge_text} |")
+        lines.append(f"| {task} | {rows['perplexity']:.1f} | {rows.get('quality_auroc', float('nan')):.3f} | "
+                     f"{rows.get('quality_auroc_head', float('nan')):.3f} | {edge_text} |")
     labels = [l for l in STAGE_RUNS if all(l in rows for rows in report["table"].values())]
     if len(labels) > 1:
         lines += ["", "Change vs draft (PSNR dB): " + "; ".join(
@@ -285,6 +306,8 @@ def plot_examples(examples: list, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    from .backbone import QUALITY_SCORES
+
     parser = argparse.ArgumentParser(prog="python -m demo_core eval", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", default=None, help="bundle folder or Hub id (default: embedded retouch-tiny)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
@@ -295,6 +318,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--scan-iterations", type=int, default=30)
     parser.add_argument("--scan-cells", type=int, default=4)
+    parser.add_argument("--quality-score", choices=QUALITY_SCORES, default="combined",
+                        help="the score SCAN ranks and compares: p(<good>) x p(code), or the quality head alone")
     parser.add_argument("--incontext", type=int, default=8, help="query photos for the in-context check (0: skip)")
     parser.add_argument("--ablate-T", default="", help="SCAN ablation iterations, e.g. 0,10,20,30")
     parser.add_argument("--ablate-c", default="", help="SCAN ablation cells per iteration, e.g. 1,2,4,8")
@@ -337,7 +362,7 @@ def main(argv=None) -> int:
             print(f"error: --tensor-variants: {error}")
             return 1
     settings = {"temperature": args.temperature, "top_p": args.top_p, "scan_iterations": args.scan_iterations,
-                "scan_cells": args.scan_cells}
+                "scan_cells": args.scan_cells, "quality_score": args.quality_score}
     labels = stage_labels(engine)
     start = time.time()
     examples: list = []

@@ -49,6 +49,7 @@ REFINER_CHOICES = {
 }
 MODEL_KINDS = ("embedded default", "local bundle folder", "Hub repo id")
 DRAFT_MODES = {"ar": "AR: one token per step", "tensor": "TensorAR: sliding windows, tokens revised"}
+QUALITY_SCORE_CHOICES = [("quality head × token probability", "combined"), ("quality head only (SCAN paper)", "head")]
 
 # Every generate() yield is a tuple in this order; app.py builds the components in the same order.
 OUTPUTS = (
@@ -335,7 +336,7 @@ class Studio:
 
     def generate(self, pairs, query, truth=None, refiners: str = "SCAN", scan_iterations=30, scan_cells=4,
                  temperature=1.0, top_p=0.9, top_k=0, seed=0, randomize_seed=False, candidates=1,
-                 canvas_every=4, frame_ms=60, draft_mode="ar") -> Iterator[tuple]:
+                 canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined") -> Iterator[tuple]:
         """Draft the answer token by token, then refine; yields output tuples (OUTPUTS order) as it goes."""
         engine = self.engine             # one model for the whole run, even if another is loaded meanwhile
         pairs = [(x, y) for x, y in (pairs or []) if x is not None or y is not None]
@@ -354,6 +355,10 @@ class Studio:
             raise gr.Error(f"This model cannot draft in mode {draft_mode!r}; choose one of: {', '.join(draft_modes(engine))}.")
         if draft_mode != "ar":
             settings["draft_mode"] = draft_mode
+        quality_score = quality_score or "combined"
+        if quality_score not in dict(QUALITY_SCORE_CHOICES).values():
+            raise gr.Error(f"Unknown quality score {quality_score!r}; choose combined or head.")
+        settings["quality_score"] = quality_score
         seed = random.randint(0, MAX_SEED) if randomize_seed else _number(seed, "seed", 0, MAX_SEED, int)
         frame_seconds = _number(frame_ms, "live view pace", 0, 2000, float) / 1000.0
         truth_image = None

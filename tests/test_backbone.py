@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from demo_core.backbone import SamplingConfig, draft_scan, sample_from_logits, score_answer
@@ -12,9 +13,10 @@ def context(seed=0, images=3):
     return torch.randint(0, VOCAB.codebook_size, (images * VOCAB.cells,), generator=g)
 
 
-def run_draft(model, sampling, seed=0, order=None):
+def run_draft(model, sampling, seed=0, order=None, score="combined"):
     state = []
-    steps = list(draft_scan(model, VOCAB, context(), sampling, torch.Generator().manual_seed(seed), order=order, state_out=state))
+    steps = list(draft_scan(model, VOCAB, context(), sampling, torch.Generator().manual_seed(seed), order=order, state_out=state,
+                            score=score))
     return steps, state[0]
 
 
@@ -135,7 +137,26 @@ def test_scan_scores_match_an_uncached_forward(tiny_model):
         pos = torch.cat([torch.arange(ctx_len), (ctx_len + order).repeat_interleave(2), torch.tensor([ctx_len + cell] * 2)])[None]
         logits = tiny_model(input_ids=ids, position_ids=pos).logits[0].detach()
         from demo_core.backbone import quality_from_logits
-        assert abs(float(quality_from_logits(logits[-1], VOCAB)) - s_new) < 1e-4
+        head = float(quality_from_logits(logits[-1], VOCAB))
+        probability = float(torch.softmax(logits[-2, : VOCAB.codebook_size], -1)[new])   # p(y'_n) at its <at_n>
+        assert abs(head * probability - s_new) < 1e-4
+
+
+def test_head_score_is_the_quality_token_alone_and_combined_multiplies_in_the_code_probability(tiny_model):
+    from demo_core.backbone import code_probability, quality_from_logits, score_answer, token_score
+
+    codes = run_draft(tiny_model, SamplingConfig(temperature=0))[1].codes
+    gen, combined, _ = score_answer(tiny_model, VOCAB, context(), codes)
+    _, head, _ = score_answer(tiny_model, VOCAB, context(), codes, score="head")
+    probability = code_probability(gen, codes)
+    assert torch.allclose(combined, head * probability, atol=1e-6) and (combined < head).all()
+    _, state = run_draft(tiny_model, SamplingConfig(temperature=0), score="head")
+    assert torch.allclose(state.scores, head, atol=1e-5)
+    history = list(scan_refine(tiny_model, VOCAB, state, ScanConfig(iterations=2, cells_per_iteration=2, patience=100,
+                                                                    score="head"), SamplingConfig(), torch.Generator().manual_seed(0)))
+    assert all(0 <= s <= 1 for record in history for s in record.new_scores)
+    with pytest.raises(ValueError, match="quality score"):
+        token_score(head, probability, "entropy")
 
 
 def test_max_pairs():
@@ -190,8 +211,9 @@ def test_scan_over_many_iterations_matches_an_uncached_sequence():
         for cell, new, score in zip(record.cells, record.new_tokens, record.new_scores):
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids + [VOCAB.at(cell), new]]),
-                               position_ids=torch.tensor([pos + [length + cell] * 2])).logits[0, -1]
-            assert abs(float(quality_from_logits(logits, VOCAB)) - score) < 1e-4
+                               position_ids=torch.tensor([pos + [length + cell] * 2])).logits[0, -2:]
+            probability = float(torch.softmax(logits[0, : VOCAB.codebook_size], -1)[new])    # p(y'_n) at its <at_n>
+            assert abs(float(quality_from_logits(logits[1], VOCAB)) * probability - score) < 1e-4
         for cell, new, ok in zip(record.cells, record.new_tokens, record.accepted):
             if ok:
                 ids += [VOCAB.at(cell), new]

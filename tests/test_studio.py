@@ -141,6 +141,15 @@ def test_both_refiners_in_either_order(images, tmp_path):
         assert "VSR" in last["status"] and last["stage_grid"].width > 3 * 100
 
 
+def test_quality_score_choice_reaches_the_heatmap(studio, images):
+    """The paper's head-only score and the default combined one: same draft tokens, the combined score is lower."""
+    head = run(studio, images, quality_score="head")[-1]["run_state"].result
+    combined = run(studio, images)[-1]["run_state"].result
+    assert (head.tokens["draft"] == combined.tokens["draft"]).all()
+    assert (combined.quality["draft"] <= head.quality["draft"] + 1e-6).all()
+    assert not np.allclose(combined.quality["draft"], head.quality["draft"])
+
+
 def test_tensor_draft_shows_the_sliding_window(images, tmp_path):
     engine = load_engine(str(build_tiny_bundle(tmp_path / "with-tensor", tensor=True)))
     studio = Studio(engine)
@@ -208,6 +217,7 @@ def bad_files(tmp_path_factory):
     ("temperature not a number", dict(temperature="hot"), "temperature"),
     ("negative seed", dict(seed=-1), "seed"),
     ("TensorAR without its part", dict(draft_mode="tensor"), "cannot draft"),
+    ("unknown quality score", dict(quality_score="entropy"), "quality score"),
 ])
 def test_bad_input_raises_gr_error(studio, images, bad_files, case, overrides, message):
     files = {**images, **bad_files}

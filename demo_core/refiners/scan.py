@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..backbone import DraftState, SamplingConfig, quality_from_logits, sample_from_logits
+from ..backbone import DraftState, SamplingConfig, code_probability, quality_from_logits, sample_from_logits, token_score
 from ..fast_llama import fast_runner, unchanged_prefix
 from ..sequence import Vocab
 
@@ -31,6 +31,7 @@ class ScanConfig:
     cells_per_iteration: int = 4  # c (paper default 4)
     max_tries: int = 3            # a cell rejected this many times is left alone
     patience: int = 8             # stop after this many iterations in a row accept nothing
+    score: str = "combined"       # backbone.token_score: "combined" (p(<good>) x p(code)) or "head" (the paper's)
 
 
 @dataclass
@@ -125,6 +126,7 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
     committed = cache_length(cache)
     tries = [0] * vocab.cells
     pending: list[tuple[int, int]] = []       # (cell, new code) awaiting their score; their <at_n> is in the cache
+    pending_probability: list[float] = []     # p(new code) under the probe's distribution
     idle, iteration = 0, 0
     for step in range(config.iterations + 1):
         probes: list[int] = []
@@ -145,7 +147,8 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
         accepted_entries: list[int] = []              # cache positions of accepted pairs: their <at_n> (in flight) and code
         if pending:
             record = ScanIteration(iteration, [], [], [], [], [], [])
-            new_scores = quality_from_logits(logits[: len(pending)], vocab).tolist()
+            new_scores = token_score(quality_from_logits(logits[: len(pending)], vocab),
+                                     torch.tensor(pending_probability), config.score).tolist()
             for j, (cell, code) in enumerate(pending):
                 new_score, old_score = new_scores[j], scores[cell]
                 accepted = new_score > old_score          # Eq. 5: keep only if the score improves
@@ -174,8 +177,9 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
             gen_logits = logits[len(pending):, : vocab.codebook_size]
             sampled = sample_from_logits(gen_logits, sampling, generator)
             pending = list(zip(probes, sampled.tolist()))
+            pending_probability = code_probability(gen_logits, sampled).tolist()
         else:
-            pending = []
+            pending, pending_probability = [], []
     state.cache = cache
     state.codes = torch.tensor(codes, device=state.codes.device)[None]
     state.scores = torch.tensor(scores, dtype=state.scores.dtype, device=state.scores.device)[None]
