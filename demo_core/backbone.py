@@ -64,20 +64,25 @@ class SamplingConfig:
     candidates: int = 1     # drafts drawn in one batch; the best mean quality wins
 
 
-def sample_from_logits(logits_BV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def sample_from_logits(logits_BV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None,
+                       with_probability: bool = False):
     """(B, V) logits over codes only -> (B,) sampled indices. Float32 maths.
+
+    `with_probability`: also return each drawn code's probability under the model's full distribution
+    (`code_probability`), reusing the sampler's softmax when it is that distribution (temperature 1, no top-k).
 
     Draws by inverse CDF (one uniform per row, a binary search in the cumulative probabilities):
     `torch.multinomial` costs ~35 us a row on a CPU, most of a decoding step's sampling time.
     """
-    logits_BV = logits_BV.float()
+    raw_BV = logits_BV = logits_BV.float()
     if sampling.temperature <= 0:
-        return logits_BV.argmax(-1)
+        picked = logits_BV.argmax(-1)
+        return (picked, code_probability(raw_BV, picked)) if with_probability else picked
     logits_BV = logits_BV / sampling.temperature
     if sampling.top_k and sampling.top_k < logits_BV.shape[-1]:
         kth = torch.topk(logits_BV, sampling.top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-    probs_BV = torch.softmax(logits_BV, dim=-1)
+    full_BV = probs_BV = torch.softmax(logits_BV, dim=-1)
     index_BV = None
     if 0 < sampling.top_p < 1:
         # the nucleus usually lies in the top 64 (a cheap partial sort); the full sort only when it does not
@@ -95,7 +100,12 @@ def sample_from_logits(logits_BV: torch.Tensor, sampling: SamplingConfig, genera
         last, mass = logits_BV.shape[-1] - 1, cumulative[:, -1:]
     u = torch.rand(mass.shape, generator=generator, device=mass.device) * mass
     picked = torch.searchsorted(cumulative, u, right=True).clamp(max=last)     # first cell whose cumulative passes u
-    return (picked if index_BV is None else index_BV.gather(-1, picked)).squeeze(-1)
+    codes = (picked if index_BV is None else index_BV.gather(-1, picked)).squeeze(-1)
+    if not with_probability:
+        return codes
+    if sampling.temperature == 1 and not (sampling.top_k and sampling.top_k < raw_BV.shape[-1]):
+        return codes, full_BV.gather(-1, codes[:, None])[:, 0]
+    return codes, code_probability(raw_BV, codes)
 
 
 QUALITY_SCORES = ("combined", "head")
@@ -258,8 +268,7 @@ def draft_scan(model, vocab: Vocab, context: torch.Tensor, sampling: SamplingCon
     gen_logits = logits[:, -1, : vocab.codebook_size]
     for index in range(cells):
         cell = int(order[index])
-        new_codes = sample_from_logits(gen_logits, sampling, generator)
-        probability = code_probability(gen_logits, new_codes)
+        new_codes, probability = sample_from_logits(gen_logits, sampling, generator, with_probability=True)
         codes[:, cell] = new_codes
         if index + 1 < cells:
             nxt = int(order[index + 1])

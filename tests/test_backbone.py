@@ -157,6 +157,18 @@ def test_head_score_is_the_quality_token_alone_and_combined_multiplies_in_the_co
     assert all(0 <= s <= 1 for record in history for s in record.new_scores)
     with pytest.raises(ValueError, match="quality score"):
         token_score(head, probability, "entropy")
+    with pytest.raises(ValueError, match="quality score"):
+        list(scan_refine(tiny_model, VOCAB, state, ScanConfig(score="entropy"), SamplingConfig()))
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5), SamplingConfig(temperature=0)])
+def test_sampler_reports_the_model_probability_of_what_it_drew(sampling):
+    from demo_core.backbone import code_probability
+
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * 3
+    codes, probability = sample_from_logits(logits, sampling, torch.Generator().manual_seed(1), with_probability=True)
+    assert torch.equal(codes, sample_from_logits(logits, sampling, torch.Generator().manual_seed(1)))
+    assert torch.allclose(probability, code_probability(logits, codes), atol=1e-6)
 
 
 def test_max_pairs():

@@ -2,7 +2,9 @@
 
 Each iteration t picks the c lowest-quality cells (Eq. 2), regenerates them at their
 position-instruction tokens given the whole current image (Eq. 3), scores the new tokens
-(Eq. 4) and keeps a new token only if its score beats the old one (Eqs. 5-6).
+(Eq. 4) and keeps a new token only if its score beats the old one (Eqs. 5-6). The score is
+`backbone.token_score`: by default p(<good>) x p(y'_n | image at <at_n>), the probe's own
+probability of the code it drew; `ScanConfig.score = "head"` is the paper's p(<good>) alone.
 
 Pipelined as the paper's next-set prediction: one forward per iteration carries the previous
 iteration's new codes y'_n (to be scored) and this iteration's probes <at_m> (to be generated);
@@ -20,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..backbone import DraftState, SamplingConfig, code_probability, quality_from_logits, sample_from_logits, token_score
+from ..backbone import QUALITY_SCORES, DraftState, SamplingConfig, quality_from_logits, sample_from_logits
 from ..fast_llama import fast_runner, unchanged_prefix
 from ..sequence import Vocab
 
@@ -118,6 +120,8 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
     the cache keeps the committed entries, the accepted pairs, and the new probes (in flight, visible to
     nothing but their own code next time); rejected pairs are dropped.
     """
+    if config.score not in QUALITY_SCORES:
+        raise ValueError(f"quality score must be one of {QUALITY_SCORES}, not {config.score!r}")
     device = next(model.parameters()).device
     runner = fast_runner(model)       # the same runner that built the draft's cache
     cache = state.cache
@@ -147,8 +151,9 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
         accepted_entries: list[int] = []              # cache positions of accepted pairs: their <at_n> (in flight) and code
         if pending:
             record = ScanIteration(iteration, [], [], [], [], [], [])
-            new_scores = token_score(quality_from_logits(logits[: len(pending)], vocab),
-                                     torch.tensor(pending_probability), config.score).tolist()
+            new_scores = quality_from_logits(logits[: len(pending)], vocab).tolist()
+            if config.score != "head":     # token_score, on Python floats
+                new_scores = [quality * probability for quality, probability in zip(new_scores, pending_probability)]
             for j, (cell, code) in enumerate(pending):
                 new_score, old_score = new_scores[j], scores[cell]
                 accepted = new_score > old_score          # Eq. 5: keep only if the score improves
@@ -175,9 +180,9 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
         committed += len(accepted_entries)
         if probes:
             gen_logits = logits[len(pending):, : vocab.codebook_size]
-            sampled = sample_from_logits(gen_logits, sampling, generator)
+            sampled, probability = sample_from_logits(gen_logits, sampling, generator, with_probability=True)
             pending = list(zip(probes, sampled.tolist()))
-            pending_probability = code_probability(gen_logits, sampled).tolist()
+            pending_probability = probability.tolist()
         else:
             pending, pending_probability = [], []
     state.cache = cache
