@@ -234,9 +234,9 @@ def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_ta
 
 def model_drafts(model, vocab: Vocab, context: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Free-running drafts of every context (raster, the production sampler, KV-cached): codes (B, N) and the
-    quality scores the draft gave them (B, N)."""
+    quality head's scores for them (B, N): p(<good>) alone, the part of the engine's score training shapes."""
     states = []
-    for _ in draft_scan(model, vocab, context, SamplingConfig(top_p=0.9), generator, state_out=states):
+    for _ in draft_scan(model, vocab, context, SamplingConfig(top_p=0.9), generator, state_out=states, score="head"):
         pass
     return states[0].codes.cpu(), states[0].scores.float().cpu()
 
