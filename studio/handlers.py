@@ -377,10 +377,10 @@ class Studio:
             raise gr.Error(str(error))
         query_image = load_square(query, engine.image_size, "query")     # readable: the engine just checked it
         yield from self._present(engine, _chain(first, stream), refine, seed, query_image, truth_image, frame_seconds,
-                                 settings["scan_iterations"], started, draft_mode == "tensor")
+                                 settings["scan_iterations"], started, draft_mode == "tensor", quality_score)
 
     def _present(self, engine, events, refine, seed, query_image, truth_image, frame_seconds,
-                 scan_iterations, started, tensor_draft=False) -> Iterator[tuple]:
+                 scan_iterations, started, tensor_draft=False, quality_score="combined") -> Iterator[tuple]:
         """Engine events -> output tuples, with the live canvas paced to at most one frame per frame_seconds."""
         grid = engine.grid
         stages = ["draft", *refine]
@@ -389,7 +389,8 @@ class Studio:
         # Engine timings are wall time inside stream(), so they include the time this generator spends
         # drawing, pacing and waiting for the browser between events; that is measured and taken out.
         viewer_seconds: dict[str, float] = {}
-        quality_source = "the SCAN quality head"
+        quality_source = ("the SCAN quality head × the model's probability of the token" if quality_score == "combined"
+                          else "the SCAN quality head alone")
 
         def paced(output):
             nonlocal last_frame
