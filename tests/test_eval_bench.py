@@ -62,6 +62,8 @@ def test_bench_reports_every_figure(bundle, capsys, tmp_path):
                 "final_ms", "peak_rss_mb"):
         assert report[key] > 0, key
     assert set(report["per_stage_ms"]) >= {"draft", "scan", "decode", "total"}
+    q1, mid, q3 = report["scan_vs_draft_per_run"]
+    assert 0 < q1 <= mid <= q3
     assert "our loop / generate" in capsys.readouterr().out
 
 
