@@ -120,8 +120,11 @@ if tensor_ablation and tensor_ablation.get("tensor"):
         if best:
             reading.append(f"best {label} by PSNR: " + ", ".join(
                 f"{t} {('k=' + str(r['k'])) if 'window' in label else r['schedule']}" for t, r in best.items()))
+    ablation_step = next((r["steps"] for r in tensor_ablation.get("tensor", []) if r["variant"].startswith("AR")), None)
     tensor_ablation_text = ("\n\nTensorAR ablations, short runs at equal steps (`" + tensor_ablation.get("command", "") + "`, "
-                            f"N = {tensor_ablation['n']} per task; the 800-step default and control for reference):\n\n"
+                            f"N = {tensor_ablation['n']} per task; the 800-step default and control for reference"
+                            + (f"; measured on the step-{ablation_step:,} backbone, before the current one"
+                               if ablation_step and backbone and ablation_step != backbone["step"] else "") + "):\n\n"
                             + "\n".join(table_lines) + ("\n\nAt equal steps, " + "; ".join(reading) + "." if reading else ""))
 ablation = ROOT / "docs/results/vsr_ablation.md"
 ablation_text = ("\n\nVSR ablations (`python scripts/vsr_ablation.py`, validation drafts, token level):\n\n" + ablation.read_text().strip()
