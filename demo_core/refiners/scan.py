@@ -107,7 +107,6 @@ def pipeline_mask(committed: int, pending: int, probes: int, device) -> torch.Te
     mask[0, 0, rows[:pending], committed + rows[:pending]] = True
     mask = torch.from_numpy(mask)
     return mask if torch.device(device).type == "cpu" else mask.to(device)
-    return mask
 
 
 @torch.no_grad()
