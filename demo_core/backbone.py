@@ -117,19 +117,22 @@ def code_probability(gen_logits: torch.Tensor, codes: torch.Tensor) -> torch.Ten
     return torch.softmax(gen_logits.float(), -1).gather(-1, codes[..., None].to(gen_logits.device))[..., 0]
 
 
-def token_score(quality: torch.Tensor, probability: torch.Tensor, mode: str = "combined") -> torch.Tensor:
+def check_quality_score(mode: str) -> None:
+    if mode not in QUALITY_SCORES:
+        raise ValueError(f"quality score must be one of {QUALITY_SCORES}, not {mode!r}")
+
+
+def token_score(quality, probability, mode: str = "combined"):
     """A token's quality score s_n, the number SCAN ranks and compares.
 
     "head": p(<good>), the quality token's probability (SCAN paper, Eq. 4).
     "combined": p(<good>) x p(code | what the model saw when it wrote it). The head judges a token after
     seeing it; the code probability is the model's belief before. Together they rank wrong draft tokens
     better than either alone (docs/results: AUROC per task for both), so SCAN picks and accepts by it.
+    Float32 tensors or Python floats (SCAN's bookkeeping).
     """
-    if mode == "head":
-        return quality
-    if mode != "combined":
-        raise ValueError(f"quality score must be one of {QUALITY_SCORES}, not {mode!r}")
-    return quality * probability.to(quality.dtype)
+    check_quality_score(mode)
+    return quality if mode == "head" else quality * probability
 
 
 def quality_from_logits(logits: torch.Tensor, vocab: Vocab) -> torch.Tensor:

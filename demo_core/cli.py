@@ -47,6 +47,8 @@ def reconstruct_main(argv=None) -> int:
 
 
 def generate_main(argv=None) -> int:
+    from .backbone import QUALITY_SCORES
+
     parser = argparse.ArgumentParser(prog="python -m demo_core generate",
                                      description="Answer a query the way the demonstration pairs show, then refine.")
     parser.add_argument("--pair", nargs=2, action="append", metavar=("X", "Y"), default=[], help="a demonstration pair (repeatable)")
@@ -59,7 +61,7 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--scan-iterations", type=int, default=30, help="SCAN T")
     parser.add_argument("--scan-cells", type=int, default=4, help="SCAN c")
-    parser.add_argument("--quality-score", choices=("combined", "head"), default="combined",
+    parser.add_argument("--quality-score", choices=QUALITY_SCORES, default="combined",
                         help="the score SCAN ranks and compares: p(<good>) x p(code) (default), or the quality head alone")
     parser.add_argument("--bundle", default=None, help="bundle folder, Hub id or lvm-7b (default: embedded retouch-tiny)")
     parser.add_argument("--out", type=Path, default=Path("out.png"))

@@ -67,27 +67,25 @@ def encode_example(engine, example: Example) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def truth_statistics(engine, example: Example) -> tuple[np.ndarray, float]:
-    """Ground-truth answer tokens and their perplexity under the backbone (teacher forced, raster)."""
+def truth_perplexity(engine, context: torch.Tensor, truth: torch.Tensor) -> float:
+    """The ground-truth answer tokens' perplexity under the backbone (teacher forced, raster); NaN without one."""
     from .backbone import score_answer
 
-    context, truth = encode_example(engine, example)
     if engine.bundle.sequence_format != "scan":
-        return truth.numpy(), float("nan")
+        return float("nan")
     gen, _, _ = score_answer(engine.model, engine.vocab, context, truth[None])
     log_probs = torch.log_softmax(gen[0].float(), -1).gather(1, truth.to(gen.device)[:, None]).squeeze(1)
-    return truth.numpy(), float(torch.exp(-log_probs.mean()))
+    return float(torch.exp(-log_probs.mean()))
 
 
 @torch.no_grad()
-def head_scores(engine, example: Example, tokens: np.ndarray) -> np.ndarray | None:
+def head_scores(engine, context: torch.Tensor, tokens: np.ndarray) -> np.ndarray | None:
     """The quality head's own p(<good>) for an answer's tokens (raster, teacher forced): the SCAN paper's score, for
     the AUROC table next to the score the engine uses. None for models without quality tokens."""
     from .backbone import score_answer
 
     if engine.bundle.sequence_format != "scan":
         return None
-    context, _ = encode_example(engine, example)
     codes = torch.as_tensor(np.asarray(tokens)).flatten().long()[None]
     return score_answer(engine.model, engine.vocab, context, codes, score="head")[1][0].float().cpu().numpy()
 
@@ -112,8 +110,9 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
         truths, perplexities, q_scores, q_wrong, q_head = [], [], [], [], []
         for index in range(n):
             example = sampler.sample(task=task, k=pairs)
-            truth, ppl = truth_statistics(engine, example)
-            perplexities.append(ppl)
+            context, truth_codes = encode_example(engine, example)       # one VQ encode for perplexity and head scores
+            truth = truth_codes.numpy()
+            perplexities.append(truth_perplexity(engine, context, truth_codes))
             outputs = run_stages(engine, example, labels, seed + index, **settings)
             target = pil_to_float(float_to_pil(example.answer))
             truths.append(target)
@@ -132,7 +131,7 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             if draft["quality"] is not None:
                 q_scores.append(draft["quality"].flatten())
                 q_wrong.append((draft["tokens"].flatten() != truth).astype(int))
-                head = head_scores(engine, example, draft["tokens"])
+                head = head_scores(engine, context, draft["tokens"])
                 if head is not None:
                     q_head.append(head)
             if examples_out is not None and index == 0:
@@ -194,7 +193,7 @@ def scan_ablation(engine, tasks, n, pairs, seed, iterations: list[int], cells: l
                 sampler = ExampleSampler("val", engine.image_size, seed)
                 for index in range(n):
                     example = sampler.sample(task=task, k=pairs)
-                    truth, _ = truth_statistics(engine, example)
+                    truth = encode_example(engine, example)[1].numpy()
                     s = dict(settings, scan_iterations=t, scan_cells=c)
                     out = run_stages(engine, example, ["+SCAN"], seed + index, **s)["+SCAN"]
                     values.append(psnr(pil_to_float(out["image"]), pil_to_float(float_to_pil(example.answer))))

@@ -22,7 +22,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..backbone import QUALITY_SCORES, DraftState, SamplingConfig, quality_from_logits, sample_from_logits
+from ..backbone import (DraftState, SamplingConfig, check_quality_score, quality_from_logits, sample_from_logits,
+                        token_score)
 from ..fast_llama import fast_runner, unchanged_prefix
 from ..sequence import Vocab
 
@@ -119,8 +120,7 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
     the cache keeps the committed entries, the accepted pairs, and the new probes (in flight, visible to
     nothing but their own code next time); rejected pairs are dropped.
     """
-    if config.score not in QUALITY_SCORES:
-        raise ValueError(f"quality score must be one of {QUALITY_SCORES}, not {config.score!r}")
+    check_quality_score(config.score)
     device = next(model.parameters()).device
     runner = fast_runner(model)       # the same runner that built the draft's cache
     cache = state.cache
@@ -150,9 +150,8 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
         accepted_entries: list[int] = []              # cache positions of accepted pairs: their <at_n> (in flight) and code
         if pending:
             record = ScanIteration(iteration, [], [], [], [], [], [])
-            new_scores = quality_from_logits(logits[: len(pending)], vocab).tolist()
-            if config.score != "head":     # token_score, on Python floats
-                new_scores = [quality * probability for quality, probability in zip(new_scores, pending_probability)]
+            new_scores = [token_score(quality, probability, config.score) for quality, probability
+                          in zip(quality_from_logits(logits[: len(pending)], vocab).tolist(), pending_probability)]
             for j, (cell, code) in enumerate(pending):
                 new_score, old_score = new_scores[j], scores[cell]
                 accepted = new_score > old_score          # Eq. 5: keep only if the score improves
