@@ -105,12 +105,15 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
                         scan_iterations = gr.Slider(0, 100, value=30, step=1, label="SCAN T", info="iterations")
                         scan_cells = gr.Slider(1, engine.grid ** 2, value=min(4, engine.grid ** 2), step=1, label="SCAN c",
                                                info="tokens regenerated per iteration")
+                    sampling = engine.sampling_defaults          # the model's own (LVM-7B: its reference scripts')
                     with gr.Row():
-                        temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature", info="0 = greedy")
-                        top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p", info="nucleus")
+                        temperature = gr.Slider(0.0, 2.0, value=sampling["temperature"], step=0.05, label="temperature",
+                                                info="0 = greedy")
+                        top_p = gr.Slider(0.05, 1.0, value=sampling["top_p"], step=0.05, label="top-p", info="nucleus")
                     with gr.Row():
-                        top_k = gr.Slider(0, 1024, value=0, step=1, label="top-k", info="0 = off")
+                        top_k = gr.Slider(0, 1024, value=sampling["top_k"], step=1, label="top-k", info="0 = off")
                         candidates = gr.Slider(1, 8, value=1, step=1, label="candidates", info="best mean quality wins")
+                    sampling_note = gr.Markdown(studio.sampling_note(), elem_classes="rt-hint", elem_id="sampling-note")
                     quality_score = gr.Radio(QUALITY_SCORE_CHOICES, value="combined", label="Quality score",
                                              info="what the heatmap shows and SCAN ranks and compares "
                                                   "(LVM-format models: always the token probability)",
@@ -206,7 +209,8 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
             dropdown.input(compare_view, [compare_a, compare_b, run_state], [before_after], concurrency_limit=None,
                            api_visibility="private")
         load_button.click(studio.load_model, [model_kind, model_location, refiners, draft_mode],
-                          [model_info, refiners, scan_cells, max_pairs, draft_mode], api_name="load_model",
+                          [model_info, refiners, scan_cells, max_pairs, draft_mode, temperature, top_p, top_k,
+                           sampling_note], api_name="load_model",
                           concurrency_limit=1, concurrency_id="model", show_progress="hidden")
     demo.queue(max_size=32)
     demo.studio = studio          # tests and scripts reach the handlers through the page

@@ -5,6 +5,7 @@
     python -m demo_core train {tokenizer,backbone,refiner,tensor} [...]
     python -m demo_core eval [...]       python -m demo_core bench [...]
     python -m demo_core export --out DIR python -m demo_core space --out DIR
+    python -m demo_core data fetch       # training photos from Debian packages, into ~/.cache/retouch/photos
 
 Every user-facing failure is one `error:` line and exit code 1.
 """
@@ -21,7 +22,9 @@ SUBCOMMANDS = {
     "generate": ("demo_core.cli", "generate_main", "answer a query from demonstration pairs, then refine"),
     "train": ("demo_core.train.__main__", "main", "train a part: tokenizer, backbone, refiner, tensor"),
     "eval": ("demo_core.eval", "main", "quality table per task and stage on the validation split"),
+    "eval-tokenizer": ("demo_core.eval_tokenizer", "main", "tokenizer round trips, code stability, identity and ceiling"),
     "bench": ("demo_core.bench", "main", "speed breakdown per stage on this machine"),
+    "data": ("demo_core.photos", "main", "fetch the training photos from Debian packages into a cache (idempotent)"),
     "export": ("demo_core.export", "main", "write a push_to_hub-ready copy of a bundle with a model card"),
     "space": ("demo_core.space", "main", "assemble a deployable Hugging Face Space folder"),
 }

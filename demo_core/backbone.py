@@ -60,7 +60,7 @@ class SamplingConfig:
 
     temperature: float = 1.0
     top_k: int = 0          # 0: off
-    top_p: float = 0.9      # LVM's default nucleus
+    top_p: float = 0.9      # the embedded default's nucleus (LVM's reference scripts use 1.0: lvm.LVM_SAMPLING)
     candidates: int = 1     # drafts drawn in one batch; the best mean quality wins
 
 

@@ -1,12 +1,18 @@
 """Model bundles: one folder (or Hub repo) holding everything a pipeline needs.
 
     bundle.json     format version, image size, grid, tokens per image, codebook size,
-                    sequence format, special token ids, tasks, which parts are present
+                    the tokenizer's pixel range, sequence format, special token ids, tasks,
+                    which parts are present, and optionally the model's default sampling
     tokenizer/      diffusers.VQModel (save_pretrained layout)
     backbone/       transformers.LlamaForCausalLM (save_pretrained layout)
     refiner/        VSR g_phi (PyTorchModelHubMixin layout: config.json + model.safetensors), optional
     tensor/         TensorAR adapter over the backbone (same layout), optional; tensor-control/ its
                     equal-steps control (LoRA only), optional, not loaded here (eval loads it)
+
+`pixel_range` is the interval the tokenizer's VQ model reads and writes, [low, high]: [-1, 1] for
+the embedded default (and for any bundle.json without the field, which predates it), [0, 1] for
+LVM's MUSE VQGAN. `sampling` (optional) overrides the engine's defaults, e.g. LVM-7B's
+{"temperature": 1.0, "top_p": 1.0, "source": "..."}.
 
 Loading is strict (missing, unexpected or mis-shaped weights name the part and the keys) and
 reads safetensors only. A Hub repo id goes through `huggingface_hub.snapshot_download`
@@ -55,9 +61,39 @@ class Bundle:
         return self.info.get("sequence_format", "scan")
 
     @property
+    def sampling_defaults(self) -> dict:
+        """This model's own default sampling (bundle.json "sampling": temperature, top_p, top_k), {} if none."""
+        return sampling_defaults(self.info)
+
+    @property
     def max_pairs(self) -> int:
         return int(self.info.get("max_pairs") or max_pairs(self.backbone.config.max_position_embeddings,
                                                            int(self.info["tokens_per_image"])))
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+
+
+def sampling_defaults(info: dict) -> dict:
+    """The sampling settings a manifest overrides ({} for a bundle that keeps the engine's defaults)."""
+    sampling = info.get("sampling") or {}
+    return {key: sampling[key] for key in SAMPLING_FIELDS if key in sampling}
+
+
+def pixel_range_of(info: dict, where: str = "bundle.json") -> tuple[float, float]:
+    """The tokenizer's pixel range a manifest records; [-1, 1] when it has none (bundles made before the field)."""
+    from .tokenizer import check_pixel_range
+
+    try:
+        return check_pixel_range(info.get("pixel_range"))
+    except ValueError as error:
+        raise BundleError(f"tokenizer: {where}: {error}") from error
+
+
+def bundle_pixel_range(folder: Path) -> tuple[float, float]:
+    """The pixel range of the tokenizer in bundle folder `folder` (from its bundle.json, if it has one)."""
+    path = Path(folder) / "bundle.json"
+    return pixel_range_of(_read_json(path, "bundle") if path.exists() else {}, str(path))
 
 
 def manifest(tokenizer, backbone, *, name: str, tasks: list[str], sequence_format: str = "scan", refiner: bool = False,
@@ -67,8 +103,8 @@ def manifest(tokenizer, backbone, *, name: str, tasks: list[str], sequence_forma
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
         "image_size": tokenizer.image_size, "grid": tokenizer.grid, "tokens_per_image": tokenizer.grid ** 2,
-        "codebook_size": tokenizer.codebook_size, "sequence_format": sequence_format,
-        "special_tokens": vocab.special_ids() if sequence_format == "scan" else {},
+        "codebook_size": tokenizer.codebook_size, "pixel_range": list(tokenizer.pixel_range),
+        "sequence_format": sequence_format, "special_tokens": vocab.special_ids() if sequence_format == "scan" else {},
         "vocab_size": int(backbone.config.vocab_size),
         "max_pairs": max_pairs(backbone.config.max_position_embeddings, tokenizer.grid ** 2),
         "tasks": list(tasks),
@@ -151,18 +187,21 @@ def _read_json(path: Path, part: str) -> dict:
         raise BundleError(f"{part}: {path} is not valid JSON ({error.msg} at line {error.lineno})") from error
 
 
-def load_tokenizer_part(folder: Path):
+def load_tokenizer_part(folder: Path, pixel_range=None):
+    """A tokenizer/ folder as a VQTokenizer reading and writing `pixel_range` (None: [-1, 1], see pixel_range_of)."""
     from diffusers import VQModel
 
+    from .local_vq import LocalVQModel
     from .tokenizer import VQTokenizer
 
     config = _read_json(folder / "config.json", "tokenizer")
+    model_class = LocalVQModel if config.get("_class_name") == "LocalVQModel" else VQModel   # 2nd / 1st generation
     try:
-        model = VQModel.from_config(config)
+        model = model_class.from_config(config)
     except Exception as error:
-        raise BundleError(f"tokenizer: config.json does not describe a diffusers VQModel ({error})") from error
+        raise BundleError(f"tokenizer: config.json does not describe a {model_class.__name__} ({error})") from error
     load_strict(model, read_safetensors(folder, "tokenizer"), "tokenizer")
-    return VQTokenizer(model.float().eval())
+    return VQTokenizer(model.float().eval(), pixel_range=pixel_range)
 
 
 def load_backbone_part(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -238,7 +277,7 @@ def load_bundle(source: str | Path | None = None, revision: str | None = None, d
     for part in ("tokenizer", "backbone"):
         if part not in parts or not (folder / parts[part]).is_dir():
             raise BundleError(f"bundle: the {part} part is missing in {folder} (expected folder {parts.get(part, part)}/)")
-    tokenizer = load_tokenizer_part(folder / parts["tokenizer"])
+    tokenizer = load_tokenizer_part(folder / parts["tokenizer"], pixel_range_of(info, str(folder / "bundle.json")))
     tokenizer.model.to(device)
     backbone = load_backbone_part(folder / parts["backbone"], dtype=dtype, device=device)
     if int(backbone.config.vocab_size) != int(info.get("vocab_size", backbone.config.vocab_size)):

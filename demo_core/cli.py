@@ -20,13 +20,13 @@ def reconstruct_main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the reconstruction here (PNG)")
     parser.add_argument("--bundle", default=None, help="bundle folder or Hub id (default: the embedded retouch-tiny)")
     args = parser.parse_args(argv)
-    from .bundle import BundleError, load_tokenizer_part, resolve
+    from .bundle import BundleError, bundle_pixel_range, load_tokenizer_part, resolve
     from .images import ImageInputError, float_to_pil, load_square, pil_to_float
     from .metrics import psnr, ssim
 
     try:
         folder = resolve(args.bundle)
-        tokenizer = load_tokenizer_part(folder / "tokenizer")
+        tokenizer = load_tokenizer_part(folder / "tokenizer", bundle_pixel_range(folder))
         image = load_square(args.image, tokenizer.image_size, "image")
     except (BundleError, ImageInputError) as error:
         return _fail(str(error))
@@ -55,9 +55,10 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--query", required=False, help="the query image")
     parser.add_argument("--refine", default="scan", help="comma-separated stages after the draft: scan, self, or none")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=None, help="default: the model's own (1.0)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="default: the model's own (0.9; lvm-7b: 1.0, its reference scripts')")
+    parser.add_argument("--top-k", type=int, default=None, help="default: the model's own (0 = off)")
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--scan-iterations", type=int, default=30, help="SCAN T")
     parser.add_argument("--scan-cells", type=int, default=4, help="SCAN c")
@@ -78,9 +79,10 @@ def generate_main(argv=None) -> int:
 
     try:
         engine = load_engine(args.bundle)
-        result = engine.run([tuple(p) for p in args.pair], args.query, refine=refine, seed=args.seed,
-                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, candidates=args.candidates,
-                            scan_iterations=args.scan_iterations, scan_cells=args.scan_cells,
+        sampling = {name: value for name, value in (("temperature", args.temperature), ("top_p", args.top_p),
+                                                    ("top_k", args.top_k)) if value is not None}
+        result = engine.run([tuple(p) for p in args.pair], args.query, refine=refine, seed=args.seed, **sampling,
+                            candidates=args.candidates, scan_iterations=args.scan_iterations, scan_cells=args.scan_cells,
                             quality_score=args.quality_score)
     except (BundleError, EngineInputError) as error:
         return _fail(str(error))

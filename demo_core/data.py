@@ -24,12 +24,18 @@ MATPLOTLIB_SOURCES = ("grace_hopper",)
 VALIDATION_SOURCES = ("coffee", "chelsea", "grass")
 PROCEDURAL_KINDS = ("dead_leaves", "gradient", "shapes")
 PROCEDURAL_SHARE = 0.3          # share of procedural images in a batch
+POOLS = ("builtin", "debian")
+STAMP_SHARE = 0.25              # debian pool: share of crops with a photo cut-out pasted on them
 MIN_CROP, MAX_CROP = 0.2, 1.0   # crop side as a share of the source's shorter side
 
 
 @functools.lru_cache(maxsize=None)
 def load_source(name: str) -> np.ndarray:
     """One source image as float32 HxWx3 in [0, 1] (greyscale sources are replicated to RGB)."""
+    if name.startswith("deb:"):
+        from .photos import load_image
+
+        return load_image(name[4:])
     if name in MATPLOTLIB_SOURCES:
         import matplotlib.cbook
 
@@ -53,8 +59,22 @@ def load_source(name: str) -> np.ndarray:
     return (np.asarray(array, dtype=np.float32) / 255.0).copy()
 
 
-def source_names(split: str) -> tuple[str, ...]:
-    """Photo sources of a split: 'train' or 'val'."""
+def source_names(split: str, pool: str = "builtin") -> tuple[str, ...]:
+    """Photo sources of a split: 'train' or 'val'.
+
+    pool 'builtin': the images scikit-image and matplotlib ship (the first-generation data);
+    'debian': those plus the photos and wallpapers of `python -m demo_core data fetch`
+    (named 'deb:<file in the cache>'; held out by a stable hash of the name, see photos.split_of).
+    """
+    if pool not in POOLS:
+        raise ValueError(f"unknown image pool {pool!r}; choose from {', '.join(POOLS)}")
+    if pool == "debian":
+        from .photos import require_manifest
+
+        if split not in ("train", "val"):
+            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+        rows = [row for row in require_manifest() if row["kind"] != "stamp" and row["split"] == split]
+        return source_names(split) + tuple(f"deb:{row['file']}" for row in rows)
     every = SKIMAGE_SOURCES + MATPLOTLIB_SOURCES
     if split == "val":
         return VALIDATION_SOURCES
@@ -63,20 +83,48 @@ def source_names(split: str) -> tuple[str, ...]:
     raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
 
 
-def random_crop(source: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random square crop at a random scale, resized to size x size, randomly flipped."""
+def random_crop(source: np.ndarray, size: int, rng: np.random.Generator, log_scale: bool = False) -> np.ndarray:
+    """A random square crop at a random scale, resized to size x size, randomly flipped.
+
+    `source` is float32 in [0, 1] or uint8. The crop side is uniform in [MIN_CROP, MAX_CROP] of the
+    shorter side, or with `log_scale` log-uniform between `size` pixels and the shorter side (large
+    photos: every scale from native pixels to the whole picture is as likely).
+    """
     height, width = source.shape[:2]
     short = min(height, width)
-    side = int(round(short * rng.uniform(MIN_CROP, MAX_CROP)))
+    if log_scale:
+        side = int(round(np.exp(rng.uniform(np.log(min(size, short)), np.log(short)))))
+    else:
+        side = int(round(short * rng.uniform(MIN_CROP, MAX_CROP)))
     side = max(min(side, short), min(short, size))
     top = int(rng.integers(0, height - side + 1))
     left = int(rng.integers(0, width - side + 1))
-    crop = source[top:top + side, left:left + side]
-    image = Image.fromarray((crop * 255).round().astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
+    crop = source[top:top + side, left:left + side, :3]
+    if crop.dtype != np.uint8:
+        crop = (crop * 255).round().astype(np.uint8)
+    image = Image.fromarray(crop)
+    if side != size:
+        image = image.resize((size, size), Image.Resampling.LANCZOS if side > size else Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 255.0
     if rng.random() < 0.5:
         array = array[:, ::-1]
     return np.ascontiguousarray(array)
+
+
+def paste_stamp(image: np.ndarray, stamp: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Alpha-composite an RGBA uint8 cut-out onto `image` (HxWx3 float) at a random size and place."""
+    size = image.shape[0]
+    side = int(rng.uniform(0.35, 0.9) * size)
+    height, width = stamp.shape[:2]
+    scale = side / max(height, width)
+    new_h, new_w = max(1, int(height * scale)), max(1, int(width * scale))
+    resized = np.asarray(Image.fromarray(stamp).resize((new_w, new_h), Image.Resampling.LANCZOS), np.float32) / 255.0
+    top, left = int(rng.integers(0, size - new_h + 1)), int(rng.integers(0, size - new_w + 1))
+    alpha = resized[..., 3:4]
+    out = image.copy()
+    region = out[top:top + new_h, left:left + new_w]
+    out[top:top + new_h, left:left + new_w] = region * (1 - alpha) + resized[..., :3] * alpha
+    return out
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
@@ -140,9 +188,15 @@ class ImageSampler:
     size: int = 64                # output side in pixels
     seed: int = 0                 # numpy seed; validation adds a fixed offset so streams never meet
     procedural_share: float = PROCEDURAL_SHARE
+    pool: str = "builtin"         # 'builtin' (packaged images) or 'debian' (+ `data fetch` photos and cut-outs)
 
     def __post_init__(self):
-        self.sources = source_names(self.split)
+        self.sources = source_names(self.split, self.pool)
+        self.stamps: tuple[str, ...] = ()
+        if self.pool == "debian":
+            from .photos import require_manifest
+
+            self.stamps = tuple(row["file"] for row in require_manifest() if row["kind"] == "stamp" and row["split"] == self.split)
         offset = 1_000_003 if self.split == "val" else 0
         self.rng = np.random.default_rng(self.seed + offset)
 
@@ -150,9 +204,15 @@ class ImageSampler:
         """One HxWx3 float32 image in [0, 1]."""
         if self.rng.random() < self.procedural_share:
             kind = PROCEDURAL_KINDS[int(self.rng.integers(0, len(PROCEDURAL_KINDS)))]
-            return PROCEDURAL[kind](self.size, self.rng)
-        name = self.sources[int(self.rng.integers(0, len(self.sources)))]
-        return random_crop(load_source(name), self.size, self.rng)
+            image = PROCEDURAL[kind](self.size, self.rng)
+        else:
+            name = self.sources[int(self.rng.integers(0, len(self.sources)))]
+            image = random_crop(load_source(name), self.size, self.rng, log_scale=name.startswith("deb:"))
+        if self.stamps and self.rng.random() < STAMP_SHARE:
+            from .photos import load_image
+
+            image = paste_stamp(image, load_image(self.stamps[int(self.rng.integers(0, len(self.stamps)))]), self.rng)
+        return image
 
     def batch(self, count: int) -> np.ndarray:
         """count x H x W x 3."""

@@ -27,6 +27,7 @@ from .sequence import context_tokens
 
 REFINERS = ("scan", "self")
 DRAFT_MODES = ("ar", "tensor")
+OWN_SAMPLING = "Retouch's own defaults, measured on the embedded default (README results)"
 
 
 class EngineInputError(ValueError):
@@ -40,6 +41,7 @@ class RunSettings:
     refine: tuple[str, ...] = ("scan",)   # stages after the draft, in order: "scan", "self"
     draft_mode: str = "ar"                # "ar": SCAN-form draft, one token per step; "tensor": TensorAR windows (tensor/)
     seed: int = 0
+    # sampling: the embedded default's measured defaults; a bundle's "sampling" replaces them (LVM-7B: top-p 1.0)
     temperature: float = 1.0
     top_p: float = 0.9
     top_k: int = 0
@@ -85,6 +87,17 @@ class Engine:
     @property
     def max_pairs(self) -> int:
         return self.bundle.max_pairs
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """temperature, top_p, top_k a run uses unless told otherwise: the bundle's own, else RunSettings'."""
+        fields = RunSettings.__dataclass_fields__
+        return {key: self.bundle.sampling_defaults.get(key, fields[key].default) for key in ("temperature", "top_p", "top_k")}
+
+    @property
+    def sampling_source(self) -> str:
+        """Where `sampling_defaults` come from, in words (the studio shows it)."""
+        return (self.bundle.info.get("sampling") or {}).get("source") or OWN_SAMPLING
 
     @property
     def available_refiners(self) -> tuple[str, ...]:
@@ -144,7 +157,7 @@ class Engine:
         unknown_settings = sorted(set(settings) - set(RunSettings.__dataclass_fields__))
         if unknown_settings:
             raise EngineInputError(f"Unknown setting {unknown_settings[0]!r}; see RunSettings for the options.")
-        settings = RunSettings(refine=tuple(refine or ()), seed=int(seed), **settings)
+        settings = RunSettings(refine=tuple(refine or ()), seed=int(seed), **{**self.sampling_defaults, **settings})
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
             raise EngineInputError("Sampling needs temperature >= 0 (0 = greedy), 0 < top-p <= 1 and top-k >= 0 (0 = off).")
         unknown = [stage for stage in settings.refine if stage not in REFINERS]

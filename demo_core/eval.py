@@ -97,17 +97,46 @@ def cosine_distances(engine, tokens: np.ndarray, truth: np.ndarray) -> np.ndarra
     return (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).numpy()
 
 
+def edit_reach(example: Example, grid: int) -> np.ndarray | None:
+    """(g, g) bool: the cells an edit touches (query differs from its clean photo) plus a one-cell margin; None when
+    the query is the photo itself or a global transform (no cell is untouched)."""
+    if example.query_source is None:
+        return None
+    changed = np.abs(example.query - example.query_source).max(-1) > 1e-6          # (H, W)
+    if not changed.any() or changed.mean() > 0.75:
+        return None
+    cell = changed.shape[0] // grid
+    cells = np.pad(changed.reshape(grid, cell, grid, cell).any(axis=(1, 3)), 1)
+    reach = np.zeros((grid, grid), bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            reach |= cells[dy:dy + grid, dx:dx + grid]
+    return reach
+
+
+def code_stability(engine, example: Example) -> float | None:
+    """Share of cells outside the edit's reach whose code is the same in the query and the answer (None: no edit)."""
+    reach = edit_reach(example, engine.grid)
+    if reach is None or reach.all():
+        return None
+    codes = engine.encode([float_to_pil(example.query), float_to_pil(example.answer)])
+    same = (codes[0] == codes[1]).numpy().reshape(engine.grid, engine.grid)
+    return float(same[~reach].mean())
+
+
 def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], settings: dict, examples_out: list | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, pool: str = "builtin") -> dict:
     from .metrics import edge_precision_recall, fid, lpips_batch, psnr, ssim, token_accuracy
     from .train.backbone import auroc
 
     table, curves, task_curves = {}, {}, {}
     bar = tqdm(total=len(tasks) * n, desc="eval", disable=not progress, dynamic_ncols=True)
     for task in tasks:
-        sampler = ExampleSampler("val", engine.image_size, seed)
+        sampler = ExampleSampler("val", engine.image_size, seed, pool=pool)
         rows = {label: {"psnr": [], "ssim": [], "acc": [], "time": [], "images": [], "cos": [], "edges": []} for label in labels}
         truths, perplexities, q_scores, q_wrong, q_head = [], [], [], [], []
+        references = {"identity": [], "ceiling": []}       # the query handed back; the right answer through the tokenizer
+        stability = []
         for index in range(n):
             example = sampler.sample(task=task, k=pairs)
             context, truth_codes = encode_example(engine, example)       # one VQ encode for perplexity and head scores
@@ -116,6 +145,11 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             outputs = run_stages(engine, example, labels, seed + index, **settings)
             target = pil_to_float(float_to_pil(example.answer))
             truths.append(target)
+            references["identity"].append(pil_to_float(float_to_pil(example.query)))
+            references["ceiling"].append(engine.tokenizer.decode(truth_codes.view(1, engine.grid, engine.grid))[0])
+            kept = code_stability(engine, example)
+            if kept is not None:
+                stability.append(kept)
             for label, out in outputs.items():
                 image = pil_to_float(out["image"])
                 row = rows[label]
@@ -150,6 +184,13 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             table[task][label] = entry
             curves.setdefault(label, []).extend(row["cos"])
             task_curves.setdefault(task, {})[label] = np.mean(row["cos"], axis=0).tolist()
+        table[task]["references"] = {
+            name: {"psnr": float(np.mean([psnr(image, t) for image, t in zip(images, truths)])),
+                   "ssim": float(np.mean([ssim(image, t) for image, t in zip(images, truths)])),
+                   "lpips": float(np.mean(lpips_batch(images, truths)))}
+            for name, images in references.items()}
+        if stability:
+            table[task]["code_stability"] = float(np.mean(stability))
         table[task]["perplexity"] = float(np.nanmean(perplexities))
         if q_scores:
             # the score should be LOW for wrong tokens: AUROC of (1 - quality) for "token differs from truth"
@@ -217,11 +258,15 @@ def markdown(report: dict) -> str:
     lines = [f"# Retouch eval: {report['bundle']}", "",
              f"N = {report['n']} validation examples per task (held-out source images), K = {report['pairs']} pairs, "
              f"seed {report['seed']}; sampling {report['settings']}. FID only for N >= 10.", "",
+             "*identity*: the query handed back as the answer (what doing nothing scores); *ceiling*: the right answer "
+             "through the tokenizer (the best any token sequence can score).", "",
              "| task | stage | PSNR ↑ | SSIM ↑ | LPIPS ↓ | token acc ↑ | cos-dist AUC ↓ | FID ↓ | s/image (model, excl. VQ) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task, rows in report["table"].items():
+        for name, e in rows.get("references", {}).items():
+            lines.append(f"| {task} | *{name}* | {e['psnr']:.2f} | {e['ssim']:.3f} | {e['lpips']:.3f} | | | | |")
         for label, e in rows.items():
-            if not isinstance(e, dict):
+            if not isinstance(e, dict) or label == "references":
                 continue
             fid = f"{e['fid']:.1f}" if e.get("fid") is not None else "n/a"
             lines.append(f"| {task} | {label} | {e['psnr']:.2f} | {e['ssim']:.3f} | {e['lpips']:.3f} | {e['token_acc']:.3f} | "
@@ -234,6 +279,18 @@ def markdown(report: dict) -> str:
         edge_text = f"{edge:.2f} / {rows['draft']['edge_recall']:.2f} / {rows['draft']['edge_f1']:.2f}" if edge is not None else ""
         lines.append(f"| {task} | {rows['perplexity']:.1f} | {rows.get('quality_auroc', float('nan')):.3f} | "
                      f"{rows.get('quality_auroc_head', float('nan')):.3f} | {edge_text} |")
+    lines += ["", "| task | stage | vs identity (dB) | vs ceiling (dB) |", "|---|---|---|---|"]
+    for task, rows in report["table"].items():
+        refs = rows.get("references")
+        if not refs:
+            continue
+        for label in [l for l in STAGE_RUNS if l in rows]:
+            lines.append(f"| {task} | {label} | {rows[label]['psnr'] - refs['identity']['psnr']:+.2f} | "
+                         f"{rows[label]['psnr'] - refs['ceiling']['psnr']:+.2f} |")
+    stable = {task: rows["code_stability"] for task, rows in report["table"].items() if "code_stability" in rows}
+    if stable:
+        lines += ["", "Code stability (cells outside the edit's reach, i.e. its cells plus a one-cell margin, whose code "
+                      "is the same in query and answer): " + ", ".join(f"{t} {v * 100:.1f}%" for t, v in stable.items())]
     labels = [l for l in STAGE_RUNS if all(l in rows for rows in report["table"].values())]
     if len(labels) > 1:
         lines += ["", "Change vs draft (PSNR dB): " + "; ".join(
@@ -313,8 +370,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=8, help="examples per task (FID needs >= 10)")
     parser.add_argument("--pairs", type=int, default=2, help="demonstration pairs K")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=None, help="default: the bundle's own (engine.sampling_defaults)")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the bundle's own")
     parser.add_argument("--scan-iterations", type=int, default=30)
     parser.add_argument("--scan-cells", type=int, default=4)
     parser.add_argument("--quality-score", choices=QUALITY_SCORES, default="combined",
@@ -327,10 +384,13 @@ def main(argv=None) -> int:
                         help="TensorAR rows (AR vs TensorAR vs control) when the bundle has tensor/ (auto) or never (off)")
     parser.add_argument("--tensor-variants", default="",
                         help="more TensorAR adapters to compare, name=folder,... (k / schedule ablations; the last = splits)")
+    parser.add_argument("--pool", choices=("builtin", "debian"), default="builtin",
+                        help="validation images: the packaged ones, or + the held-out Debian photos (`data fetch`)")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"))
     args = parser.parse_args(argv)
     from .bundle import BundleError
     from .engine import load_engine
+    from .photos import FetchError
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
@@ -360,15 +420,21 @@ def main(argv=None) -> int:
         except (BundleError, OSError, ValueError) as error:
             print(f"error: --tensor-variants: {error}")
             return 1
-    settings = {"temperature": args.temperature, "top_p": args.top_p, "scan_iterations": args.scan_iterations,
+    sampling = engine.sampling_defaults
+    settings = {"temperature": sampling["temperature"] if args.temperature is None else args.temperature,
+                "top_p": sampling["top_p"] if args.top_p is None else args.top_p, "scan_iterations": args.scan_iterations,
                 "scan_cells": args.scan_cells, "quality_score": args.quality_score}
     labels = stage_labels(engine)
     start = time.time()
     examples: list = []
     report = {"bundle": str(args.bundle or "retouch-tiny (embedded)"), "n": args.n, "pairs": args.pairs, "seed": args.seed,
-              "settings": settings, "stages": labels,
+              "settings": settings, "stages": labels, "pool": args.pool,
               "command": "python -m demo_core eval " + shlex.join(sys.argv[1:] if argv is None else list(argv))}
-    report.update(evaluate(engine, tasks, args.n, args.pairs, args.seed, labels, settings, examples))
+    try:
+        report.update(evaluate(engine, tasks, args.n, args.pairs, args.seed, labels, settings, examples, pool=args.pool))
+    except FetchError as error:
+        print(f"error: {error}")
+        return 1
     if args.incontext:
         report["incontext"] = incontext_check(engine, args.incontext, args.pairs, args.seed, settings)
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]

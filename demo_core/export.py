@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .bundle import DEFAULT_BUNDLE, BundleError, load_bundle, resolve
+from .bundle import DEFAULT_BUNDLE, BundleError, load_bundle, pixel_range_of, resolve
 
 PART_FILES = ("config.json", "generation_config.json", "training.json")   # plus *.safetensors and their index
 VERIFY_LIMIT_BYTES = 2 * 2 ** 30       # larger copies (LVM-7B) are not loaded back by default
@@ -129,6 +129,7 @@ def model_card(out: Path, repo_id: str, license_id: str = LICENSE) -> str:
                          if lvm and "sources" in info else None)
     name = info.get("name", out.name)
     codes, cells = int(info["codebook_size"]), int(info["tokens_per_image"])
+    low, high = pixel_range_of(info)
     rows = []
     for part, folder in parts.items():
         rows.append(f"| `{folder}/` | {part} | {PART_LIBRARIES.get(part, part)} | {_parameters(out / folder) / 1e6:,.2f}M |")
@@ -169,6 +170,8 @@ def model_card(out: Path, repo_id: str, license_id: str = LICENSE) -> str:
         "",
         f"- images: {info['image_size']}×{info['image_size']} RGB → {info['grid']}×{info['grid']} = {cells} tokens, "
         f"{codes} codes",
+        f"- pixels: the VQ reads and writes RGB in [{low:g}, {high:g}] (`pixel_range` in bundle.json): map images in "
+        f"[0, 1] onto it before `encode` and clamp decodes to it",
         f"- vocabulary: {info['vocab_size']} ids (codes 0..{codes - 1}, special ids above)",
         f"- context: up to {info['max_pairs']} demonstration pairs",
         f"- tasks trained on: {tasks}",
@@ -179,8 +182,9 @@ def model_card(out: Path, repo_id: str, license_id: str = LICENSE) -> str:
         "|---|---|---|---|",
         *rows,
         "",
-        "`bundle.json` records the format version, image size, grid, tokens per image, codebook size, sequence "
-        "format, special token ids, tasks and which parts are present.",
+        "`bundle.json` records the format version, image size, grid, tokens per image, codebook size, the "
+        "tokenizer's pixel range, sequence format, special token ids, tasks, which parts are present and, where "
+        "the model has its own, its default sampling.",
         "",
         "## Sequence format",
         "",

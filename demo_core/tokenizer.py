@@ -2,6 +2,12 @@
 
 The same class holds the embedded default (trained here) and LVM's converted MUSE VQGAN.
 Quantizer maths stays float32 (LVM's VQGAN produces NaNs in fp16).
+
+Pixel range: each tokenizer has its own, the interval its VQ model was trained to read and write
+(bundle.json "pixel_range"). The embedded default was trained on [-1, 1] (its trainer feeds
+x * 2 - 1), so that is the default, and a bundle without the field reads as [-1, 1]. LVM's MUSE VQGAN reads RGB
+in [0, 1] as is and its output is clamped to [0, 1] (`muse_vqgan.MUSE_PIXEL_RANGE`); fed [-1, 1]
+instead, its codes are mostly not LVM's (issue 15 measured ~17 % agreement on the real VQGAN).
 """
 from __future__ import annotations
 
@@ -50,14 +56,37 @@ def build_vqmodel(config: TokenizerConfig):
     )
 
 
-class VQTokenizer:
-    """Encodes RGB images in [0, 1] to (B, g, g) code grids and decodes them back."""
+DEFAULT_PIXEL_RANGE = (-1.0, 1.0)      # the embedded default's training range, and that of bundles without the field
 
-    def __init__(self, vqmodel, image_size: int | None = None):
+
+def check_pixel_range(value) -> tuple[float, float]:
+    """(low, high) floats from a pixel range given as a pair; None -> DEFAULT_PIXEL_RANGE. ValueError if malformed."""
+    if value is None:
+        return DEFAULT_PIXEL_RANGE
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"pixel range must be a pair [low, high] of numbers, got {value!r}") from None
+    if not low < high or not np.isfinite([low, high]).all():
+        raise ValueError(f"pixel range must have low < high (finite), got [{low}, {high}]")
+    return low, high
+
+
+class VQTokenizer:
+    """Encodes RGB images in [0, 1] to (B, g, g) code grids and decodes them back.
+
+    `pixel_range` is the interval the VQ model reads and writes: images in [0, 1] are mapped onto
+    it before encoding, and decoded output is clamped to it and mapped back to [0, 1].
+    """
+
+    def __init__(self, vqmodel, image_size: int | None = None, *, pixel_range=DEFAULT_PIXEL_RANGE):
         self.model = vqmodel.eval().float()
+        self.pixel_range = check_pixel_range(pixel_range)
         self.image_size = int(image_size or vqmodel.config.sample_size)
-        blocks = len(vqmodel.config.block_out_channels)
-        self.grid = self.image_size // 2 ** (blocks - 1)
+        factor = getattr(vqmodel, "downsample_factor", None)       # LocalVQModel states it (f4)
+        if factor is None:                                          # diffusers.VQModel: one halving per extra block
+            factor = 2 ** (len(vqmodel.config.block_out_channels) - 1)
+        self.grid = self.image_size // factor
         self.codebook_size = int(vqmodel.config.num_vq_embeddings)
 
     @property
@@ -71,7 +100,7 @@ class VQTokenizer:
 
     # -- images <-> tensors ------------------------------------------------------------
     def to_tensor(self, images) -> torch.Tensor:
-        """PIL images / HxWx3 float arrays / a BxHxWx3 array -> (B, 3, H, W) in [-1, 1] on the device."""
+        """PIL images / HxWx3 float arrays in [0, 1] / a BxHxWx3 array -> (B, 3, H, W) in `pixel_range` on the device."""
         if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
             images = [images]
         arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 if isinstance(im, Image.Image) else np.asarray(im, dtype=np.float32)
@@ -79,17 +108,18 @@ class VQTokenizer:
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         if batch.shape[-1] != self.image_size or batch.shape[-2] != self.image_size:
             raise ValueError(f"tokenizer expects {self.image_size}x{self.image_size} images, got {tuple(batch.shape[-2:])}")
-        return (batch * 2.0 - 1.0).to(self.device)
+        low, high = self.pixel_range
+        return (batch * (high - low) + low).to(self.device)       # [-1, 1]: x * 2 - 1; [0, 1]: x as is
 
-    @staticmethod
-    def to_arrays(batch: torch.Tensor) -> np.ndarray:
-        """(B, 3, H, W) in [-1, 1] -> BxHxWx3 float32 in [0, 1]."""
-        return ((batch.detach().float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+    def to_arrays(self, batch: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) in `pixel_range` (clamped to it) -> BxHxWx3 float32 in [0, 1]."""
+        low, high = self.pixel_range
+        return ((batch.detach().float().clamp(low, high) - low) / (high - low)).permute(0, 2, 3, 1).cpu().numpy()
 
     # -- codes -------------------------------------------------------------------------
     @torch.no_grad()
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> pre-quantization latents (B, D, g, g)."""
+        """(B, 3, H, W) in `pixel_range` -> pre-quantization latents (B, D, g, g)."""
         return self.model.encode(pixels.float()).latents
 
     @torch.no_grad()
@@ -107,7 +137,7 @@ class VQTokenizer:
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, g, g) indices -> (B, 3, H, W) in [-1, 1]."""
+        """(B, g, g) indices -> (B, 3, H, W), nominally in `pixel_range` (not clamped here)."""
         codes = codes.long().to(self.device)
         quantized = self.codebook[codes].permute(0, 3, 1, 2).contiguous()  # (B, D, g, g)
         return self.model.decode(quantized, force_not_quantize=True).sample

@@ -1,4 +1,7 @@
-"""Draw validation images of every kind next to their tokenizer reconstructions (docs/tokenizer_reconstructions.png)."""
+"""Draw validation images of every kind next to the first-generation (f8) tokenizer's reconstructions (docs/tokenizer_reconstructions.png).
+
+The second-generation tokenizer's sheet: `python -m demo_core eval-tokenizer --sheet docs/tokenizer16_reconstructions.png`.
+"""
 import sys
 from pathlib import Path
 
@@ -6,12 +9,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo_core.bundle import DEFAULT_BUNDLE, load_tokenizer_part  # noqa: E402
+from demo_core.bundle import DEFAULT_BUNDLE, bundle_pixel_range, load_tokenizer_part  # noqa: E402
 from demo_core.data import ImageSampler  # noqa: E402
 from demo_core.images import float_to_pil  # noqa: E402
-from demo_core.train.tokenizer import KINDS, make_view  # noqa: E402
+from demo_core.train.tokenizer_f8 import KINDS, make_view  # noqa: E402
 
-tokenizer = load_tokenizer_part(DEFAULT_BUNDLE / "tokenizer")
+tokenizer = load_tokenizer_part(DEFAULT_BUNDLE / "tokenizer", bundle_pixel_range(DEFAULT_BUNDLE))
 columns, scale = 6, 2
 side = tokenizer.image_size * scale
 sheet = Image.new("RGB", (120 + 2 * columns * side, len(KINDS) * side), "white")

@@ -249,14 +249,25 @@ class Studio:
                 f"{engine.grid}×{engine.grid} tokens · up to {engine.max_pairs} pairs · refiners: {refiners} · "
                 f"trained on: {tasks}")
 
+    def sampling_note(self) -> str:
+        """The info line under the sampling sliders: this model's defaults and where they come from."""
+        defaults = self.engine.sampling_defaults
+        top_k = f", top-k {int(defaults['top_k'])}" if defaults["top_k"] else ""
+        return (f"Defaults for this model: temperature {float(defaults['temperature'])!r}, "
+                f"top-p {float(defaults['top_p'])!r}{top_k} — {self.engine.sampling_source}.")
+
     def model_outputs(self, refiner_value: str | None = None, draft_value: str | None = None):
-        """Updates that follow a model change: info, refiner choices, SCAN c range, max pairs, draft modes."""
+        """Updates that follow a model change: info, refiner choices, SCAN c range, max pairs, draft modes,
+        and the sampling sliders reset to the new model's defaults with their info line."""
         available = self.engine.available_refiners
         choices = refiner_choices(available)
         value = refiner_value if refiner_value in choices else default_refiner(available)
         cells = self.engine.grid ** 2
+        sampling = self.engine.sampling_defaults
         return (self.model_info(), gr.update(choices=choices, value=value), gr.update(maximum=cells),
-                self.engine.max_pairs, draft_mode_update(self.engine, draft_value))
+                self.engine.max_pairs, draft_mode_update(self.engine, draft_value),
+                gr.update(value=sampling["temperature"]), gr.update(value=sampling["top_p"]),
+                gr.update(value=sampling["top_k"]), self.sampling_note())
 
     def load_model(self, kind: str, location: str, refiner_value: str | None = None, draft_value: str | None = None):
         """Model selector: load the embedded default, a local bundle folder or a Hub repo id.
@@ -335,9 +346,11 @@ class Studio:
         return generate
 
     def generate(self, pairs, query, truth=None, refiners: str = "SCAN", scan_iterations=30, scan_cells=4,
-                 temperature=1.0, top_p=0.9, top_k=0, seed=0, randomize_seed=False, candidates=1,
+                 temperature=None, top_p=None, top_k=None, seed=0, randomize_seed=False, candidates=1,
                  canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined") -> Iterator[tuple]:
-        """Draft the answer token by token, then refine; yields output tuples (OUTPUTS order) as it goes."""
+        """Draft the answer token by token, then refine; yields output tuples (OUTPUTS order) as it goes.
+
+        temperature / top_p / top_k left out (None): the model's own defaults (`Engine.sampling_defaults`)."""
         engine = self.engine             # one model for the whole run, even if another is loaded meanwhile
         pairs = [(x, y) for x, y in (pairs or []) if x is not None or y is not None]
         filled = len(pairs)
@@ -606,6 +619,9 @@ def _number(value, name: str, low, high, kind=float):
 
 def _settings(engine, scan_iterations, scan_cells, temperature, top_p, top_k, candidates, canvas_every) -> dict:
     cells = engine.grid ** 2
+    defaults = engine.sampling_defaults
+    temperature, top_p, top_k = (defaults[name] if value is None else value for name, value in
+                                 (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)))
     return dict(
         scan_iterations=_number(scan_iterations, "SCAN T (iterations)", 0, 200, int),
         scan_cells=_number(scan_cells, "SCAN c (tokens per iteration)", 1, cells, int),

@@ -92,3 +92,55 @@ def test_hub_id_through_the_real_snapshot_download_offline(tmp_path, monkeypatch
     assert load_bundle("retouch/tiny", revision=commit).vocab.cells == 16
     with pytest.raises(BundleError, match="not in the local Hub cache"):
         load_bundle("retouch/absent")
+
+
+# --------------------------------------------------------------------------------------------
+# the tokenizer's pixel range, stored in bundle.json
+# --------------------------------------------------------------------------------------------
+
+def test_pixel_range_is_written_and_a_bundle_without_it_reads_as_minus_one_to_one(bundle_dir):
+    info = json.loads((bundle_dir / "bundle.json").read_text())
+    assert info["pixel_range"] == [-1.0, 1.0]
+    assert load_bundle(bundle_dir).tokenizer.pixel_range == (-1.0, 1.0)
+    del info["pixel_range"]                                  # a bundle written before the field existed
+    (bundle_dir / "bundle.json").write_text(json.dumps(info))
+    assert load_bundle(bundle_dir).tokenizer.pixel_range == (-1.0, 1.0)
+    info["pixel_range"] = [0, 1]
+    (bundle_dir / "bundle.json").write_text(json.dumps(info))
+    assert load_bundle(bundle_dir).tokenizer.pixel_range == (0.0, 1.0)
+    for bad in ([1, 0], [0], "0..1", [0, float("inf")]):
+        info["pixel_range"] = bad
+        (bundle_dir / "bundle.json").write_text(json.dumps(info))
+        with pytest.raises(BundleError, match="tokenizer: .*bundle.json: pixel range") as error:
+            load_bundle(bundle_dir)
+        assert "\n" not in str(error.value)
+
+
+def test_embedded_default_reads_and_writes_minus_one_to_one():
+    import numpy as np
+
+    from demo_core.bundle import DEFAULT_BUNDLE
+
+    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
+        pytest.skip("no embedded default in this checkout")
+    tokenizer = load_bundle(DEFAULT_BUNDLE).tokenizer
+    assert tokenizer.pixel_range == (-1.0, 1.0)                # it was trained so
+    image = np.random.default_rng(0).random((tokenizer.image_size, tokenizer.image_size, 3)).astype(np.float32)
+    pixels = tokenizer.to_tensor(image)
+    assert torch.equal(pixels, torch.from_numpy(image).permute(2, 0, 1)[None] * 2.0 - 1.0)   # as before the field
+    np.testing.assert_array_equal(tokenizer.to_arrays(pixels), ((pixels.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+
+
+def test_zero_to_one_tokenizer_feeds_pixels_as_is_and_clamps_decodes():
+    import numpy as np
+
+    from demo_core.testing import TINY_TOKENIZER
+    from demo_core.tokenizer import VQTokenizer, build_vqmodel
+
+    tokenizer = VQTokenizer(build_vqmodel(TINY_TOKENIZER), pixel_range=(0.0, 1.0))
+    image = np.random.default_rng(1).random((TINY_TOKENIZER.image_size,) * 2 + (3,)).astype(np.float32)
+    assert torch.equal(tokenizer.to_tensor(image), torch.from_numpy(image).permute(2, 0, 1)[None])
+    raw = torch.linspace(-0.5, 1.5, 3 * 16 * 16).view(1, 3, 16, 16)
+    np.testing.assert_array_equal(tokenizer.to_arrays(raw), raw.clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    with pytest.raises(ValueError, match="low < high"):
+        VQTokenizer(build_vqmodel(TINY_TOKENIZER), pixel_range=(1.0, 1.0))

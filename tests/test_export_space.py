@@ -63,6 +63,7 @@ def test_export_round_trips_strictly_with_a_model_card(tiny_bundle, tmp_path, ca
     assert ModelCard.load(out / "README.md").data.pipeline_tag == "image-to-image"
     assert 'load_engine("someone/retouch-tiny"' in card and 'subfolder="backbone"' in card and 'subfolder="tokenizer"' in card
     assert "steps: 1200" in card and "token_accuracy 0.51" in card
+    assert "reads and writes RGB in [-1, 1]" in card
 
 
 def test_export_of_a_bundle_by_hub_id_and_revision(tiny_bundle, tmp_path, monkeypatch, capsys):
@@ -133,9 +134,16 @@ def test_space_folder_holds_only_what_the_space_runs(space_folder):
 def test_space_pinning(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.delenv("RETOUCH_LVM_REVISION", raising=False)
     monkeypatch.delenv("RETOUCH_LVM_VQ_REVISION", raising=False)
+    assert lvm.revisions()[1] == "e4b5f5f83d9588ed52b6d1b65b91262f9f2d804b"           # the tokenizer is pinned
     if not all(space.COMMIT.match(r) for r in lvm.revisions()):
-        with pytest.raises(BundleError, match="not pinned"):
+        with pytest.raises(BundleError, match="not pinned") as error:
             space.assemble(tmp_path / "a", bundle=tiny_bundle, require_pinned=True)
+        assert f"{lvm.LVM_BACKBONE_REPO}@main" in str(error.value) and lvm.LVM_TOKENIZER_REPO not in str(error.value)
+        card = space.render_card(REPO / "spaces" / "README.md", *lvm.revisions())
+        assert f"Not pinned to a commit: {lvm.LVM_BACKBONE_REPO}@main" in card
+    monkeypatch.setenv("RETOUCH_LVM_REVISION", "main")                 # one branch name is enough to refuse
+    with pytest.raises(BundleError, match=r"not pinned to commits \(Emma02/LVM_ckpts@main\)"):
+        space.assemble(tmp_path / "c", bundle=tiny_bundle, require_pinned=True)
     monkeypatch.setenv("RETOUCH_LVM_REVISION", "a" * 40)
     monkeypatch.setenv("RETOUCH_LVM_VQ_REVISION", "b" * 40)
     summary = space.assemble(tmp_path / "b", bundle=tiny_bundle, require_pinned=True)

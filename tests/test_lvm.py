@@ -115,9 +115,15 @@ def use_cache(monkeypatch, cache: Path) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def serve_tokenizer(cache: Path, sources, leave_out: tuple[str, ...] = ()) -> str:
+    """The tiny VQGAN as Emma02/vqvae_ckpts at its pinned commit (LVM_VQ_REVISION, also its main)."""
+    return serve_from_hub_cache(cache, lvm.LVM_TOKENIZER_REPO, sources["tokenizer"], commit=lvm.LVM_VQ_REVISION,
+                                leave_out=leave_out)
+
+
 def serve_lvm(cache: Path, sources, backbone: str = "backbone") -> dict:
     return {"backbone": serve_from_hub_cache(cache, lvm.LVM_BACKBONE_REPO, sources[backbone]),
-            "tokenizer": serve_from_hub_cache(cache, lvm.LVM_TOKENIZER_REPO, sources["tokenizer"])}
+            "tokenizer": serve_tokenizer(cache, sources)}
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +196,8 @@ def test_load_engine_lvm_7b_through_the_hub_cache(engine):
     assert "training-free fallback" in info["quality_signal"]
     assert info["sources"]["backbone"] == {"repo": lvm.LVM_BACKBONE_REPO, "revision": "main", "commit": engine.commits["backbone"]}
     assert info["sources"]["tokenizer"]["commit"] == engine.commits["tokenizer"]
+    assert info["sources"]["tokenizer"]["revision"] == lvm.LVM_VQ_REVISION == "e4b5f5f83d9588ed52b6d1b65b91262f9f2d804b"
+    assert info["pixel_range"] == [0.0, 1.0] and engine.tokenizer.pixel_range == (0.0, 1.0)     # MUSE: RGB as is
     assert next(engine.tokenizer.model.parameters()).dtype == torch.float32          # VQ always float32
     assert next(engine.model.parameters()).dtype == torch.float32                    # CPU: float32 (engine's choice)
     assert engine.model.model.rotary_emb.inv_freq.dtype == torch.float32
@@ -214,12 +222,60 @@ def test_revision_from_the_environment_and_unknown_revision(sources, tmp_path, m
 
 
 # --------------------------------------------------------------------------------------------
+# pixels: the VQGAN sees and returns what it sees and returns in LVM
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def lvm_reference_round_trip(folder: Path, pictures: list[Image.Image]) -> tuple[torch.Tensor, np.ndarray]:
+    """Codes (B, g, g) and pixels BxHxWx3 as LVM computes them: RGB / 255 fed straight into the VQGAN
+    (utils.read_image_to_tensor), nearest code, decode, clamp to [0, 1] (inference.generate_once).
+    The VQGAN is MUSE's computation on the MUSE-named weights (test_muse_vqgan), not the converted model."""
+    from test_muse_vqgan import _muse_reference_forward
+
+    config = json.loads((folder / "config.json").read_text())
+    state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    pixels = np.stack([np.asarray(p.convert("RGB")) for p in pictures]) / 255.0
+    batch = torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2)     # (B, 3, H, W) in [0, 1], as is
+    _, codes, decoded = _muse_reference_forward(state, config, batch)
+    return codes, decoded.clamp(0.0, 1.0).permute(0, 2, 3, 1).numpy()
+
+
+def test_lvm_round_trip_uses_lvms_pixel_range(engine, sources):
+    pictures = images(6, seed=11)
+    loaded, query = engine.prepare([(pictures[0], pictures[1]), (pictures[2], pictures[3])], pictures[4])
+    shown = [image for pair in loaded for image in pair] + [query, pictures[5]]
+    codes = engine.encode(shown)                                     # (B, N): the engine's context path
+    pixels = engine.tokenizer.decode(codes)                          # BxHxWx3 floats; engine.decode rounds these
+    ref_codes, ref_pixels = lvm_reference_round_trip(sources["tokenizer"], shown)
+    assert torch.equal(codes.view_as(ref_codes), ref_codes), \
+        f"{int((codes.view_as(ref_codes) == ref_codes).sum())} of {ref_codes.numel()} codes match LVM's"
+    np.testing.assert_allclose(pixels, ref_pixels, rtol=0, atol=1e-4)
+    for index in range(len(shown)):                                  # the canvas images are those pixels, rounded
+        expected = (ref_pixels[index] * 255.0).round()
+        assert np.abs(np.asarray(engine.decode(codes[index]), dtype=np.float64) - expected).max() <= 1
+
+
+# --------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------
 
+def test_default_sampling_is_the_reference_scripts(engine):
+    # ytongbai/LVM batch_generation.py: temperature=1.0, top_p=1.0 (passed on by inference.py generate_once)
+    assert engine.sampling_defaults == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    assert "batch_generation.py" in engine.sampling_source and "generate_once" in engine.sampling_source
+    pairs, query = pairs_and_query(k=1, seed=2)
+    default = engine.run(pairs, query, refine=(), seed=3)
+    reference = engine.run(pairs, query, refine=(), seed=3, temperature=1.0, top_p=1.0, top_k=0)
+    nucleus = engine.run(pairs, query, refine=(), seed=3, top_p=0.9)        # the embedded default's setting
+    assert np.array_equal(default.tokens["draft"], reference.tokens["draft"])
+    assert not np.array_equal(default.tokens["draft"], nucleus.tokens["draft"])
+
+
 def test_full_generation_with_the_scan_fallback(engine):
     pairs, query = pairs_and_query(k=2)
-    events = list(engine.stream(pairs, query, refine=("scan",), seed=1, scan_iterations=12, scan_cells=4,
+    # seed 5: under the recipe's default sampling (top-p 1.0) proposals come from every code, and most seeds
+    # of this tiny random model find no improvement in 12 iterations; this one does
+    events = list(engine.stream(pairs, query, refine=("scan",), seed=5, scan_iterations=12, scan_cells=4,
                                 canvas_every=8, decode_scan_steps=True))
     started = events[0]
     assert isinstance(started, GenerationStarted) and started.sequence_format == "lvm"
@@ -258,7 +314,7 @@ def test_full_generation_with_the_scan_fallback(engine):
     assert result.changed["scan"] == [int(c) for c in np.flatnonzero(result.tokens["scan"] != result.tokens["draft"])]
 
     # same seed, same image
-    again = engine.run(pairs, query, refine=("scan",), seed=1, scan_iterations=12, scan_cells=4)
+    again = engine.run(pairs, query, refine=("scan",), seed=5, scan_iterations=12, scan_cells=4)
     assert np.array_equal(again.tokens["scan"], result.tokens["scan"])
 
 
@@ -312,14 +368,14 @@ def test_missing_repo_in_the_offline_cache_is_one_line(sources, tmp_path, monkey
     serve_from_hub_cache(tmp_path, lvm.LVM_BACKBONE_REPO, sources["backbone"])
     with pytest.raises(BundleError) as error:
         demo_core.load_engine("lvm-7b")
-    assert "Emma02/vqvae_ckpts@main" in str(error.value) and "\n" not in str(error.value)
+    assert f"Emma02/vqvae_ckpts@{lvm.LVM_VQ_REVISION}" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_incomplete_snapshot_is_one_line(sources, tmp_path, monkeypatch):
     use_cache(monkeypatch, tmp_path)
     shard = sorted(p.name for p in sources["backbone"].glob("*.safetensors"))[-1]
     serve_from_hub_cache(tmp_path, lvm.LVM_BACKBONE_REPO, sources["backbone"], leave_out=(shard,))
-    serve_from_hub_cache(tmp_path, lvm.LVM_TOKENIZER_REPO, sources["tokenizer"])
+    serve_tokenizer(tmp_path, sources)
     with pytest.raises(BundleError) as error:
         demo_core.load_engine("lvm-7b")
     message = str(error.value)
@@ -331,7 +387,7 @@ def test_memory_estimate_refuses_before_downloading_weights(sources, tmp_path, m
     use_cache(monkeypatch, tmp_path)
     weights = tuple(p.name for p in sources["backbone"].glob("*.safetensors"))
     serve_from_hub_cache(tmp_path, lvm.LVM_BACKBONE_REPO, sources["backbone"], leave_out=weights)   # configs only
-    serve_from_hub_cache(tmp_path, lvm.LVM_TOKENIZER_REPO, sources["tokenizer"], leave_out=("pytorch_model.bin",))
+    serve_tokenizer(tmp_path, sources, leave_out=("pytorch_model.bin",))
     monkeypatch.setattr(lvm, "available_memory", lambda device: (2 ** 20, "available RAM"))
     with pytest.raises(BundleError) as error:
         demo_core.load_engine("lvm-7b")
@@ -410,10 +466,17 @@ def test_export_of_the_lvm_recipe_is_a_standard_bundle(engine, sources, tmp_path
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert "tokenizer/diffusion_pytorch_model.safetensors" in files and not [f for f in files if f.endswith(".bin")]
     assert json.loads((out / "tokenizer" / "config.json").read_text())["lookup_from_codebook"] is False
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["pixel_range"] == [0.0, 1.0] and manifest["sampling"] == engine.bundle.info["sampling"]
     card = (out / "README.md").read_text()
     assert "Emma02/LVM_ckpts" in card.split("---")[1] and "training-free fallback" in card
+    assert "reads and writes RGB in [0, 1]" in card
     exported = demo_core.load_engine(str(out))                 # a plain folder: no Hub, no conversion
     assert exported.bundle.sequence_format == "lvm" and exported.max_pairs == 3
+    assert exported.tokenizer.pixel_range == (0.0, 1.0) and exported.sampling_defaults == engine.sampling_defaults
+    shown = images(3, seed=6)
+    assert torch.equal(exported.encode(shown), engine.encode(shown))
+    np.testing.assert_array_equal(exported.tokenizer.decode(engine.encode(shown)), engine.tokenizer.decode(engine.encode(shown)))
     pairs, query = pairs_and_query(k=1, seed=5)
     a = engine.run(pairs, query, refine=("scan",), seed=4, scan_iterations=3)
     b = exported.run(pairs, query, refine=("scan",), seed=4, scan_iterations=3)

@@ -175,6 +175,33 @@ def test_draft_cache_is_reused_and_extends_deterministically(tmp_path):
     assert ((fresh["draft"] >= 0) & (fresh["draft"] < bundle.vocab.codebook_size)).all()
 
 
+def test_drafts_follow_the_bundles_pixel_range_and_sampling(tmp_path):
+    """What `train refiner --bundle lvm-7b` drafts with: the tokenizer's own range, the engine's sampling for it."""
+    folder = wide_lvm_bundle(tmp_path / "b")
+    info = json.loads((folder / "bundle.json").read_text())
+    info.update(pixel_range=[0.0, 1.0], sampling={"temperature": 1.0, "top_p": 1.0, "top_k": 0, "source": "a test"})
+    (folder / "bundle.json").write_text(json.dumps(info))
+    bundle = load_bundle(folder)
+    assert bundle.tokenizer.pixel_range == (0.0, 1.0)
+    trainer.train_refiner(bundle, small_config(drafts=4, val_drafts=2, epochs=1), tmp_path / "run")
+    caches = sorted((tmp_path / "run").glob("drafts-*.pt"))
+    recipes = [json.loads(torch.load(path, weights_only=True)["recipe"]) for path in caches]
+    assert len(recipes) == 2 and all(r["pixel_range"] == [0.0, 1.0] for r in recipes)
+    assert all(dict(zip(("temperature", "top_k", "top_p", "candidates"), r["sampling"])) ==
+               {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "candidates": 1} for r in recipes)
+
+
+def test_draft_cache_keys_of_minus_one_to_one_tokenizers_are_unchanged():
+    import hashlib
+    from dataclasses import asdict, replace
+
+    recipe = trainer.DraftRecipe("train", 0, 16, ("colorization",), (1, 3), "scan", (1.0, 0, 0.9, 1),
+                                 "backbone-hash", "tokenizer-hash", "torch.float32")
+    before_the_field = {k: v for k, v in asdict(recipe).items() if k != "pixel_range"}
+    assert recipe.key() == hashlib.sha256(json.dumps(before_the_field, sort_keys=True).encode()).hexdigest()[:16]
+    assert replace(recipe, pixel_range=(0.0, 1.0)).key() != recipe.key()
+
+
 def test_command_line_saves_the_refiner_into_the_bundle(tmp_path):
     folder = build_tiny_bundle(tmp_path / "b")
     assert trainer.main(["--bundle", str(folder), "--drafts", "8", "--val-drafts", "3", "--epochs", "1",

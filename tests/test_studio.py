@@ -269,11 +269,34 @@ def test_not_a_bundle_folder_is_explained(studio, engine, tmp_path):
 
 
 def test_local_bundle_loads(studio, engine, bundle):
-    info, refiners, scan_cells, max_pairs, draft = studio.load_model("local bundle folder", str(bundle), "SCAN", "ar")
+    info, refiners, scan_cells, max_pairs, draft, temperature, top_p, top_k, note = studio.load_model(
+        "local bundle folder", str(bundle), "SCAN", "ar")
     assert studio.engine is not engine and max_pairs == engine.max_pairs
     assert draft["visible"] is False and draft["value"] == "ar"           # no TensorAR part: no choice shown
     assert "4×4 tokens" in info and refiners["choices"] == ["none (draft only)", "SCAN"]
     assert scan_cells["maximum"] == 16
+    assert (temperature["value"], top_p["value"], top_k["value"]) == (1.0, 0.9, 0)     # the embedded default's
+    assert "top-p 0.9" in note and "Retouch's own defaults" in note
+
+
+def test_a_model_with_its_own_sampling_is_labelled(tmp_path, monkeypatch):
+    from test_lvm import serve_lvm, use_cache, write_tiny_lvm, write_tiny_vqgan
+
+    sources = {"backbone": write_tiny_lvm(tmp_path / "lvm"), "tokenizer": write_tiny_vqgan(tmp_path / "vq")}
+    use_cache(monkeypatch, tmp_path / "hub")
+    serve_lvm(tmp_path / "hub", sources)
+    studio = Studio(load_engine(str(build_tiny_bundle(tmp_path / "tiny"))), "tiny")
+    *_, temperature, top_p, top_k, note = studio.load_model("Hub repo id", "lvm-7b")
+    assert (temperature["value"], top_p["value"], top_k["value"]) == (1.0, 1.0, 0)
+    assert note.startswith("Defaults for this model: temperature 1.0, top-p 1.0 — the LVM reference scripts'")
+    assert "batch_generation.py" in note and note == studio.sampling_note()
+    pictures = [str(tmp_path / f"{name}.png") for name in ("x", "y", "q")]
+    for seed, path in enumerate(pictures):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    widgets = dict(pairs=[(pictures[0], pictures[1])], query=pictures[2], refiners="none (draft only)", **FAST)
+    left_out = by_name(list(studio.generate(**widgets))[-1])["run_state"]          # sampling not given: the model's
+    given = by_name(list(studio.generate(**widgets, temperature=1.0, top_p=1.0, top_k=0))[-1])["run_state"]
+    assert np.array_equal(left_out.result.tokens["draft"], given.result.tokens["draft"])
 
 
 def test_every_task_has_a_loadable_example(studio):

@@ -1,8 +1,11 @@
-"""python -m demo_core.train {tokenizer,backbone,refiner,tensor} [options]"""
+"""python -m demo_core.train {tokenizer,tokenizer-f8,backbone,refiner,tensor} [options]
+
+tokenizer: the second-generation local f4 tokenizer (16x16 codes); tokenizer-f8: the first (8x8).
+"""
 import importlib
 import sys
 
-PARTS = {"tokenizer": "tokenizer", "backbone": "backbone", "refiner": "refiner", "tensor": "tensor"}
+PARTS = {"tokenizer": "tokenizer", "tokenizer-f8": "tokenizer_f8", "backbone": "backbone", "refiner": "refiner", "tensor": "tensor"}
 
 
 def main(argv=None):

@@ -81,9 +81,10 @@ def _normalised(values: list[float], option: str, example: str) -> np.ndarray:
 def load_tokenizer(bundle: Path):
     from diffusers import VQModel
 
+    from ..bundle import bundle_pixel_range
     from ..tokenizer import VQTokenizer
 
-    return VQTokenizer(VQModel.from_pretrained(bundle / "tokenizer"))
+    return VQTokenizer(VQModel.from_pretrained(bundle / "tokenizer"), pixel_range=bundle_pixel_range(bundle))
 
 
 def tokenizer_fingerprint(bundle: Path) -> str:

@@ -3,10 +3,12 @@
     python -m demo_core.train refiner [--bundle assets/retouch-tiny] [--drafts 1500] [--loss cosine]
 
 1. Drafts: the frozen backbone answers training-split in-context examples exactly as in
-   production (`draft_scan`, SamplingConfig defaults: temperature 1.0, top-p 0.9; the bundle's
-   tasks, K = 1..3). Cached under runs/refiner/ by a hash of the backbone and tokenizer weights
-   and the sampler settings; every example and its sampling generator are derived from
-   (seed, index), so a rerun reuses the cache and a larger --drafts only drafts the rest.
+   production (`draft_scan`, or `lvm.draft_lvm` for an LVM bundle; the engine's default sampling
+   for the bundle: temperature 1.0, top-p 0.9, or its own, LVM-7B's top-p 1.0; images through the
+   tokenizer's own pixel range; the bundle's tasks, K = 1..3). Cached under runs/refiner/ by a
+   hash of the backbone and tokenizer weights, the tokenizer's pixel range and the sampler
+   settings; every example and its sampling generator are derived from (seed, index), so a
+   rerun reuses the cache and a larger --drafts only drafts the rest.
 2. g_phi: e = f_embed(draft), e' = g_phi(e) (Eq. 3), loss = mean cosine distance to the
    ground-truth answer's embeddings (Eq. 4; --loss l2 for Table 6); AdamW 1e-4, batch 4,
    2 epochs (paper Sec. 4). Only g_phi's parameters change; the backbone is checked
@@ -40,6 +42,7 @@ from tqdm import tqdm
 from ..backbone import SamplingConfig, draft_scan
 from ..refiners.self_refine import KINDS, SelfRefiner, code_embeddings, cosine_distance, self_refine
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
+from ..tokenizer import DEFAULT_PIXEL_RANGE
 from .backbone import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, setup_logging, write_json
 
@@ -90,9 +93,13 @@ class DraftRecipe:
     backbone: str                   # state_fingerprint of the backbone
     tokenizer: str                  # state_fingerprint of the VQ model
     dtype: str
+    pixel_range: tuple = DEFAULT_PIXEL_RANGE    # the tokenizer's: its weights alone do not say what it reads
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        values = asdict(self)
+        if tuple(values["pixel_range"]) == DEFAULT_PIXEL_RANGE:
+            del values["pixel_range"]           # the keys of caches written before the field existed stay valid
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
     def example_seed(self, index: int) -> int:
         return self.seed * 1_000_003 + index
@@ -260,9 +267,10 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     backbone_hash = state_fingerprint(backbone)
     tasks = tuple(task for task in bundle.info.get("tasks", ()) if task in TASKS) or CORE_TASKS
     recipe = dict(image_size=bundle.tokenizer.image_size, tasks=tasks, pairs_range=(1, max(1, min(3, bundle.max_pairs))),
-                  sequence_format=bundle.sequence_format, sampling=tuple(asdict(SamplingConfig()).values()),
+                  sequence_format=bundle.sequence_format,
+                  sampling=tuple(asdict(SamplingConfig(**bundle.sampling_defaults)).values()),   # as the engine samples
                   backbone=backbone_hash, tokenizer=state_fingerprint(bundle.tokenizer.model),
-                  dtype=str(next(backbone.parameters()).dtype))
+                  dtype=str(next(backbone.parameters()).dtype), pixel_range=tuple(bundle.tokenizer.pixel_range))
     timings = {}
     start = time.perf_counter()
     train = load_or_make_drafts(bundle, DraftRecipe("train", config.seed, **recipe), config.drafts, run_dir, logger)

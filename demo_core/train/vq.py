@@ -1,0 +1,70 @@
+"""Codebook training shared by the tokenizer trainers: k-means initialisation, EMA updates, restarts."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kmeans(vectors: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
+    """Plain Lloyd k-means in float32; empty clusters are re-seeded from random points."""
+    vectors = vectors.float()
+    centres = vectors[torch.randperm(len(vectors), generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(vectors, centres).argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, vectors)
+        counts = torch.bincount(assign, minlength=k).float()
+        empty = counts == 0
+        centres = sums / counts.clamp(min=1)[:, None]
+        if empty.any():
+            centres[empty] = vectors[torch.randint(0, len(vectors), (int(empty.sum()),), generator=generator)]
+    return centres
+
+
+class EMAQuantizer:
+    """EMA codebook state living beside the VQModel's own embedding (which it overwrites)."""
+
+    def __init__(self, embedding: torch.nn.Embedding, decay: float = 0.99, eps: float = 1e-5):
+        self.embedding = embedding
+        self.decay, self.eps = decay, eps
+        codes, dim = embedding.weight.shape
+        self.cluster_size = torch.ones(codes)
+        self.embed_sum = embedding.weight.detach().clone()
+
+    def state_dict(self) -> dict:
+        return {"cluster_size": self.cluster_size, "embed_sum": self.embed_sum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cluster_size, self.embed_sum = state["cluster_size"], state["embed_sum"]
+
+    def reset(self, centres: torch.Tensor) -> None:
+        self.embedding.weight.data.copy_(centres)
+        self.embed_sum = centres.clone()
+        self.cluster_size = torch.ones(len(centres))
+
+    def quantize(self, flat: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """flat (N, D) -> (quantized (N, D) from the codebook, indices (N,))."""
+        codebook = self.embedding.weight.detach()
+        with torch.no_grad():
+            distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1)[None]
+            indices = distances.argmin(1)
+        if train:
+            with torch.no_grad():
+                onehot = F.one_hot(indices, len(codebook)).float()
+                self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+                self.embed_sum.mul_(self.decay).add_(onehot.T @ flat.detach(), alpha=1 - self.decay)
+                total = self.cluster_size.sum()
+                smoothed = (self.cluster_size + self.eps) / (total + len(codebook) * self.eps) * total
+                self.embedding.weight.data.copy_(self.embed_sum / smoothed[:, None])
+        return codebook[indices], indices
+
+    def restart_dead(self, flat: torch.Tensor, threshold: float, generator: torch.Generator) -> int:
+        """Move codes used less than `threshold` (EMA count) onto random current encoder outputs."""
+        dead = self.cluster_size < threshold
+        count = int(dead.sum())
+        if count:
+            picks = flat.detach()[torch.randint(0, len(flat), (count,), generator=generator)]
+            picks = picks + 0.01 * picks.std() * torch.randn(picks.shape, generator=generator)
+            self.embedding.weight.data[dead] = picks
+            self.embed_sum[dead] = picks
+            self.cluster_size[dead] = 1.0
+        return count
