@@ -8,6 +8,16 @@ import numpy as np
 from PIL import Image
 
 
+def as_grid(values) -> np.ndarray:
+    """(N,) codes or scores (a tensor, an array or a list) -> a (grid, grid) numpy array, grid = sqrt(N)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().clone()          # a copy: the caller may go on editing its tensor
+        values = (values.float() if values.is_floating_point() else values).numpy()
+    values = np.asarray(values)
+    grid = int(round(values.size ** 0.5))
+    return values.reshape(grid, grid)
+
+
 @dataclass
 class GenerationStarted:
     total_tokens: int               # tokens the draft will write
@@ -55,6 +65,10 @@ class DraftDone:
 
 @dataclass
 class ScanStep:
+    """One SCAN iteration (refiners/scan.py, or the training-free fallback in refiners/scan_fallback.py): per
+    regenerated cell its old and new code and score, and whether the new one was kept. The refiners build it; the
+    engine adds the decoded `image` when asked."""
+
     iteration: int
     cells: list[int]
     old_tokens: list[int]
@@ -62,9 +76,9 @@ class ScanStep:
     old_scores: list[float]
     new_scores: list[float]
     accepted: list[bool]
-    image: Image.Image | None       # image after this iteration (decoded when requested)
-    quality: np.ndarray             # (grid, grid) after this iteration
-    codes: np.ndarray               # (grid, grid) after this iteration
+    codes: np.ndarray | None = None     # (grid, grid) after this iteration
+    quality: np.ndarray | None = None   # (grid, grid) after this iteration
+    image: Image.Image | None = None    # image after this iteration (decoded when requested)
 
 
 @dataclass

@@ -15,9 +15,11 @@ from PIL import Image
 
 import demo_core
 from demo_core import lvm
+from demo_core.drafts import raster
 from demo_core.bundle import BundleError
 from demo_core.events import DraftDone, Finished, GenerationStarted, ScanStep, StageDone, TokensWritten
-from demo_core.muse_vqgan import LVM_MUSE_CONFIG, make_tiny_muse_vqgan
+from demo_core.muse_vqgan import LVM_MUSE_CONFIG
+from demo_core.testing import make_tiny_muse_vqgan
 
 CODES = 8192                  # LVM's VQ codes ...
 VOCAB = CODES + 100           # ... and 100 special ids above them
@@ -325,11 +327,11 @@ def test_batched_candidate_scoring_matches_plain_forwards(engine):
     from demo_core.backbone import SamplingConfig
 
     drafts = []
-    for _ in lvm.draft_lvm(engine.model, context, CELLS, CODES, SamplingConfig(candidates=3),
+    for _ in raster.draft_raster(engine.model, context, CELLS, CODES, SamplingConfig(candidates=3),
                            torch.Generator().manual_seed(1), drafts):
         pass
     answers = drafts[0].codes                                          # 3 different candidates
-    scores = lvm.score_answers(engine.model, drafts[0], answers, CODES)
+    scores = raster.score_answers(engine.model, drafts[0], answers, CODES)
     for answer, score in zip(answers, scores):
         reference = reference_log_probs(engine, pairs, query, answer)
         np.testing.assert_allclose(score.token_probs.numpy(), reference.exp().numpy(), rtol=1e-4, atol=1e-7)

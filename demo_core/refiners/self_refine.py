@@ -20,6 +20,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..sequence import Vocab
+from ..token_metrics import cosine_distance  # noqa: F401  (VSR's loss, Eq. 4; the trainer imports it from here)
 
 KINDS = ("attention", "mlp", "conv")
 
@@ -117,11 +118,6 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
 def code_embeddings(backbone: nn.Module, vocab: Vocab) -> torch.Tensor:
     """(C, D) the frozen f_embed rows of the VQ codes 0..C-1 (the paper's "codebook"; special tokens excluded)."""
     return backbone.get_input_embeddings().weight[: vocab.codebook_size]
-
-
-def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(..., D), (..., D) -> (...) 1 - cos(a, b) in float32: the summand of Eq. 4 (and the paper's Fig. 2 curve)."""
-    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
 
 
 @torch.no_grad()
