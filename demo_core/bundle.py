@@ -42,11 +42,16 @@ class Bundle:
     info: dict
     tokenizer: object                 # VQTokenizer
     backbone: torch.nn.Module         # LlamaForCausalLM
-    refiner: torch.nn.Module | None = None
+    vsr: torch.nn.Module | None = None       # VSR g_phi (refiner/), optional
     source: str = ""
     extras: dict = field(default_factory=dict)
     tensor: torch.nn.Module | None = None    # drafts.tensor.TensorAR over `backbone` (tensor/), optional
     folder: Path | None = None               # where the parts were read from (a local folder or the Hub snapshot)
+
+    @property
+    def refiner(self) -> torch.nn.Module | None:
+        """Deprecated name of `vsr` (the VSR g_phi)."""
+        return self.vsr
 
     @property
     def vocab(self) -> Vocab:
@@ -111,18 +116,18 @@ def manifest(tokenizer, backbone, *, name: str, tasks: list[str], sequence_forma
     return info
 
 
-def save_bundle(folder, tokenizer, backbone, refiner=None, *, name: str = "bundle", tasks=(), sequence_format="scan",
+def save_bundle(folder, tokenizer, backbone, vsr=None, *, name: str = "bundle", tasks=(), sequence_format="scan",
                 tensor=None) -> Path:
     """Write a bundle folder (every part in its library's own layout, safetensors)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.model.save_pretrained(folder / "tokenizer", safe_serialization=True)
     backbone.save_pretrained(folder / "backbone", safe_serialization=True)
-    if refiner is not None:
-        refiner.save_pretrained(folder / "refiner")
+    if vsr is not None:                             # the VSR part keeps its folder name, refiner/
+        vsr.save_pretrained(folder / "refiner")
     if tensor is not None:                          # a TensorAdapter (or a TensorAR: only its adapter is written)
         getattr(tensor, "adapter", tensor).save_pretrained(folder / "tensor")
-    info = manifest(tokenizer, backbone, name=name, tasks=list(tasks), sequence_format=sequence_format, refiner=refiner is not None,
+    info = manifest(tokenizer, backbone, name=name, tasks=list(tasks), sequence_format=sequence_format, refiner=vsr is not None,
                     tensor=tensor is not None)
     (folder / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
     return folder
@@ -294,5 +299,5 @@ def load_bundle(source: str | Path | None = None, revision: str | None = None, d
         if not (folder / parts["tensor"]).is_dir():
             raise BundleError(f"bundle: the tensor part is listed but {parts['tensor']}/ is missing in {folder}")
         tensor = load_tensor_part(folder / parts["tensor"], backbone)
-    return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, refiner=refiner, source=str(source or "default"),
+    return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, vsr=refiner, source=str(source or "default"),
                   tensor=tensor, folder=folder)

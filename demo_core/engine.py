@@ -2,7 +2,7 @@
 
     from demo_core import load_engine
     engine = load_engine()     # embedded default; or a folder, a Hub id, "lvm-7b"
-    result = engine.run(pairs=[(x1, y1)], query=q, refine=("scan", "self"), seed=0)
+    result = engine.run(pairs=[(x1, y1)], query=q, refine=("scan", "vsr"), seed=0)
     for event in engine.stream(pairs=..., query=..., refine=..., seed=0): ...
 
 Owns device and dtype (chosen once, here), input validation, and the order of stages.
@@ -28,7 +28,8 @@ from .images import ImageInputError, load_square
 from .refiners.self_refine import self_refine
 from .sequence import context_tokens
 
-REFINERS = ("scan", "self")
+REFINERS = ("scan", "vsr")
+STAGE_ALIASES = {"self": "vsr"}       # VSR's old stage name, still accepted on input
 DRAFT_MODES = ("ar", "tensor")
 OWN_SAMPLING = "Retouch's own defaults, measured on the embedded default (README results)"
 
@@ -41,7 +42,7 @@ class EngineInputError(ValueError):
 class RunSettings:
     """Everything a run can be asked to do besides its images."""
 
-    refine: tuple[str, ...] = ("scan",)   # stages after the draft, in order: "scan", "self"
+    refine: tuple[str, ...] = ("scan",)   # stages after the draft, in order: "scan", "vsr"
     draft_mode: str = "ar"                # "ar": SCAN-form draft, one token per step; "tensor": TensorAR windows (tensor/)
     seed: int = 0
     # sampling: the embedded default's measured defaults; a bundle's "sampling" replaces them (LVM-7B: top-p 1.0)
@@ -80,7 +81,7 @@ class Engine:
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer
         self.model = bundle.backbone
-        self.vsr = self.refiner = bundle.refiner
+        self.vsr = bundle.vsr                         # VSR g_phi, or None
         self.format = sequence_format(bundle)         # how this backbone drafts, scores and SCAN-refines
         self.vocab = bundle.vocab
         self.device = next(self.model.parameters()).device
@@ -105,7 +106,7 @@ class Engine:
 
     @property
     def available_refiners(self) -> tuple[str, ...]:
-        return ("scan", "self") if self.refiner is not None else ("scan",)
+        return REFINERS if self.vsr is not None else ("scan",)
 
     @property
     def available_draft_modes(self) -> tuple[str, ...]:
@@ -214,14 +215,14 @@ class Engine:
         unknown_settings = sorted(set(settings) - set(RunSettings.__dataclass_fields__))
         if unknown_settings:
             raise EngineInputError(f"Unknown setting {unknown_settings[0]!r}; see RunSettings for the options.")
-        stages = tuple(refine or ())
+        stages = tuple(STAGE_ALIASES.get(stage, stage) for stage in (refine or ()))
         settings = RunSettings(refine=stages, seed=int(seed), **{**self.sampling_defaults, **settings})
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
             raise EngineInputError("Sampling needs temperature >= 0 (0 = greedy), 0 < top-p <= 1 and top-k >= 0 (0 = off).")
         unknown = [stage for stage in settings.refine if stage not in REFINERS]
         if unknown:
             raise EngineInputError(f"Unknown refiner {unknown[0]!r}; choose from {', '.join(REFINERS)}.")
-        if "self" in settings.refine and self.vsr is None:
+        if "vsr" in settings.refine and self.vsr is None:
             raise EngineInputError("This model has no VSR refiner (g_phi); choose SCAN only or load a bundle with refiner/.")
         if settings.draft_mode not in DRAFT_MODES:
             raise EngineInputError(f"Unknown draft mode {settings.draft_mode!r}; choose from {', '.join(DRAFT_MODES)}.")
@@ -311,7 +312,7 @@ class Engine:
                         record.image = decode(record.codes)
                     history.append(record)
                     yield record
-            else:                                   # "self", VSR: g_phi over the answer's embeddings, then re-scored
+            else:                                   # "vsr": g_phi over the answer's embeddings, then re-scored
                 new_codes = self_refine(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None])
                 fmt.rescore(state, new_codes, context, settings)
             name = stage if stage not in stage_images else f"{stage}#{len(stage_images)}"
@@ -323,7 +324,7 @@ class Engine:
             yield StageDone(name, stage_images[name], stage_codes[name], stage_quality[name], changed[name])
         final_name = list(stage_images)[-1]
         timings["total"] = sum(timings.values())
-        result = Result(draft=draft_image, final=stage_images[final_name], stages=stage_images, tokens=stage_codes,
+        result = Result(draft=draft_image, final=stage_images[final_name], stages=stage_images, codes=stage_codes,
                         quality=stage_quality, history=history, changed=changed, timings=timings,
                         candidates=candidate_images, query=query_image, slides=slides)
         yield Finished(result)

@@ -298,5 +298,5 @@ def load_lvm_bundle(device: str | torch.device = "cpu", dtype: torch.dtype = tor
         },
         "memory_estimate_bytes": asdict(estimate),
     }
-    return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, refiner=refiner_module, source="lvm-7b",
+    return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, vsr=refiner_module, source="lvm-7b",
                   extras={"folders": {"backbone": str(backbone_folder), "tokenizer": str(tokenizer_folder)}})

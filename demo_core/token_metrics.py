@@ -2,7 +2,8 @@
 
 Each is written once here (`metrics` re-exports them): the eval table, the studio, the trainers and VSR's loss
 use these. Cosine distance is VSR's Eq. 4 summand and its Fig. 2 curve ("Visual Self-Refinement for
-Autoregressive Models", ../shared/papers/visual-self-refinement.txt).
+Autoregressive Models", ../shared/papers/visual-self-refinement.txt); AUROC ranks wrong draft tokens by the SCAN
+quality score (SCAN's Eq. 4).
 """
 from __future__ import annotations
 

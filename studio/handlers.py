@@ -90,7 +90,7 @@ class Studio(ModelHolder):
         if refiners not in REFINER_CHOICES:
             raise gr.Error(f"Unknown refiner setting {refiners!r}; choose one of: {', '.join(REFINER_CHOICES)}.")
         refine = REFINER_CHOICES[refiners]
-        if "self" in refine and "self" not in engine.available_refiners:
+        if "vsr" in refine and "vsr" not in engine.available_refiners:
             raise gr.Error("This model has no VSR refiner (g_phi); choose SCAN or none, or load a bundle with refiner/.")
         settings = _settings(engine, scan_iterations, scan_cells, temperature, top_p, top_k, candidates, canvas_every)
         draft_mode = draft_mode or "ar"

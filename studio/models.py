@@ -19,9 +19,9 @@ log = logging.getLogger("retouch.studio")
 REFINER_CHOICES = {
     "none (draft only)": (),
     "SCAN": ("scan",),
-    "VSR": ("self",),
-    "SCAN → VSR": ("scan", "self"),
-    "VSR → SCAN": ("self", "scan"),
+    "VSR": ("vsr",),
+    "SCAN → VSR": ("scan", "vsr"),
+    "VSR → SCAN": ("vsr", "scan"),
 }
 MODEL_KINDS = ("embedded default", "local bundle folder", "Hub repo id")
 DRAFT_MODES = {"ar": "AR: one token per step", "tensor": "TensorAR: sliding windows, tokens revised"}
@@ -34,7 +34,7 @@ def refiner_choices(available: Sequence[str]) -> list[str]:
 
 
 def default_refiner(available: Sequence[str]) -> str:
-    return "SCAN → VSR" if "self" in available else "SCAN"
+    return "SCAN → VSR" if "vsr" in available else "SCAN"
 
 
 def draft_modes(engine) -> tuple[str, ...]:

@@ -59,7 +59,7 @@ def _scan_summary(step: ScanStep, grid: int) -> str:
     lines = [f"**Iteration {step.iteration + 1}** — regenerated {len(step.cells)} tokens, "
              f"kept {kept} (score improved), rejected {len(step.cells) - kept}; mean quality now {_mean(step.quality):.3f}.",
              "", "| cell (row, col) | token old → new | score old → new | |", "|---|---|---|---|"]
-    for cell, old, new, s_old, s_new, ok in zip(step.cells, step.old_tokens, step.new_tokens, step.old_scores,
+    for cell, old, new, s_old, s_new, ok in zip(step.cells, step.old_codes, step.new_codes, step.old_scores,
                                                  step.new_scores, step.accepted):
         row, col = divmod(int(cell), grid)
         lines.append(f"| ({row}, {col}) | {old} → {new} | {s_old:.3f} → {s_new:.3f} | {'✔ kept' if ok else '✖ rejected'} |")
@@ -194,7 +194,7 @@ def present(engine, events, refine, seed, query_image, truth_image, frame_second
                     message += f"; refining with {viz.stage_title(following)}…"
                 outputs = dict(canvas=viz.upscale(event.image),
                                status=_status(stages, following or event.stage, 0.0 if following else 1.0, message))
-                if event.stage.startswith("self"):
+                if event.stage.startswith("vsr"):
                     outputs["vsr_image"] = gr.update(value=viz.changed_cells_view(event.image, event.changed_cells, grid),
                                                      visible=True, label=f"VSR changed {len(event.changed_cells)} tokens (blue)")
                 yield paced(frame(**outputs))

@@ -63,7 +63,7 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
             row[1:4] = [round(scores["psnr"], 2), round(scores["ssim"], 3),
                         round(scores["lpips"], 3) if "lpips" in scores else None]
             if truth_codes is not None:
-                tokens = np.asarray(result.tokens[name]).reshape(-1)
+                tokens = np.asarray(result.codes[name]).reshape(-1)
                 cosine = token_cosine_distances(engine.model.get_input_embeddings().weight, tokens, truth_codes)
                 cosine_curves[name] = cosine
                 row[4:6] = [round(float(np.mean(tokens == truth_codes)), 3), round(float(cosine.mean()), 4)]
@@ -93,9 +93,9 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
                     "Add a ground-truth answer (the optional image under the query) to see PSNR, SSIM, LPIPS, "
                     "token accuracy and the per-token cosine-distance curve.")
     accepted = sum(sum(s.accepted) for s in history)
-    message = (f"Done in {elapsed:.1f} s: {len(result.tokens['draft'].flat)} tokens drafted"
+    message = (f"Done in {elapsed:.1f} s: {len(result.codes['draft'].flat)} tokens drafted"
                + (f", SCAN kept {accepted} of {sum(len(s.cells) for s in history)} regenerated tokens" if history else "")
-               + (f", VSR changed {len(result.changed.get('self', []))} tokens" if "self" in result.changed else "")
+               + (f", VSR changed {len(result.changed['vsr'])} tokens" if "vsr" in result.changed else "")
                + ".")
     return frame(canvas=viz.upscale(result.final), status=_status(stages, None, 1.0, message, "done"),
                  quality_draft=_annotated(result.draft, result.quality["draft"], score_range), quality_final=quality_final,

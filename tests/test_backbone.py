@@ -113,7 +113,7 @@ def test_scan_accepts_only_improvements_and_history_is_complete(tiny_model):
     codes = before.clone()
     for record in history:
         assert len(record.cells) == 3 and len(set(record.cells)) == 3
-        for cell, old, new, s_old, s_new, ok in zip(record.cells, record.old_tokens, record.new_tokens,
+        for cell, old, new, s_old, s_new, ok in zip(record.cells, record.old_codes, record.new_codes,
                                                      record.old_scores, record.new_scores, record.accepted):
             assert ok == (s_new > s_old)
             assert old == int(codes[cell])
@@ -132,7 +132,7 @@ def test_scan_scores_match_an_uncached_forward(tiny_model):
     record = history[0]
     # reference: [context, draft pairs, <at_n>, y'_n] uncached, for each regenerated cell separately
     from demo_core.sequence import interleave_answer
-    for cell, new, s_new in zip(record.cells, record.new_tokens, record.new_scores):
+    for cell, new, s_new in zip(record.cells, record.new_codes, record.new_scores):
         order = torch.arange(VOCAB.cells)
         draft = interleave_answer(VOCAB, order, run_draft(tiny_model, SamplingConfig(temperature=0))[1].codes[0])
         ids = torch.cat([context(), draft, torch.tensor([VOCAB.at(cell), new])])[None]
@@ -231,13 +231,13 @@ def test_scan_over_many_iterations_matches_an_uncached_sequence():
     pos = list(range(length)) + [length + int(c) for c in order for _ in range(2)]
     accepted = 0
     for record in history:
-        for cell, new, score in zip(record.cells, record.new_tokens, record.new_scores):
+        for cell, new, score in zip(record.cells, record.new_codes, record.new_scores):
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids + [VOCAB.at(cell), new]]),
                                position_ids=torch.tensor([pos + [length + cell] * 2])).logits[0, -2:]
             probability = float(torch.softmax(logits[0, : VOCAB.codebook_size], -1)[new])    # p(y'_n) at its <at_n>
             assert abs(float(quality_from_logits(logits[1], VOCAB)) * probability - score) < 1e-4
-        for cell, new, ok in zip(record.cells, record.new_tokens, record.accepted):
+        for cell, new, ok in zip(record.cells, record.new_codes, record.accepted):
             if ok:
                 ids += [VOCAB.at(cell), new]
                 pos += [length + cell] * 2

@@ -347,7 +347,7 @@ def test_engine_streams_tensor_windows_then_refines(tensor_engine):
 
     engine, _ = tensor_engine
     x, y, q = images(0, 3)
-    events = list(engine.stream(pairs=[(x, y)], query=q, refine=("scan", "self"), seed=0, draft_mode="tensor", canvas_every=4,
+    events = list(engine.stream(pairs=[(x, y)], query=q, refine=("scan", "vsr"), seed=0, draft_mode="tensor", canvas_every=4,
                                 scan_iterations=3))
     cells = engine.vocab.cells
     assert isinstance(events[0], GenerationStarted) and events[0].draft_mode == "tensor"
@@ -357,8 +357,8 @@ def test_engine_streams_tensor_windows_then_refines(tensor_engine):
     assert slides[-1].final.all() and slides[-1].revisions.max() == 4 and slides[3].canvas is not None
     result = [e for e in events if isinstance(e, Finished)][0].result
     draft = [e for e in events if isinstance(e, DraftDone)][0]
-    assert (draft.codes.flatten() == [w.token for w in written]).all() and draft.quality.shape == (engine.grid, engine.grid)
-    assert [e.stage for e in events if isinstance(e, StageDone)] == ["scan", "self"]
+    assert (draft.codes.flatten() == [w.code for w in written]).all() and draft.quality.shape == (engine.grid, engine.grid)
+    assert [e.stage for e in events if isinstance(e, StageDone)] == ["scan", "vsr"]
     assert len(result.slides) == cells and "score" in result.timings
     ar = engine.run(pairs=[(x, y)], query=q, refine=(), seed=0)
     assert ar.slides == []

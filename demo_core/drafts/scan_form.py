@@ -1,7 +1,8 @@
 """The SCAN-form sequence: its KV-cached draft loop, its teacher-forced scorer, and the format object the engine
 plugs in.
 
-Paper: "SCAN: Self-Calibrated Autoregression" (../shared/papers/scan-self-calibrated-autoregression.txt). The
+Paper: "SCAN: Self-Calibrated Autoregression for High-Quality Visual Generation" (Feng et al.; arXiv id not
+in the copy at ../shared/papers/scan-self-calibrated-autoregression.txt). The
 context is LVM's `[x1, y1, ..., xK, yK, xq]`; the answer is `[<at_a>, y_a, <at_b>, y_b, ...]` (`sequence.py`):
 the logits at `<at_n>` give cell n's code (SCAN Eq. 3, generation at a position-instruction token), the
 logits at `y_n` restricted to `<good>`/`<bad>` its quality (Eq. 4, `backbone.token_score`).

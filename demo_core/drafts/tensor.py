@@ -1,6 +1,7 @@
 """TensorAR (next-tensor prediction) on the default backbone: the adapter, the wrapper and the sliding draft.
 
-Paper: "TensorAR" (summary in ../shared/papers/tensorar-summary.txt). Instead of one token per
+Paper: "From Prediction to Perfection: Introducing Refinement to Autoregressive Image Generation" (TensorAR,
+ICLR 2026, arXiv:2505.16324; summary in ../shared/papers/tensorar-summary.txt). Instead of one token per
 step the model predicts an overlapping window ("tensor") of k tokens; adjacent windows share
 k-1 tokens, so every position is predicted up to k times and refined as the window slides,
 while attention stays causal and the KV cache stays usable. k = 1 is plain AR.

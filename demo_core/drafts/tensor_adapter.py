@@ -1,6 +1,7 @@
 """TensorAR's modules: the adapter (input encoder, output decoder, LoRA) and the wrapper over the frozen backbone.
 
-Paper: "TensorAR" (next-tensor prediction; summary in ../shared/papers/tensorar-summary.txt), Sec. "Residual
+Paper: "From Prediction to Perfection: Introducing Refinement to Autoregressive Image Generation" (TensorAR,
+ICLR 2026, arXiv:2505.16324; summary in ../shared/papers/tensorar-summary.txt). Sec. "Residual
 Lightweight Encoding/Decoding". The decode loop and the training noise are in `tensor.py`, whose docstring
 describes the sequence and the windows.
 """

@@ -11,15 +11,15 @@ from ..images import float_to_pil, pil_to_float
 from ..tasks import PHOTO_INPUT_TASKS, Example, ExampleSampler, get_task
 
 STAGE_RUNS = {  # label -> (refine order of the run, stage key in its Result)
-    "draft": (("scan", "self"), "draft"),
-    "+SCAN": (("scan", "self"), "scan"),
-    "+VSR": (("self",), "self"),
-    "+SCAN+VSR": (("scan", "self"), "self"),
+    "draft": (("scan", "vsr"), "draft"),
+    "+SCAN": (("scan", "vsr"), "scan"),
+    "+VSR": (("vsr",), "vsr"),
+    "+SCAN+VSR": (("scan", "vsr"), "vsr"),
 }
 
 
 def stage_labels(engine) -> list[str]:
-    if "self" in engine.available_refiners:
+    if "vsr" in engine.available_refiners:
         return list(STAGE_RUNS)
     return ["draft", "+SCAN"]
 
@@ -31,13 +31,13 @@ def run_stages(engine, example: Example, labels: list[str], seed: int, **setting
     results, outputs = {}, {}
     for label in labels:
         refine, key = STAGE_RUNS[label]
-        if "self" not in engine.available_refiners:
-            refine = tuple(stage for stage in refine if stage != "self")
+        if "vsr" not in engine.available_refiners:
+            refine = tuple(stage for stage in refine if stage != "vsr")
         if refine not in results:
             results[refine] = engine.run(pairs, query, refine=refine, seed=seed, **settings)
         result = results[refine]
         spent = ("draft",) if key == "draft" else ("draft", *refine[: refine.index(key) + 1])
-        outputs[label] = {"image": result.stages[key], "tokens": result.tokens[key], "quality": result.quality.get(key),
+        outputs[label] = {"image": result.stages[key], "tokens": result.codes[key], "quality": result.quality.get(key),
                           "time": sum(result.timings.get(stage, 0.0) for stage in spent)}
     return outputs
 

@@ -1,5 +1,8 @@
 """SCAN refinement (Self-Calibrated Autoregression, paper Eqs. 2-6) on the KV-cached backbone.
 
+Paper: "SCAN: Self-Calibrated Autoregression for High-Quality Visual Generation" (Feng et al.; arXiv id not
+in the copy at ../shared/papers/scan-self-calibrated-autoregression.txt).
+
 Each iteration t picks the c lowest-quality cells (Eq. 2), regenerates them at their
 position-instruction tokens given the whole current image (Eq. 3), scores the new tokens
 (Eq. 4) and keeps a new token only if its score beats the old one (Eqs. 5-6). The score is
@@ -122,8 +125,8 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
                 new_score, old_score = new_scores[j], scores[cell]
                 accepted = new_score > old_score          # Eq. 5: keep only if the score improves
                 record.cells.append(cell)
-                record.old_tokens.append(codes[cell])
-                record.new_tokens.append(code)
+                record.old_codes.append(codes[cell])
+                record.new_codes.append(code)
                 record.old_scores.append(old_score)
                 record.new_scores.append(new_score)
                 record.accepted.append(accepted)

@@ -1,7 +1,8 @@
 """SCAN's training-free fallback for backbones without a quality token (LVM-7B): quality = the model's own
 probability of each token; a resampled cell is kept only if the answer's log-likelihood improves.
 
-Paper: "SCAN: Self-Calibrated Autoregression" (../shared/papers/scan-self-calibrated-autoregression.txt), Eqs.
+Paper: "SCAN: Self-Calibrated Autoregression for High-Quality Visual Generation" (Feng et al.; arXiv id not
+in the copy at ../shared/papers/scan-self-calibrated-autoregression.txt). Eqs.
 2 and 5 with the token probability as the score and the sequence likelihood as the acceptance test (DESIGN.md,
 "training-free fallback"). What a causal LM allows, honestly: the proposal for cell n sees only the context and
 the cells before n (raster order), but the acceptance test scores every later cell too, so a change is kept only

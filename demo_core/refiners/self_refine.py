@@ -1,6 +1,7 @@
 """Visual self-refinement (VSR): the g_phi refiner and nearest-code decoding.
 
-Paper: "Visual Self-Refinement for Autoregressive Models", Sec. 3.3, Algorithm 1, appendix.
+Paper: "Visual Self-Refinement for Autoregressive Models" (Wang et al.; arXiv id not in the copy at
+../shared/papers/visual-self-refinement.txt), Sec. 3.3, Algorithm 1, appendix.
 After the AR draft y_q, the backbone's frozen input embeddings e = f_embed(y_q) of all N answer
 tokens are refined jointly by one light block, e' = e + g_phi(e) (Eq. 3), trained to minimise
 the mean cosine distance to the ground-truth embeddings (Eq. 4); each refined embedding is then
