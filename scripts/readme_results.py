@@ -102,9 +102,6 @@ if control:
 tensor_ablation = load("docs/results/tensor_ablation/results.json")
 tensor_ablation_text = ""
 if tensor_ablation and tensor_ablation.get("tensor"):
-    import sys
-
-    sys.path.insert(0, str(ROOT))
     from demo_core.eval.tensor_rows import markdown as tensor_markdown
 
     arows = tensor_ablation["tensor"]
