@@ -40,14 +40,16 @@ def unchanged_prefix(index: torch.Tensor) -> int:
     return int((index != torch.arange(count, device=index.device)).int().argmax())
 
 
-class KVStore:
-    """The keys and values of `num_layers` layers in one preallocated buffer (layers, 2, B, H, capacity, d), grown
-    by doubling. A step writes only its new entries; SCAN's cache edits (`keep`, `select_batch`) move every layer's
-    keys and values in one operation instead of two per layer."""
+class FastCache:
+    """The KV cache of `FastLlama`: the keys and values of `num_layers` layers in one preallocated buffer
+    (layers, 2, B, H, capacity, d), grown by doubling. A step writes only its new entries; SCAN's cache edits
+    (`keep`, `select_batch`) move every layer's keys and values in one operation instead of two per layer.
+    `layers` are per-layer views (the forward's API)."""
 
-    def __init__(self, num_layers: int = 1):
+    def __init__(self, num_layers: int):
         self.buffer = None
         self.lengths = [0] * num_layers
+        self.layers = [FastLayer(self, i) for i in range(num_layers)]
 
     def update_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
         begin = self.lengths[layer]
@@ -89,7 +91,7 @@ class KVStore:
 class FastLayer:
     """One layer's view of a `FastCache`."""
 
-    def __init__(self, store: KVStore, index: int):
+    def __init__(self, store: FastCache, index: int):
         self.store, self.index = store, index
 
     def update(self, keys: torch.Tensor, values: torch.Tensor):
@@ -105,14 +107,6 @@ class FastLayer:
     @property
     def value_buffer(self) -> torch.Tensor:
         return self.store.buffer[self.index, 1]
-
-
-class FastCache(KVStore):
-    """The KV cache of `FastLlama`: all layers in one `KVStore`; `layers` are per-layer views (the forward's API)."""
-
-    def __init__(self, num_layers: int):
-        super().__init__(num_layers)
-        self.layers = [FastLayer(self, i) for i in range(num_layers)]
 
 
 class TransformersCache:
