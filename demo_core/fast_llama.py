@@ -87,6 +87,16 @@ class FastCache:
         """Keep one batch row (the chosen candidate)."""
         self.buffer = self.buffer[:, :, row:row + 1].clone()
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (what a scoring pass appended after a kept prefix)."""
+        self.lengths = [min(length, used) for used in self.lengths]
+
+    def repeated(self, count: int) -> "FastCache":
+        """A new cache holding this one's (batch-1) entries `count` times over the batch: one row per candidate."""
+        copy = FastCache(len(self.lengths))
+        copy.buffer, copy.lengths = self.buffer.repeat(1, 1, count, 1, 1, 1), list(self.lengths)
+        return copy
+
 
 class FastLayer:
     """One layer's view of a `FastCache`."""
@@ -136,6 +146,19 @@ class TransformersCache:
         for layer in self.dynamic.layers:
             layer.keys = layer.keys[row:row + 1].contiguous()
             layer.values = layer.values[row:row + 1].contiguous()
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on."""
+        for layer in self.dynamic.layers:
+            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
+    def repeated(self, count: int) -> "TransformersCache":
+        """A new cache holding this one's (batch-1) entries `count` times over the batch (views: updates concatenate)."""
+        from transformers.cache_utils import DynamicCache
+
+        return TransformersCache(DynamicCache(ddp_cache_data=[(layer.keys.expand(count, -1, -1, -1),
+                                                               layer.values.expand(count, -1, -1, -1))
+                                                              for layer in self.dynamic.layers]))
 
 
 @dataclass

@@ -207,6 +207,25 @@ def test_transformers_cache_is_edited_like_a_fast_cache(tiny_model):
     assert torch.allclose(fast.buffer[0, 0, :, :, :4], reference[1:2], atol=1e-5)
 
 
+def test_both_caches_repeat_and_truncate_alike(tiny_model):
+    """The raster loop's cache edits: a context cache repeated per candidate, and cut back to the context."""
+    from demo_core.fast_llama import TransformersRunner, fast_runner
+
+    ids = torch.randint(0, VOCAB.codebook_size, (1, 40))
+    more = torch.randint(0, VOCAB.codebook_size, (3, 5))
+    logits = []
+    for runner in (TransformersRunner(tiny_model), fast_runner(tiny_model)):
+        context = runner(ids, torch.arange(40)[None]).past_key_values
+        rows = context.repeated(3)
+        step = runner(more, (40 + torch.arange(5))[None].repeat(3, 1), rows)
+        assert rows.get_seq_length() == 45 and context.get_seq_length() == 40      # the copy grew, the context did not
+        runner(more[:1], (40 + torch.arange(5))[None], context)
+        context.truncate(40)
+        assert context.get_seq_length() == 40
+        logits.append(step.logits)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
 def test_scan_over_many_iterations_matches_an_uncached_sequence():
     """Random draft order, 3 candidates, the cache growing past its first buffer and many accepted pairs:
     every new score equals an uncached forward over [context, draft, accepted pairs so far, <at_n>, y'_n]."""

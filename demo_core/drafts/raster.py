@@ -8,8 +8,8 @@ are sampled one forward per token with a KV cache. Ids >= the codebook (LVM's 10
 sampled: only the code logits are read. The checkpoint's `eos_token_id` is 2, also a VQ code, so nothing here
 ever stops early on it.
 
-The loop runs on transformers' forward (`fast_llama.TransformersRunner`): that is what LVM-7B runs on a GPU, and
-the pinned codes of tests/test_pinned_behaviour.py were recorded on it. Quality: a token's score is the model's
+Forwards go through the model's runner (`fast_llama.fast_runner`: the plain-torch path where it applies,
+transformers' forward otherwise, e.g. LVM-7B on a GPU), the same interface the SCAN form uses. Quality: a token's score is the model's
 own probability of it, p(y_n | context, y_<n) (no quality token); SCAN becomes the training-free fallback of
 `refiners/scan_fallback.py`.
 """
@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 
 from ..backbone import SamplingConfig, sample_from_logits
-from ..fast_llama import TransformersCache, TransformersRunner
+from ..fast_llama import fast_runner
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RasterDraft:
     """What the draft leaves for the refiners: the context's KV cache and the answer (every candidate, until the
     engine keeps one)."""
 
-    context_kv: list               # per layer (keys, values), (1, heads, L, head_dim)
+    context_cache: object          # the runner's KV cache of the context alone (batch 1, L positions)
     first_log_probs: torch.Tensor  # (C,) log p(y_0 | context)
     codes: torch.Tensor            # (B, N)
     token_probs: torch.Tensor      # (B, N)
@@ -67,17 +67,15 @@ def draft_raster(model, context: torch.Tensor, cells: int, codebook_size: int, s
     device = next(model.parameters()).device
     batch = max(1, sampling.candidates)
     length = int(context.numel())
-    runner = TransformersRunner(model)
+    runner = fast_runner(model)
     out = runner(context.to(device)[None], torch.arange(length, device=device)[None], logits_to_keep=1)
-    logits, cache = out.logits, out.past_key_values
+    logits, context_cache = out.logits, out.past_key_values
     log_probs = _code_log_probs(logits[:, -1], codebook_size)                    # (1, C)
     first_log_probs = log_probs[0].clone()
-    # the context cache, kept as views; the draft's own cache grows from copies (DynamicCache concatenates)
-    context_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    # candidates draft on a copy of the context cache, one row each; a single draft grows the context cache itself
+    # and is cut back to the context afterwards
+    cache = context_cache.repeated(batch) if batch > 1 else context_cache
     if batch > 1:
-        for layer in cache.layers:
-            layer.keys = layer.keys.expand(batch, -1, -1, -1)
-            layer.values = layer.values.expand(batch, -1, -1, -1)
         log_probs = log_probs.expand(batch, -1)
     codes = torch.zeros(batch, cells, dtype=torch.long, device=device)
     probs = torch.zeros(batch, cells, dtype=torch.float32, device=device)
@@ -91,7 +89,8 @@ def draft_raster(model, context: torch.Tensor, cells: int, codebook_size: int, s
             out = runner(new_codes[:, None], torch.full((batch, 1), length + index, device=device), cache)
             logits, cache = out.logits, out.past_key_values
             log_probs = _code_log_probs(logits[:, -1], codebook_size)
-    state_out.append(RasterDraft(context_kv, first_log_probs, codes, probs))
+    context_cache.truncate(length)
+    state_out.append(RasterDraft(context_cache, first_log_probs, codes, probs))
 
 
 @torch.no_grad()
@@ -102,12 +101,10 @@ def score_answers(model, draft: RasterDraft, answers: torch.Tensor, codebook_siz
     see the context and its own earlier tokens only, and every block reuses the answer positions
     L..L+N-2, so each row is scored exactly as if it were alone.
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     answers = answers.to(device)
     batch, cells = answers.shape
-    length = int(draft.context_kv[0][0].shape[-2])
+    length = draft.context_cache.get_seq_length()
     first = draft.first_log_probs.to(device)[None].expand(batch, -1)              # (B, C)
     if cells > 1:
         inputs = answers[:, :-1].reshape(1, -1)                                   # (1, B*(N-1))
@@ -116,8 +113,8 @@ def score_answers(model, draft: RasterDraft, answers: torch.Tensor, codebook_siz
         causal = torch.ones(span, span, dtype=torch.bool, device=device).tril()
         block = torch.block_diag(*[causal] * batch)                               # (B*(N-1), B*(N-1))
         mask = torch.cat([torch.ones(batch * span, length, dtype=torch.bool, device=device), block], dim=1)[None, None]
-        cache = TransformersCache(DynamicCache(ddp_cache_data=[(keys, values) for keys, values in draft.context_kv]))
-        logits = TransformersRunner(model)(inputs, positions, cache, attention_mask=mask).logits
+        logits = fast_runner(model)(inputs, positions, draft.context_cache, attention_mask=mask).logits
+        draft.context_cache.truncate(length)                                      # back to the context alone
         rest = _code_log_probs(logits[0].view(batch, span, -1), codebook_size)    # (B, N-1, C)
         log_probs = torch.cat([first[:, None], rest], dim=1)                      # (B, N, C)
     else:
