@@ -323,6 +323,8 @@ class Engine:
             stage_images[name] = decode(state.codes[0])
             yield StageDone(name, stage_images[name], stage_codes[name], stage_quality[name], changed[name])
         final_name = list(stage_images)[-1]
+        order = ("encode", "score", "draft", "decode")           # the phases first, then the stages as they ran
+        timings = {**{phase: timings[phase] for phase in order if phase in timings}, **timings}
         timings["total"] = sum(timings.values())
         result = Result(draft=draft_image, final=stage_images[final_name], stages=stage_images, codes=stage_codes,
                         quality=stage_quality, history=history, changed=changed, timings=timings,
