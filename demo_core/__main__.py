@@ -1,7 +1,7 @@
 """Retouch command line.
 
-    python -m demo_core reconstruct IMAGE --out OUT.png
-    python -m demo_core generate --pair X Y [--pair X Y ...] --query Q --refine scan,self --seed 0 --out OUT.png
+    python -m demo_core reconstruct IMAGE --out OUT.png       (installed: retouch reconstruct ...)
+    python -m demo_core generate --pair X Y [--pair X Y ...] --query Q --refine scan,vsr --seed 0 --out OUT.png
     python -m demo_core train {tokenizer,backbone,refiner,tensor} [...]
     python -m demo_core eval [...]       python -m demo_core bench [...]
     python -m demo_core export --out DIR python -m demo_core space --out DIR

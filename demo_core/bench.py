@@ -42,7 +42,7 @@ def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_c
     from .events import DraftDone, Finished, TokensWritten
 
     sampler = ExampleSampler("val", engine.image_size, seed)
-    refine = tuple(stage for stage in ("scan", "self") if stage in engine.available_refiners)
+    refine = tuple(stage for stage in ("scan", "vsr") if stage in engine.available_refiners)
     rows = []
     for index in range(runs + 1):                         # run 0 is the warm-up
         example = sampler.sample(task="colorization", k=pairs)
@@ -61,7 +61,7 @@ def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_c
         # our loop vs model.generate: the same prompt, the same number of forwards
         context, _ = engine.build_context(pair_images, query)
         baseline = generate_baseline(engine, context, engine.vocab.cells)
-        vsr_lookup = _time_vsr(engine, result) if "self" in refine else None
+        vsr_lookup = _time_vsr(engine, result) if "vsr" in refine else None
         if index:
             rows.append({"timings": result.timings, "first_canvas": first_canvas, "final": final, "generate": baseline,
                          "vsr_only": vsr_lookup})
@@ -78,7 +78,7 @@ def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_c
         # the same ratio run by run (draft and SCAN of one request share the machine's momentary speed): quartiles
         "scan_vs_draft_per_run": ([float(q) for q in np.percentile([r["timings"]["scan"] / r["timings"]["draft"] for r in rows],
                                                                    [25, 50, 75])] if "scan" in refine else None),
-        "vsr_vs_draft": (_median([r["vsr_only"] for r in rows]) / draft) if "self" in refine else None,
+        "vsr_vs_draft": (_median([r["vsr_only"] for r in rows]) / draft) if "vsr" in refine else None,
         "first_canvas_ms": 1000 * _median([r["first_canvas"] for r in rows if r["first_canvas"] is not None]),
         "final_ms": 1000 * _median([r["final"] for r in rows]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -93,9 +93,9 @@ def _time_vsr(engine, result) -> float:
     """g_phi + nearest-code lookup alone on the draft's tokens (no re-scoring)."""
     from .refiners.self_refine import self_refine
 
-    codes = torch.as_tensor(result.tokens["draft"]).view(1, -1).to(engine.device)
+    codes = torch.as_tensor(result.codes["draft"]).view(1, -1).to(engine.device)
     start = time.perf_counter()
-    self_refine(engine.refiner, engine.model, engine.vocab, codes)
+    self_refine(engine.vsr, engine.model, engine.vocab, codes)
     return time.perf_counter() - start
 
 

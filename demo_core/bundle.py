@@ -21,22 +21,18 @@ reads safetensors only. A Hub repo id goes through `huggingface_hub.snapshot_dow
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .errors import BundleError
+from .hub import HUB_ID, hub_snapshot
 from .sequence import Vocab, max_pairs
 
 FORMAT = "retouch-bundle"
 FORMAT_VERSION = 1
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "retouch-tiny"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used; the message names the part and what to do."""
 
 
 @dataclass
@@ -46,11 +42,16 @@ class Bundle:
     info: dict
     tokenizer: object                 # VQTokenizer
     backbone: torch.nn.Module         # LlamaForCausalLM
-    refiner: torch.nn.Module | None = None
+    vsr: torch.nn.Module | None = None       # VSR g_phi (refiner/), optional
     source: str = ""
     extras: dict = field(default_factory=dict)
-    tensor: torch.nn.Module | None = None    # refiners.tensor.TensorAR over `backbone` (tensor/), optional
+    tensor: torch.nn.Module | None = None    # drafts.tensor.TensorAR over `backbone` (tensor/), optional
     folder: Path | None = None               # where the parts were read from (a local folder or the Hub snapshot)
+
+    @property
+    def refiner(self) -> torch.nn.Module | None:
+        """Deprecated name of `vsr` (the VSR g_phi)."""
+        return self.vsr
 
     @property
     def vocab(self) -> Vocab:
@@ -115,18 +116,18 @@ def manifest(tokenizer, backbone, *, name: str, tasks: list[str], sequence_forma
     return info
 
 
-def save_bundle(folder, tokenizer, backbone, refiner=None, *, name: str = "bundle", tasks=(), sequence_format="scan",
+def save_bundle(folder, tokenizer, backbone, vsr=None, *, name: str = "bundle", tasks=(), sequence_format="scan",
                 tensor=None) -> Path:
     """Write a bundle folder (every part in its library's own layout, safetensors)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.model.save_pretrained(folder / "tokenizer", safe_serialization=True)
     backbone.save_pretrained(folder / "backbone", safe_serialization=True)
-    if refiner is not None:
-        refiner.save_pretrained(folder / "refiner")
+    if vsr is not None:                             # the VSR part keeps its folder name, refiner/
+        vsr.save_pretrained(folder / "refiner")
     if tensor is not None:                          # a TensorAdapter (or a TensorAR: only its adapter is written)
         getattr(tensor, "adapter", tensor).save_pretrained(folder / "tensor")
-    info = manifest(tokenizer, backbone, name=name, tasks=list(tasks), sequence_format=sequence_format, refiner=refiner is not None,
+    info = manifest(tokenizer, backbone, name=name, tasks=list(tasks), sequence_format=sequence_format, refiner=vsr is not None,
                     tensor=tensor is not None)
     (folder / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
     return folder
@@ -239,6 +240,23 @@ def load_refiner_part(folder: Path):
     return refiner.eval()
 
 
+def load_tensor_part(folder, backbone: torch.nn.Module, part: str = "tensor"):
+    """A bundle's `tensor/` (or `tensor-control/`) folder -> TensorAR over `backbone`; strict, safetensors only."""
+    from .drafts.tensor import TensorAdapter, attach
+
+    folder = Path(folder)
+    config = _read_json(folder / "config.json", part)
+    try:
+        adapter = TensorAdapter(**config)
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"{part}: config.json does not match the TensorAdapter arguments ({error})") from error
+    load_strict(adapter, read_safetensors(folder, part), part)
+    try:
+        return attach(backbone, adapter)
+    except ValueError as error:
+        raise BundleError(f"{part}: {error}") from error
+
+
 def resolve(source: str | Path | None, revision: str | None = None) -> Path:
     """A local folder for a bundle: the default, a path, or a Hub repo id (snapshot_download)."""
     if source is None or str(source) in ("", "default", "retouch-tiny"):
@@ -247,20 +265,7 @@ def resolve(source: str | Path | None, revision: str | None = None) -> Path:
     if path.exists():
         return path
     if HUB_ID.match(str(source)):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-
-        try:
-            return Path(snapshot_download(str(source), revision=revision))
-        except LocalEntryNotFoundError as error:
-            raise BundleError(f"{source}: not in the local Hub cache and the Hub cannot be reached "
-                              f"(offline); download it where there is internet, or give a local folder") from error
-        except RepositoryNotFoundError as error:
-            raise BundleError(f"{source}: no such model repo on the Hub (or it is private)") from error
-        except RevisionNotFoundError as error:
-            raise BundleError(f"{source}: revision {revision!r} does not exist") from error
-        except Exception as error:
-            raise BundleError(f"{source}: could not download from the Hub ({type(error).__name__}: {error})") from error
+        return hub_snapshot(str(source), revision)
     raise BundleError(f"{source}: no such folder, and not a Hub repo id of the form org/name")
 
 
@@ -293,8 +298,6 @@ def load_bundle(source: str | Path | None = None, revision: str | None = None, d
     if "tensor" in parts:
         if not (folder / parts["tensor"]).is_dir():
             raise BundleError(f"bundle: the tensor part is listed but {parts['tensor']}/ is missing in {folder}")
-        from .refiners.tensor import load_tensor_part
-
         tensor = load_tensor_part(folder / parts["tensor"], backbone)
-    return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, refiner=refiner, source=str(source or "default"),
+    return Bundle(info=info, tokenizer=tokenizer, backbone=backbone, vsr=refiner, source=str(source or "default"),
                   tensor=tensor, folder=folder)

@@ -48,12 +48,16 @@ def reconstruct_main(argv=None) -> int:
 
 def generate_main(argv=None) -> int:
     from .backbone import QUALITY_SCORES
+    from .engine import DRAFT_MODES
 
     parser = argparse.ArgumentParser(prog="python -m demo_core generate",
                                      description="Answer a query the way the demonstration pairs show, then refine.")
     parser.add_argument("--pair", nargs=2, action="append", metavar=("X", "Y"), default=[], help="a demonstration pair (repeatable)")
     parser.add_argument("--query", required=False, help="the query image")
-    parser.add_argument("--refine", default="scan", help="comma-separated stages after the draft: scan, self, or none")
+    parser.add_argument("--refine", default="scan",
+                        help="comma-separated stages after the draft: scan, vsr (old name: self), or none")
+    parser.add_argument("--draft-mode", choices=DRAFT_MODES, default="ar",
+                        help="ar: one token per step (default); tensor: TensorAR sliding windows (bundles with tensor/)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=None, help="default: the model's own (1.0)")
     parser.add_argument("--top-p", type=float, default=None,
@@ -64,6 +68,8 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--scan-cells", type=int, default=4, help="SCAN c")
     parser.add_argument("--quality-score", choices=QUALITY_SCORES, default="combined",
                         help="the score SCAN ranks and compares: p(<good>) x p(code) (default), or the quality head alone")
+    parser.add_argument("--revision", default=None, help="Hub revision of --bundle (a commit sha pins it)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--bundle", default=None, help="bundle folder, Hub id or lvm-7b (default: embedded retouch-tiny)")
     parser.add_argument("--out", type=Path, default=Path("out.png"))
     parser.add_argument("--heatmap", action="store_true", help="also write OUT.quality.png (per-token quality of the final image)")
@@ -78,12 +84,12 @@ def generate_main(argv=None) -> int:
     from .engine import EngineInputError, load_engine
 
     try:
-        engine = load_engine(args.bundle)
+        engine = load_engine(args.bundle, revision=args.revision, device=args.device)
         sampling = {name: value for name, value in (("temperature", args.temperature), ("top_p", args.top_p),
                                                     ("top_k", args.top_k)) if value is not None}
         result = engine.run([tuple(p) for p in args.pair], args.query, refine=refine, seed=args.seed, **sampling,
                             candidates=args.candidates, scan_iterations=args.scan_iterations, scan_cells=args.scan_cells,
-                            quality_score=args.quality_score)
+                            quality_score=args.quality_score, draft_mode=args.draft_mode)
     except (BundleError, EngineInputError) as error:
         return _fail(str(error))
     try:

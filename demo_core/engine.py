@@ -2,7 +2,7 @@
 
     from demo_core import load_engine
     engine = load_engine()     # embedded default; or a folder, a Hub id, "lvm-7b"
-    result = engine.run(pairs=[(x1, y1)], query=q, refine=("scan", "self"), seed=0)
+    result = engine.run(pairs=[(x1, y1)], query=q, refine=("scan", "vsr"), seed=0)
     for event in engine.stream(pairs=..., query=..., refine=..., seed=0): ...
 
 Owns device and dtype (chosen once, here), input validation, and the order of stages.
@@ -11,21 +11,25 @@ Returns typed events (`events.py`); never imports gradio.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .backbone import QUALITY_SCORES, DraftState, SamplingConfig, draft_scan, score_answer
+from .backbone import QUALITY_SCORES, SamplingConfig
 from .bundle import Bundle, load_bundle
-from .events import DraftDone, Event, Finished, GenerationStarted, Result, ScanStep, StageDone, TokensWritten, WindowSlid
-from .images import ImageInputError, float_to_pil, load_square
-from .refiners.scan import ScanConfig, scan_refine, select_cache_batch
+from .drafts.tensor import WindowStep
+from .events import (DraftDone, Event, Finished, GenerationStarted, Result, ScanStep, StageDone, TokensWritten, WindowSlid,
+                     as_grid)
+from .formats import sequence_format
+from .images import ImageInputError, load_square
+from .refiners.self_refine import self_refine
 from .sequence import context_tokens
 
-REFINERS = ("scan", "self")
+REFINERS = ("scan", "vsr")
+STAGE_ALIASES = {"self": "vsr"}       # VSR's old stage name, still accepted on input
 DRAFT_MODES = ("ar", "tensor")
 OWN_SAMPLING = "Retouch's own defaults, measured on the embedded default (README results)"
 
@@ -38,7 +42,7 @@ class EngineInputError(ValueError):
 class RunSettings:
     """Everything a run can be asked to do besides its images."""
 
-    refine: tuple[str, ...] = ("scan",)   # stages after the draft, in order: "scan", "self"
+    refine: tuple[str, ...] = ("scan",)   # stages after the draft, in order: "scan", "vsr"
     draft_mode: str = "ar"                # "ar": SCAN-form draft, one token per step; "tensor": TensorAR windows (tensor/)
     seed: int = 0
     # sampling: the embedded default's measured defaults; a bundle's "sampling" replaces them (LVM-7B: top-p 1.0)
@@ -77,7 +81,8 @@ class Engine:
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer
         self.model = bundle.backbone
-        self.refiner = bundle.refiner
+        self.vsr = bundle.vsr                         # VSR g_phi, or None
+        self.format = sequence_format(bundle)         # how this backbone drafts, scores and SCAN-refines
         self.vocab = bundle.vocab
         self.device = next(self.model.parameters()).device
         self.grid = self.tokenizer.grid
@@ -101,7 +106,7 @@ class Engine:
 
     @property
     def available_refiners(self) -> tuple[str, ...]:
-        return ("scan", "self") if self.refiner is not None else ("scan",)
+        return REFINERS if self.vsr is not None else ("scan",)
 
     @property
     def available_draft_modes(self) -> tuple[str, ...]:
@@ -153,17 +158,71 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------------
     def stream(self, pairs: Sequence, query, refine: Sequence[str] = ("scan",), seed: int = 0, **settings) -> Iterator[Event]:
-        """Generate, then refine; yields typed events (see events.py) and finally `Finished(result)`."""
+        """Generate, then refine: yields typed events (events.py), last `Finished(result)`.
+
+        Args:
+            pairs: K demonstration (input, answer) pairs; any image type `images.load_square` reads (PIL, numpy,
+                a path), any size (centre-cropped and resized to the model's).
+            query: the image to answer the way the pairs show.
+            refine: stages after the draft, in order: "scan" and/or "vsr" (the old name "self" is accepted).
+            seed: the seed of the run's one `torch.Generator`; same seed, same image.
+            **settings: any other `RunSettings` field (draft_mode, temperature, top_p, top_k, candidates,
+                scan_iterations, scan_cells, quality_score, canvas_every, decode_scan_steps).
+
+        Returns:
+            An iterator of events: GenerationStarted, TokensWritten per token (WindowSlid too for a TensorAR
+            draft), DraftDone, ScanStep per SCAN iteration, StageDone per stage, Finished(Result).
+
+        Raises:
+            EngineInputError: input the user must change (the message says what).
+
+        Example:
+            >>> for event in engine.stream([(x1, y1)], query, refine=("scan",), seed=0):
+            ...     if isinstance(event, TokensWritten) and event.canvas is not None:
+            ...         show(event.canvas)
+        """
+        settings = self.settings(refine, seed, settings)
+        loaded, query_image = self.prepare(pairs, query)
+        yield from self._stream(loaded, query_image, settings)
+
+    def run(self, pairs: Sequence, query, refine: Sequence[str] = ("scan",), seed: int = 0, **settings) -> Result:
+        """`stream()` to the end, decoding no canvases on the way.
+
+        Args: as `stream` (canvas_every and decode_scan_steps default to off here).
+
+        Returns:
+            The Result: draft, final and per-stage images, codes, quality, SCAN history, timings.
+
+        Raises:
+            EngineInputError: input the user must change. RuntimeError if the stream ends without a result.
+
+        Example:
+            >>> result = engine.run([(x1, y1), (x2, y2)], query, refine=("scan", "vsr"), seed=0)
+            >>> result.final.save("out.png")
+        """
+        settings.setdefault("canvas_every", 0)
+        settings.setdefault("decode_scan_steps", False)
+        result = None
+        for event in self.stream(pairs, query, refine=refine, seed=seed, **settings):
+            if isinstance(event, Finished):
+                result = event.result
+        if result is None:
+            raise RuntimeError("the engine's stream ended without a result")
+        return result
+
+    def settings(self, refine, seed: int, settings: dict) -> RunSettings:
+        """Checked RunSettings of a run (EngineInputError names what is wrong)."""
         unknown_settings = sorted(set(settings) - set(RunSettings.__dataclass_fields__))
         if unknown_settings:
             raise EngineInputError(f"Unknown setting {unknown_settings[0]!r}; see RunSettings for the options.")
-        settings = RunSettings(refine=tuple(refine or ()), seed=int(seed), **{**self.sampling_defaults, **settings})
+        stages = tuple(STAGE_ALIASES.get(stage, stage) for stage in (refine or ()))
+        settings = RunSettings(refine=stages, seed=int(seed), **{**self.sampling_defaults, **settings})
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
             raise EngineInputError("Sampling needs temperature >= 0 (0 = greedy), 0 < top-p <= 1 and top-k >= 0 (0 = off).")
         unknown = [stage for stage in settings.refine if stage not in REFINERS]
         if unknown:
             raise EngineInputError(f"Unknown refiner {unknown[0]!r}; choose from {', '.join(REFINERS)}.")
-        if "self" in settings.refine and self.refiner is None:
+        if "vsr" in settings.refine and self.vsr is None:
             raise EngineInputError("This model has no VSR refiner (g_phi); choose SCAN only or load a bundle with refiner/.")
         if settings.draft_mode not in DRAFT_MODES:
             raise EngineInputError(f"Unknown draft mode {settings.draft_mode!r}; choose from {', '.join(DRAFT_MODES)}.")
@@ -171,143 +230,103 @@ class Engine:
             raise EngineInputError("This model has no TensorAR part (tensor/); choose the AR draft or load a bundle with tensor/.")
         if settings.quality_score not in QUALITY_SCORES:
             raise EngineInputError(f"Unknown quality score {settings.quality_score!r}; choose from {', '.join(QUALITY_SCORES)}.")
+        if settings.quality_score not in self.format.quality_scores:
+            raise EngineInputError(f"This model has no quality token ({self.format.name} format): it scores a token by "
+                                   f"its probability; choose the quality score {self.format.quality_scores[0]!r}.")
         if settings.candidates < 1 or settings.scan_iterations < 0 or settings.scan_cells < 1:
             raise EngineInputError("candidates and SCAN c must be at least 1, SCAN T at least 0.")
-        loaded, query_image = self.prepare(pairs, query)
-        if self.bundle.sequence_format == "lvm":
-            from .lvm import lvm_stream
+        return settings
 
-            yield from lvm_stream(self, loaded, query_image, settings)
-            return
-        yield from self._stream_scan(loaded, query_image, settings)
+    def _stream(self, loaded, query_image: Image.Image, settings: RunSettings) -> Iterator[Event]:
+        fmt = self.format
+        timings: dict[str, float] = {"decode": 0.0}
 
-    def run(self, pairs: Sequence, query, refine: Sequence[str] = ("scan",), seed: int = 0, **settings) -> Result:
-        """`stream()` to the end; returns its Result (no canvases decoded on the way)."""
-        settings.setdefault("canvas_every", 0)
-        settings.setdefault("decode_scan_steps", False)
-        result = None
-        for event in self.stream(pairs, query, refine=refine, seed=seed, **settings):
-            if isinstance(event, Finished):
-                result = event.result
-        return result
+        def decode(codes) -> Image.Image:           # every decode counts under "decode", never in a stage's time
+            tick = time.perf_counter()
+            image = self.decode(codes)
+            timings["decode"] += time.perf_counter() - tick
+            return image
 
-    def _grid(self, values: torch.Tensor) -> np.ndarray:
-        return values.detach().float().cpu().numpy().reshape(self.grid, self.grid)
-
-    def _stream_scan(self, loaded, query_image: Image.Image, settings: RunSettings) -> Iterator[Event]:
-        timings: dict[str, float] = {}
         start = time.perf_counter()
         context, query_codes = self.build_context(loaded, query_image)
         timings["encode"] = time.perf_counter() - start
         cells = self.vocab.cells
         yield GenerationStarted(total_tokens=cells, grid=self.grid, pairs=len(loaded), context_tokens=int(context.numel()),
-                                stages=["draft", *settings.refine], sequence_format="scan", draft_mode=settings.draft_mode)
+                                stages=["draft", *settings.refine], sequence_format=fmt.name, draft_mode=settings.draft_mode)
         sampling = SamplingConfig(settings.temperature, settings.top_k, settings.top_p, settings.candidates)
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
 
-        # 1. draft, token by token
-        start = time.perf_counter()
-        decode_time = 0.0
-        score_time = 0.0
-        states = []
+        # 1. the draft, token by token (a TensorAR draft: window by window)
+        start, decoded = time.perf_counter(), timings["decode"]
+        raw: list = []
         slides: list[WindowSlid] = []
         written = np.zeros((self.grid, self.grid), dtype=bool)
         canvas_codes = query_codes.clone()          # unwritten cells show the query's codes (the UI dims them)
-        if settings.draft_mode == "tensor":
-            # TensorAR: each step re-predicts a window of k cells; its front cell is final (refiners/tensor.py)
-            from .refiners.tensor import draft_tensor
-
-            for step in draft_tensor(self.bundle.tensor, context, cells, sampling, generator, state_out=states):
-                latest = step.current[0].cpu()
+        for index, step in enumerate(fmt.draft(context, settings, sampling, generator, raw)):
+            window = step if isinstance(step, WindowStep) else None
+            cell = window.final_cell if window else step.cell
+            written.flat[cell] = True
+            if window:                              # TensorAR: each step re-predicts k cells; the front one is final
+                latest = window.current[0].cpu()
                 canvas_codes = torch.where(latest >= 0, latest, query_codes)
-                written.flat[step.final_cell] = True
-                canvas = None
-                if settings.canvas_every and ((step.step + 1) % settings.canvas_every == 0 or step.step + 1 == cells):
-                    tick = time.perf_counter()
-                    canvas = self.decode(canvas_codes)
-                    decode_time += time.perf_counter() - tick
-                slide = WindowSlid(step.step, step.cells, step.codes[0].tolist(), step.changed(0),
-                                   self._grid(latest).astype(np.int64), written.copy(), self._grid(step.revisions).astype(np.int64),
-                                   canvas)
+                code, quality = int(window.codes[0, 0]), float(window.probs[0, 0])
+            else:
+                canvas_codes[cell] = code = int(step.codes[0])
+                quality = float(step.scores[0])
+            canvas = None
+            if settings.canvas_every and ((index + 1) % settings.canvas_every == 0 or index + 1 == cells):
+                canvas = decode(canvas_codes)
+            if window:
+                slide = WindowSlid(window.step, window.cells, window.codes[0].tolist(), window.changed(0),
+                                   as_grid(latest), written.copy(), as_grid(window.revisions), canvas)
                 slides.append(slide)
                 yield slide
-                # the finalised cell, as the AR draft reports it (quality: the model's probability of the code)
-                yield TokensWritten(step.step, step.final_cell, int(step.codes[0, 0]), float(step.probs[0, 0]), written.copy(),
-                                    canvas)
-            tick = time.perf_counter()
-            draft_codes = states[0].codes
-            _, scores, cache = score_answer(self.model, self.vocab, context, draft_codes,   # SCAN quality + the refiners' cache
-                                            score=settings.quality_score)
-            state = DraftState(cache, int(context.numel()), draft_codes, scores, torch.arange(cells))
-            score_time = time.perf_counter() - tick
-            timings["score"] = score_time
-        else:
-            for step in draft_scan(self.model, self.vocab, context, sampling, generator, state_out=states,
-                                   score=settings.quality_score):
-                written.flat[step.cell] = True
-                canvas_codes[step.cell] = int(step.codes[0])
-                canvas = None
-                if settings.canvas_every and ((step.index + 1) % settings.canvas_every == 0 or step.index + 1 == cells):
-                    tick = time.perf_counter()
-                    canvas = self.decode(canvas_codes)
-                    decode_time += time.perf_counter() - tick
-                yield TokensWritten(step.index, step.cell, int(step.codes[0]), float(step.scores[0]), written.copy(), canvas)
-            state = states[0]
+            # the finalised cell (TensorAR: its quality is the model's probability of the code)
+            yield TokensWritten(index, cell, code, quality, written.copy(), canvas)
+        tick = time.perf_counter()
+        state = fmt.finish(raw[0], context, settings)
+        scored = time.perf_counter() - tick
+        if settings.draft_mode == "tensor":
+            timings["score"] = scored
         mean_quality = state.scores.mean(1)
         chosen = int(mean_quality.argmax())
-        if state.codes.shape[0] > 1:
-            select_cache_batch(state.cache, chosen)
-        timings["draft"] = time.perf_counter() - start - decode_time - score_time
-        tick = time.perf_counter()
-        candidate_images = [self.decode(state.codes[b]) for b in range(state.codes.shape[0])]
-        timings["decode"] = decode_time + time.perf_counter() - tick
-        if state.codes.shape[0] > 1:
-            state.codes, state.scores = state.codes[chosen:chosen + 1], state.scores[chosen:chosen + 1]
+        candidate_images = [decode(codes) for codes in state.codes]
+        fmt.choose(state, chosen)
+        timings["draft"] = time.perf_counter() - start - (timings["decode"] - decoded) - scored
         draft_image = candidate_images[chosen]
         stage_images = {"draft": draft_image}
-        stage_tokens = {"draft": self._grid(state.codes[0]).astype(np.int64)}
-        stage_quality = {"draft": self._grid(state.scores[0])}
-        yield DraftDone(draft_image, stage_tokens["draft"], stage_quality["draft"], candidate_images,
+        stage_codes = {"draft": as_grid(state.codes[0])}
+        stage_quality = {"draft": as_grid(state.scores[0])}
+        yield DraftDone(draft_image, stage_codes["draft"], stage_quality["draft"], candidate_images,
                         [float(q) for q in mean_quality], chosen)
 
+        # 2. the refiners, in the order asked
         history: list[ScanStep] = []
         changed: dict[str, list[int]] = {}
         for stage in settings.refine:
-            start = time.perf_counter()
-            decoded_before = timings["decode"]     # SCAN-step decodes count under "decode", not twice
+            start, decoded = time.perf_counter(), timings["decode"]
             before = state.codes[0].clone()
             if stage == "scan":
-                config = ScanConfig(iterations=settings.scan_iterations, cells_per_iteration=settings.scan_cells,
-                                    score=settings.quality_score)
-                for record in scan_refine(self.model, self.vocab, state, config, sampling, generator):
-                    image = None
+                for record in fmt.scan(state, settings, sampling, generator):
                     if settings.decode_scan_steps:
-                        tick = time.perf_counter()
-                        image = self.decode(record.codes)
-                        timings["decode"] += time.perf_counter() - tick
-                    event = ScanStep(record.iteration, record.cells, record.old_tokens, record.new_tokens, record.old_scores,
-                                     record.new_scores, record.accepted, image, self._grid(record.scores),
-                                     self._grid(record.codes).astype(np.int64))
-                    history.append(event)
-                    yield event
-            else:
-                from .refiners.self_refine import self_refine
-
-                new_codes = self_refine(self.refiner, self.model, self.vocab, state.codes, query_codes=query_codes[None])
-                gen, scores, cache = score_answer(self.model, self.vocab, context, new_codes,   # re-score the new image
-                                                  score=settings.quality_score)
-                state.codes, state.scores, state.cache = new_codes, scores, cache
-                state.order = torch.arange(cells)
+                        record.image = decode(record.codes)
+                    history.append(record)
+                    yield record
+            else:                                   # "vsr": g_phi over the answer's embeddings, then re-scored
+                new_codes = self_refine(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None])
+                fmt.rescore(state, new_codes, context, settings)
             name = stage if stage not in stage_images else f"{stage}#{len(stage_images)}"
             changed[name] = torch.nonzero(state.codes[0].cpu() != before.cpu()).flatten().tolist()
-            stage_tokens[name] = self._grid(state.codes[0]).astype(np.int64)
-            stage_quality[name] = self._grid(state.scores[0])
-            timings[name] = time.perf_counter() - start - (timings["decode"] - decoded_before)
-            stage_images[name] = self.decode(state.codes[0])
-            yield StageDone(name, stage_images[name], stage_tokens[name], stage_quality[name], changed[name])
+            stage_codes[name] = as_grid(state.codes[0])
+            stage_quality[name] = as_grid(state.scores[0])
+            timings[name] = time.perf_counter() - start - (timings["decode"] - decoded)
+            stage_images[name] = decode(state.codes[0])
+            yield StageDone(name, stage_images[name], stage_codes[name], stage_quality[name], changed[name])
         final_name = list(stage_images)[-1]
-        timings["total"] = sum(v for k, v in timings.items())
-        result = Result(draft=draft_image, final=stage_images[final_name], stages=stage_images, tokens=stage_tokens,
+        order = ("encode", "score", "draft", "decode")           # the phases first, then the stages as they ran
+        timings = {**{phase: timings[phase] for phase in order if phase in timings}, **timings}
+        timings["total"] = sum(timings.values())
+        result = Result(draft=draft_image, final=stage_images[final_name], stages=stage_images, codes=stage_codes,
                         quality=stage_quality, history=history, changed=changed, timings=timings,
                         candidates=candidate_images, query=query_image, slides=slides)
         yield Finished(result)

@@ -8,13 +8,23 @@ import numpy as np
 from PIL import Image
 
 
+def as_grid(values) -> np.ndarray:
+    """(N,) codes or scores (a tensor, an array or a list) -> a (grid, grid) numpy array, grid = sqrt(N)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().clone()          # a copy: the caller may go on editing its tensor
+        values = (values.float() if values.is_floating_point() else values).numpy()
+    values = np.asarray(values)
+    grid = int(round(values.size ** 0.5))
+    return values.reshape(grid, grid)
+
+
 @dataclass
 class GenerationStarted:
     total_tokens: int               # tokens the draft will write
     grid: int                       # answer grid side (cells = grid * grid)
     pairs: int                      # K demonstration pairs used
     context_tokens: int             # prompt length
-    stages: list[str]               # e.g. ["draft", "scan", "self"]
+    stages: list[str]               # e.g. ["draft", "scan", "vsr"]
     sequence_format: str            # "scan" (default bundle) or "lvm" (Hub LVM, training-free SCAN fallback)
     draft_mode: str = "ar"          # "ar" (one token per step) or "tensor" (TensorAR sliding windows)
 
@@ -23,10 +33,15 @@ class GenerationStarted:
 class TokensWritten:
     index: int                      # tokens written so far - 1
     cell: int                       # grid cell of this token (row * grid + col)
-    token: int                      # the code (chosen candidate 0)
+    code: int                       # the code written (chosen candidate 0)
     quality: float                  # its quality score in [0, 1]
     written: np.ndarray             # (grid, grid) bool, cells written so far
     canvas: Image.Image | None = None   # decoded image of the written cells (when requested this step)
+
+    @property
+    def token(self) -> int:
+        """Deprecated name of `code`."""
+        return self.code
 
 
 @dataclass
@@ -55,16 +70,30 @@ class DraftDone:
 
 @dataclass
 class ScanStep:
+    """One SCAN iteration (refiners/scan.py, or the training-free fallback in refiners/scan_fallback.py): per
+    regenerated cell its old and new code and score, and whether the new one was kept. The refiners build it; the
+    engine adds the decoded `image` when asked."""
+
     iteration: int
     cells: list[int]
-    old_tokens: list[int]
-    new_tokens: list[int]
+    old_codes: list[int]
+    new_codes: list[int]
     old_scores: list[float]
     new_scores: list[float]
     accepted: list[bool]
-    image: Image.Image | None       # image after this iteration (decoded when requested)
-    quality: np.ndarray             # (grid, grid) after this iteration
-    codes: np.ndarray               # (grid, grid) after this iteration
+    codes: np.ndarray | None = None     # (grid, grid) after this iteration
+    quality: np.ndarray | None = None   # (grid, grid) after this iteration
+    image: Image.Image | None = None    # image after this iteration (decoded when requested)
+
+    @property
+    def old_tokens(self) -> list[int]:
+        """Deprecated name of `old_codes`."""
+        return self.old_codes
+
+    @property
+    def new_tokens(self) -> list[int]:
+        """Deprecated name of `new_codes`."""
+        return self.new_codes
 
 
 @dataclass
@@ -83,7 +112,7 @@ class Result:
     draft: Image.Image
     final: Image.Image
     stages: dict[str, Image.Image]                 # "draft", then each refiner in the order applied
-    tokens: dict[str, np.ndarray]                  # stage -> (grid, grid) codes
+    codes: dict[str, np.ndarray]                   # stage -> (grid, grid) codes
     quality: dict[str, np.ndarray]                 # stage -> (grid, grid) scores (missing where not scored)
     history: list[ScanStep]                        # every SCAN iteration
     changed: dict[str, list[int]]                  # stage -> cells it changed
@@ -91,6 +120,12 @@ class Result:
     candidates: list[Image.Image] = field(default_factory=list)
     query: Image.Image | None = None
     slides: list[WindowSlid] = field(default_factory=list)   # TensorAR draft: every window (empty for "ar")
+
+
+    @property
+    def tokens(self) -> dict[str, np.ndarray]:
+        """Deprecated name of `codes`."""
+        return self.codes
 
 
 @dataclass

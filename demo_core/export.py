@@ -66,8 +66,8 @@ def save_loaded_bundle(bundle, out: Path) -> None:
     parts = bundle.info["parts"]
     bundle.tokenizer.model.save_pretrained(out / parts["tokenizer"], safe_serialization=True)
     bundle.backbone.save_pretrained(out / parts["backbone"], safe_serialization=True)
-    if bundle.refiner is not None:
-        bundle.refiner.save_pretrained(out / parts["refiner"])
+    if bundle.vsr is not None:
+        bundle.vsr.save_pretrained(out / parts["refiner"])
     info = {k: v for k, v in bundle.info.items() if k != "memory_estimate_bytes"}
     (out / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
 

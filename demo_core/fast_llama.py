@@ -8,8 +8,9 @@ gate/up projections, `F.rms_norm`, SDPA and its own KV buffer, and nothing else.
 It reads the model's own parameters (re-fused whenever one changes, tracked by tensor version
 counters), uses the model's rotary module for cos/sin, and answers the subset of the HF call
 signature the loops use: `runner(input_ids=, position_ids=, past_key_values=, attention_mask=,
-logits_to_keep=)` -> `.logits`, `.past_key_values`. `fast_runner(model)` returns the model
-itself when its config is outside what this path implements (LVM-7B on a GPU keeps HF's path).
+logits_to_keep=)` -> `.logits`, `.past_key_values`. `fast_runner(model)` returns a
+`TransformersRunner` (the model's own forward behind the same interface, its cache a `TransformersCache`)
+when its config is outside what this path implements (LVM-7B on a GPU keeps HF's path).
 Tests check its logits against transformers' for prefill, steps and SCAN's 4-D masks.
 
 Precision: on a CPU with native bfloat16 matmuls (AVX512-BF16/AMX, `bf16_supported()`), the
@@ -39,14 +40,16 @@ def unchanged_prefix(index: torch.Tensor) -> int:
     return int((index != torch.arange(count, device=index.device)).int().argmax())
 
 
-class KVStore:
-    """The keys and values of `num_layers` layers in one preallocated buffer (layers, 2, B, H, capacity, d), grown
-    by doubling. A step writes only its new entries; SCAN's cache edits (`keep`, `select_batch`) move every layer's
-    keys and values in one operation instead of two per layer."""
+class FastCache:
+    """The KV cache of `FastLlama`: the keys and values of `num_layers` layers in one preallocated buffer
+    (layers, 2, B, H, capacity, d), grown by doubling. A step writes only its new entries; SCAN's cache edits
+    (`keep`, `select_batch`) move every layer's keys and values in one operation instead of two per layer.
+    `layers` are per-layer views (the forward's API)."""
 
-    def __init__(self, num_layers: int = 1):
+    def __init__(self, num_layers: int):
         self.buffer = None
         self.lengths = [0] * num_layers
+        self.layers = [FastLayer(self, i) for i in range(num_layers)]
 
     def update_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
         begin = self.lengths[layer]
@@ -84,33 +87,21 @@ class KVStore:
         """Keep one batch row (the chosen candidate)."""
         self.buffer = self.buffer[:, :, row:row + 1].clone()
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (what a scoring pass appended after a kept prefix)."""
+        self.lengths = [min(length, used) for used in self.lengths]
 
-class KVBuffer(KVStore):
-    """One layer's keys and values (a one-layer `KVStore`): the buffer behind `backbone.GrowingLayer`."""
-
-    def __init__(self):
-        super().__init__(1)
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor):
-        return self.update_layer(0, keys, values)
-
-    @property
-    def length(self) -> int:
-        return self.lengths[0]
-
-    @property
-    def key_buffer(self) -> torch.Tensor:
-        return self.buffer[0, 0]
-
-    @property
-    def value_buffer(self) -> torch.Tensor:
-        return self.buffer[0, 1]
+    def repeated(self, count: int) -> "FastCache":
+        """A new cache holding this one's (batch-1) entries `count` times over the batch: one row per candidate."""
+        copy = FastCache(len(self.lengths))
+        copy.buffer, copy.lengths = self.buffer.repeat(1, 1, count, 1, 1, 1), list(self.lengths)
+        return copy
 
 
 class FastLayer:
     """One layer's view of a `FastCache`."""
 
-    def __init__(self, store: KVStore, index: int):
+    def __init__(self, store: FastCache, index: int):
         self.store, self.index = store, index
 
     def update(self, keys: torch.Tensor, values: torch.Tensor):
@@ -128,18 +119,69 @@ class FastLayer:
         return self.store.buffer[self.index, 1]
 
 
-class FastCache(KVStore):
-    """The KV cache of `FastLlama`: all layers in one `KVStore`; `layers` are per-layer views (the forward's API)."""
+class TransformersCache:
+    """transformers' `DynamicCache` behind the `FastCache` interface (`get_seq_length`, `keep`, `select_batch`), for
+    `TransformersRunner`: the caches of both runners are edited the same way, so the loops never ask which they have."""
 
-    def __init__(self, num_layers: int):
-        super().__init__(num_layers)
-        self.layers = [FastLayer(self, i) for i in range(num_layers)]
+    def __init__(self, dynamic=None):
+        from transformers.cache_utils import DynamicCache
+
+        self.dynamic = DynamicCache() if dynamic is None else dynamic
+
+    @property
+    def layers(self):
+        return self.dynamic.layers
+
+    def get_seq_length(self) -> int:
+        return int(self.dynamic.get_seq_length())
+
+    def keep(self, index: torch.Tensor, start: int | None = None) -> None:
+        """Keep only sequence positions `index` (sorted, distinct) of every layer."""
+        for layer in self.dynamic.layers:
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+
+    def select_batch(self, row: int) -> None:
+        """Keep one batch row (the chosen candidate)."""
+        for layer in self.dynamic.layers:
+            layer.keys = layer.keys[row:row + 1].contiguous()
+            layer.values = layer.values[row:row + 1].contiguous()
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on."""
+        for layer in self.dynamic.layers:
+            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
+    def repeated(self, count: int) -> "TransformersCache":
+        """A new cache holding this one's (batch-1) entries `count` times over the batch (views: updates concatenate)."""
+        from transformers.cache_utils import DynamicCache
+
+        return TransformersCache(DynamicCache(ddp_cache_data=[(layer.keys.expand(count, -1, -1, -1),
+                                                               layer.values.expand(count, -1, -1, -1))
+                                                              for layer in self.dynamic.layers]))
 
 
 @dataclass
 class FastOutput:
     logits: torch.Tensor
-    past_key_values: FastCache
+    past_key_values: FastCache | TransformersCache
+
+
+class TransformersRunner:
+    """A model's own transformers forward behind the runner interface (`FastLlama`'s call signature and a cache with
+    `keep`/`select_batch`): for models the fast path does not reproduce, and as the reference the fast path is
+    checked against."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 past_key_values: TransformersCache | None = None, attention_mask: torch.Tensor | None = None,
+                 logits_to_keep: int = 0, use_cache: bool = True) -> FastOutput:
+        cache = past_key_values if past_key_values is not None else TransformersCache()
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache.dynamic, use_cache=True,
+                         attention_mask=attention_mask, logits_to_keep=logits_to_keep)
+        return FastOutput(out.logits, cache)
 
 
 def supported(model) -> bool:
@@ -272,12 +314,12 @@ class FastLlama:
 
 
 def fast_runner(model):
-    """The model's `FastLlama` (built once and kept on the model), or the model itself when unsupported.
+    """The model's `FastLlama` (built once and kept on the model), or a `TransformersRunner` when unsupported.
 
     Its compute dtype is `compute_dtype(model)`; a change (of the model's dtype or RETOUCH_FAST_DTYPE) builds a new one.
     """
     if not supported(model):            # checked every call: a model moved to a GPU goes back to transformers
-        return model
+        return TransformersRunner(model)
     dtype = compute_dtype(model)
     runner = getattr(model, "_retouch_fast", None)
     if runner is not None and runner.dtype == dtype:

@@ -1,5 +1,5 @@
-"""Quality metrics for images and tokens: PSNR, SSIM, LPIPS, FID, token accuracy,
-perplexity and edge precision/recall.
+"""Quality metrics for images and tokens: PSNR, SSIM, LPIPS, FID and edge precision/recall here; token
+accuracy, perplexity, AUROC and cosine distance in `token_metrics.py`, re-exported here.
 
 Owns every number Retouch reports about a result (engine, UI, eval). Images are numpy
 float arrays HxWx3 in [0, 1]; PIL RGB images and uint8 arrays are accepted too
@@ -35,6 +35,8 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .token_metrics import _as_numpy, auroc, cosine_distance, perplexity, token_accuracy, token_cosine_distances  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # inputs
@@ -318,36 +320,6 @@ def fid(images_a: Sequence, images_b: Sequence) -> float:
     # a set against itself (the usual sanity check) needs one pass, not two
     features_b = features_a if images_b is images_a else inception_features(images_b)
     return frechet_distance(features_a, features_b)
-
-
-# ---------------------------------------------------------------------------------------------
-# token metrics
-
-
-def _as_numpy(values) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values)
-
-
-def token_accuracy(pred_tokens, true_tokens) -> float:
-    """Fraction of positions where the predicted token equals the ground truth (arrays or tensors)."""
-    pred, true = _as_numpy(pred_tokens), _as_numpy(true_tokens)
-    if pred.shape != true.shape:
-        raise ValueError(f"token arrays differ in shape: {pred.shape} vs {true.shape}.")
-    if pred.size == 0:
-        raise ValueError("token accuracy of empty token arrays is undefined.")
-    return float(np.mean(pred == true))
-
-
-def perplexity(log_probs) -> float:
-    """exp(mean negative log-probability) of the ground-truth tokens (natural log); 1 is perfect."""
-    values = _as_numpy(log_probs).astype(np.float64)
-    if values.size == 0:
-        raise ValueError("perplexity of no tokens is undefined.")
-    if np.any(values > 1e-6) or np.any(np.isnan(values)):
-        raise ValueError("log_probs must be log-probabilities (<= 0) of the ground-truth tokens.")
-    return float(np.exp(-values.mean()))
 
 
 # ---------------------------------------------------------------------------------------------

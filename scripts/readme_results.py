@@ -102,10 +102,7 @@ if control:
 tensor_ablation = load("docs/results/tensor_ablation/results.json")
 tensor_ablation_text = ""
 if tensor_ablation and tensor_ablation.get("tensor"):
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from demo_core.eval_tensor import markdown as tensor_markdown
+    from demo_core.eval.tensor_rows import markdown as tensor_markdown
 
     arows = tensor_ablation["tensor"]
     table_lines = [line for line in tensor_markdown(arows) if line.startswith("|")]

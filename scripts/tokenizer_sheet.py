@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo_core.bundle import DEFAULT_BUNDLE, bundle_pixel_range, load_tokenizer_part  # noqa: E402
-from demo_core.data import ImageSampler  # noqa: E402
-from demo_core.images import float_to_pil  # noqa: E402
+from demo_core.bundle import DEFAULT_BUNDLE, bundle_pixel_range, load_tokenizer_part   # the installed package (pip install -e .)
+from demo_core.data import ImageSampler
+from demo_core.images import float_to_pil
 from demo_core.train.tokenizer_f8 import KINDS, make_view  # noqa: E402
 
 tokenizer = load_tokenizer_part(DEFAULT_BUNDLE / "tokenizer", bundle_pixel_range(DEFAULT_BUNDLE))

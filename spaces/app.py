@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE if (HERE / "demo_core").is_dir() else HERE.parent      # an assembled Space folder, or spaces/ in a checkout
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# an assembled Space folder (demo_core beside this file, importable as the script's folder), or spaces/ in a
+# checkout (demo_core importable once the package is installed: pip install -e .)
+ROOT = HERE if (HERE / "demo_core").is_dir() else HERE.parent
 
 # A Space is online: the studio's app.py defaults HF_HUB_OFFLINE to 1 for local runs, which would
 # stop the model selector from fetching Hub bundles here. Analytics stay off.
@@ -73,8 +73,8 @@ def load_model(choice: str) -> tuple[Engine, str]:
             bundle = load_lvm_bundle(device="cpu", dtype=torch.bfloat16)
             bundle.backbone.to("cuda")
             bundle.tokenizer.model.to("cuda")
-            if bundle.refiner is not None:
-                bundle.refiner.to("cuda")
+            if bundle.vsr is not None:
+                bundle.vsr.to("cuda")
             return Engine(bundle), "LVM-7B (ZeroGPU)"
         label = {"default": "embedded default", "lvm-7b": "LVM-7B"}.get(wanted, wanted)
         return load_engine(None if wanted == "default" else wanted), label

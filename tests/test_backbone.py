@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
-from demo_core.backbone import SamplingConfig, draft_scan, sample_from_logits, score_answer
+from demo_core.backbone import SamplingConfig, sample_from_logits
+from demo_core.drafts.scan_form import draft_scan, score_answer
 from demo_core.refiners.scan import ScanConfig, scan_refine
 from demo_core.sequence import max_pairs
 
@@ -111,13 +113,13 @@ def test_scan_accepts_only_improvements_and_history_is_complete(tiny_model):
     codes = before.clone()
     for record in history:
         assert len(record.cells) == 3 and len(set(record.cells)) == 3
-        for cell, old, new, s_old, s_new, ok in zip(record.cells, record.old_tokens, record.new_tokens,
+        for cell, old, new, s_old, s_new, ok in zip(record.cells, record.old_codes, record.new_codes,
                                                      record.old_scores, record.new_scores, record.accepted):
             assert ok == (s_new > s_old)
             assert old == int(codes[cell])
             if ok:
                 codes[cell] = new
-        assert torch.equal(codes, record.codes)
+        assert np.array_equal(codes.numpy(), record.codes.reshape(-1))        # (grid, grid), as the event has it
     assert torch.equal(codes, state.codes[0])
 
 
@@ -130,7 +132,7 @@ def test_scan_scores_match_an_uncached_forward(tiny_model):
     record = history[0]
     # reference: [context, draft pairs, <at_n>, y'_n] uncached, for each regenerated cell separately
     from demo_core.sequence import interleave_answer
-    for cell, new, s_new in zip(record.cells, record.new_tokens, record.new_scores):
+    for cell, new, s_new in zip(record.cells, record.new_codes, record.new_scores):
         order = torch.arange(VOCAB.cells)
         draft = interleave_answer(VOCAB, order, run_draft(tiny_model, SamplingConfig(temperature=0))[1].codes[0])
         ids = torch.cat([context(), draft, torch.tensor([VOCAB.at(cell), new])])[None]
@@ -143,7 +145,8 @@ def test_scan_scores_match_an_uncached_forward(tiny_model):
 
 
 def test_head_score_is_the_quality_token_alone_and_combined_multiplies_in_the_code_probability(tiny_model):
-    from demo_core.backbone import code_probability, quality_from_logits, score_answer, token_score
+    from demo_core.backbone import code_probability, token_score
+    from demo_core.drafts.scan_form import score_answer
 
     codes = run_draft(tiny_model, SamplingConfig(temperature=0))[1].codes
     gen, combined, _ = score_answer(tiny_model, VOCAB, context(), codes)
@@ -176,24 +179,51 @@ def test_max_pairs():
     assert max_pairs(4096, 256) == 7
 
 
-def test_growing_cache_matches_a_dynamic_cache(tiny_model):
+def test_transformers_cache_is_edited_like_a_fast_cache(tiny_model):
+    """Both runners' caches answer the same interface: keep positions, keep a batch row (no branching in SCAN)."""
     from transformers.cache_utils import DynamicCache
 
-    from demo_core.backbone import new_cache
+    from demo_core.fast_llama import TransformersRunner, fast_runner
     from demo_core.refiners.scan import select_cache_batch, select_cache_positions
 
     ids = torch.randint(0, VOCAB.codebook_size, (2, 300))
-    growing, dynamic = new_cache(), DynamicCache()
-    for start in range(0, 300, 100):                       # grows past its first 256-slot buffer
-        a = tiny_model(input_ids=ids[:, start:start + 100], past_key_values=growing, use_cache=True).logits
-        b = tiny_model(input_ids=ids[:, start:start + 100], past_key_values=dynamic, use_cache=True).logits
-        assert torch.allclose(a, b, atol=1e-5)
+    positions = torch.arange(300)[None].repeat(2, 1)
+    runner, dynamic = TransformersRunner(tiny_model), DynamicCache()
+    wrapped, fast = None, None
+    for start in range(0, 300, 100):                       # the fast cache grows past its first 256-slot buffer
+        step = dict(input_ids=ids[:, start:start + 100], position_ids=positions[:, start:start + 100])
+        out = runner(**step, past_key_values=wrapped)
+        fast_out = fast_runner(tiny_model)(**step, past_key_values=fast)
+        wrapped, fast = out.past_key_values, fast_out.past_key_values
+        reference = tiny_model(input_ids=step["input_ids"], past_key_values=dynamic, use_cache=True).logits
+        assert torch.equal(out.logits, reference) and torch.allclose(fast_out.logits, reference, atol=1e-5)
     keep = torch.tensor([0, 5, 7, 299])
     reference = dynamic.layers[0].keys.index_select(-2, keep)
-    select_cache_positions(growing, keep)
-    assert growing.get_seq_length() == 4 and torch.equal(growing.layers[0].keys, reference)
-    select_cache_batch(growing, 1)
-    assert torch.equal(growing.layers[0].keys, reference[1:2])
+    for cache in (wrapped, fast):
+        select_cache_positions(cache, keep)
+        assert cache.get_seq_length() == 4
+        select_cache_batch(cache, 1)
+    assert torch.equal(wrapped.layers[0].keys, reference[1:2])
+    assert torch.allclose(fast.buffer[0, 0, :, :, :4], reference[1:2], atol=1e-5)
+
+
+def test_both_caches_repeat_and_truncate_alike(tiny_model):
+    """The raster loop's cache edits: a context cache repeated per candidate, and cut back to the context."""
+    from demo_core.fast_llama import TransformersRunner, fast_runner
+
+    ids = torch.randint(0, VOCAB.codebook_size, (1, 40))
+    more = torch.randint(0, VOCAB.codebook_size, (3, 5))
+    logits = []
+    for runner in (TransformersRunner(tiny_model), fast_runner(tiny_model)):
+        context = runner(ids, torch.arange(40)[None]).past_key_values
+        rows = context.repeated(3)
+        step = runner(more, (40 + torch.arange(5))[None].repeat(3, 1), rows)
+        assert rows.get_seq_length() == 45 and context.get_seq_length() == 40      # the copy grew, the context did not
+        runner(more[:1], (40 + torch.arange(5))[None], context)
+        context.truncate(40)
+        assert context.get_seq_length() == 40
+        logits.append(step.logits)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
 
 
 def test_scan_over_many_iterations_matches_an_uncached_sequence():
@@ -220,15 +250,15 @@ def test_scan_over_many_iterations_matches_an_uncached_sequence():
     pos = list(range(length)) + [length + int(c) for c in order for _ in range(2)]
     accepted = 0
     for record in history:
-        for cell, new, score in zip(record.cells, record.new_tokens, record.new_scores):
+        for cell, new, score in zip(record.cells, record.new_codes, record.new_scores):
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids + [VOCAB.at(cell), new]]),
                                position_ids=torch.tensor([pos + [length + cell] * 2])).logits[0, -2:]
             probability = float(torch.softmax(logits[0, : VOCAB.codebook_size], -1)[new])    # p(y'_n) at its <at_n>
             assert abs(float(quality_from_logits(logits[1], VOCAB)) * probability - score) < 1e-4
-        for cell, new, ok in zip(record.cells, record.new_tokens, record.accepted):
+        for cell, new, ok in zip(record.cells, record.new_codes, record.accepted):
             if ok:
                 ids += [VOCAB.at(cell), new]
                 pos += [length + cell] * 2
                 accepted += 1
-    assert accepted >= 10 and state.cache.layers[0].get_seq_length() == len(ids)
+    assert accepted >= 10 and state.cache.get_seq_length() == len(ids)

@@ -44,6 +44,20 @@ def test_reconstruct_and_generate(tiny, capsys):
     assert out.exists() and (folder / "g.draft.png").exists() and "SCAN accepted" in capsys.readouterr().out
 
 
+def test_generate_offers_the_studios_options(tiny, tmp_path, capsys):
+    """Every engine option the studio has is on the command line: the TensorAR draft and VSR (old name "self")."""
+    _, (x, y, q), _ = tiny
+    bundle = build_tiny_bundle(tmp_path / "bundle", refiner=True, tensor=True)
+    out = tmp_path / "t.png"
+    assert main(["generate", "--pair", str(x), str(y), "--query", str(q), "--bundle", str(bundle), "--draft-mode", "tensor",
+                 "--refine", "scan,self", "--scan-iterations", "2", "--top-k", "5", "--candidates", "2",
+                 "--quality-score", "head", "--device", "cpu", "--out", str(out), "--stages"]) == 0
+    assert out.exists() and (tmp_path / "t.vsr.png").exists() and "stages draft, scan, vsr" in capsys.readouterr().out
+    assert main(["generate", "--pair", str(x), str(y), "--query", str(q), "--bundle", str(tiny[0]),
+                 "--draft-mode", "tensor", "--out", str(out)]) == 1
+    assert "no TensorAR part" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["reconstruct", "/nope.png"], "file not found"),
     (["generate", "--query", "Q"], "at least one --pair"),

@@ -36,7 +36,7 @@ def test_same_seed_same_image_and_candidates(engine):
     x, y, q = images(1, 3)
     a = engine.run([(x, y)], q, refine=(), seed=3)
     b = engine.run([(x, y)], q, refine=(), seed=3)
-    assert np.array_equal(a.tokens["draft"], b.tokens["draft"])
+    assert np.array_equal(a.codes["draft"], b.codes["draft"])
     c = engine.run([(x, y)], q, refine=("scan",), seed=3, candidates=3, scan_iterations=2)
     assert len(c.candidates) == 3
 
@@ -81,3 +81,19 @@ def test_pairs_must_be_pairs(engine):
     x, y, q = images(5, 3)
     with pytest.raises(EngineInputError, match="Pair 1 must be an"):
         engine.run([x], q)
+
+
+def test_run_raises_when_the_stream_ends_without_a_result(engine, monkeypatch):
+    x, y, q = images(5, 3)
+    monkeypatch.setattr(engine, "_stream", lambda *args: iter(()))
+    with pytest.raises(RuntimeError, match="without a result"):
+        engine.run([(x, y)], q)
+
+
+def test_public_api_is_exported():
+    import demo_core
+
+    assert set(demo_core.__all__) >= {"load_engine", "Engine", "Result", "RunSettings", "EngineInputError", "BundleError"}
+    assert all(getattr(demo_core, name) is not None for name in demo_core.__all__)
+    assert demo_core.Result.tokens.__doc__.startswith("Deprecated")          # the old name of Result.codes stays
+

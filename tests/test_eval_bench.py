@@ -5,6 +5,7 @@ import pytest
 
 from demo_core import bench as bench_module
 from demo_core import eval as eval_module
+from demo_core.eval import quality as eval_quality
 from demo_core.engine import load_engine
 from demo_core.images import float_to_pil
 from demo_core.testing import build_tiny_bundle
@@ -48,7 +49,7 @@ def test_perfect_predictor_scores_perfectly(bundle, monkeypatch):
         return {label: {"image": float_to_pil(example.answer), "tokens": truth_tokens, "quality": np.ones((4, 4)),
                         "time": 0.0} for label in labels}
 
-    monkeypatch.setattr(eval_module, "run_stages", perfect)
+    monkeypatch.setattr(eval_quality, "run_stages", perfect)      # the eval package measures in eval/quality.py
     result = eval_module.evaluate(engine, ["inpainting"], n=2, pairs=1, seed=0, labels=["draft"], settings={}, progress=False)
     row = result["table"]["inpainting"]["draft"]
     assert row["psnr"] == float("inf") and row["ssim"] == pytest.approx(1.0) and row["token_acc"] == 1.0
@@ -80,7 +81,7 @@ def test_eval_reports_every_stage_when_a_refiner_exists(tmp_path):
 def test_eval_compares_ar_tensorar_control_and_extra_variants(tmp_path):
     """TensorAR rows: the AR draft, the bundle's tensor/, its tensor-control/ and a --tensor-variants folder,
     each on the same examples; a bad variant folder is one error line before any work."""
-    from demo_core.refiners.tensor import TensorAdapter
+    from demo_core.drafts.tensor import TensorAdapter
     from demo_core.bundle import load_bundle
 
     folder = build_tiny_bundle(tmp_path / "with_tensor", tensor=True)

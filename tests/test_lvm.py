@@ -15,9 +15,11 @@ from PIL import Image
 
 import demo_core
 from demo_core import lvm
+from demo_core.drafts import raster
 from demo_core.bundle import BundleError
 from demo_core.events import DraftDone, Finished, GenerationStarted, ScanStep, StageDone, TokensWritten
-from demo_core.muse_vqgan import LVM_MUSE_CONFIG, make_tiny_muse_vqgan
+from demo_core.muse_vqgan import LVM_MUSE_CONFIG
+from demo_core.testing import make_tiny_muse_vqgan
 
 CODES = 8192                  # LVM's VQ codes ...
 VOCAB = CODES + 100           # ... and 100 special ids above them
@@ -201,7 +203,7 @@ def test_load_engine_lvm_7b_through_the_hub_cache(engine):
     assert next(engine.tokenizer.model.parameters()).dtype == torch.float32          # VQ always float32
     assert next(engine.model.parameters()).dtype == torch.float32                    # CPU: float32 (engine's choice)
     assert engine.model.model.rotary_emb.inv_freq.dtype == torch.float32
-    assert engine.refiner is None and engine.available_refiners == ("scan",)
+    assert engine.vsr is None and engine.available_refiners == ("scan",)
 
 
 def test_context_cap_and_pairs():
@@ -267,8 +269,8 @@ def test_default_sampling_is_the_reference_scripts(engine):
     default = engine.run(pairs, query, refine=(), seed=3)
     reference = engine.run(pairs, query, refine=(), seed=3, temperature=1.0, top_p=1.0, top_k=0)
     nucleus = engine.run(pairs, query, refine=(), seed=3, top_p=0.9)        # the embedded default's setting
-    assert np.array_equal(default.tokens["draft"], reference.tokens["draft"])
-    assert not np.array_equal(default.tokens["draft"], nucleus.tokens["draft"])
+    assert np.array_equal(default.codes["draft"], reference.codes["draft"])
+    assert not np.array_equal(default.codes["draft"], nucleus.codes["draft"])
 
 
 def test_full_generation_with_the_scan_fallback(engine):
@@ -287,7 +289,7 @@ def test_full_generation_with_the_scan_fallback(engine):
     result = events[-1].result
     assert isinstance(events[-1], Finished) and isinstance(events[-2], StageDone) and events[-2].stage == "scan"
     assert list(result.stages) == ["draft", "scan"] and result.final.size == (IMAGE, IMAGE)
-    assert all(0 <= t < CODES for tokens in result.tokens.values() for t in tokens.flat)
+    assert all(0 <= t < CODES for tokens in result.codes.values() for t in tokens.flat)
 
     # the draft's quality is the model's own probability of each token (checked against a plain forward)
     reference = reference_log_probs(engine, pairs, query, draft.codes).exp().numpy().reshape(4, 4)
@@ -304,18 +306,27 @@ def test_full_generation_with_the_scan_fallback(engine):
             assert now > previous
         else:
             assert now == pytest.approx(previous) and np.array_equal(step.codes, previous_codes)
-        for cell, old, new, accepted in zip(step.cells, step.old_tokens, step.new_tokens, step.accepted):
+        for cell, old, new, accepted in zip(step.cells, step.old_codes, step.new_codes, step.accepted):
             assert old != new                                  # a resample always proposes a different code
             assert step.codes.flat[cell] == (new if accepted else old)
         previous, previous_codes = now, step.codes
     assert sum(map(any, (s.accepted for s in steps))) >= 1, "this seed should improve at least once"
-    final_probs = reference_log_probs(engine, pairs, query, result.tokens["scan"]).exp().numpy().reshape(4, 4)
+    final_probs = reference_log_probs(engine, pairs, query, result.codes["scan"]).exp().numpy().reshape(4, 4)
     np.testing.assert_allclose(result.quality["scan"], final_probs, rtol=1e-4, atol=1e-7)
-    assert result.changed["scan"] == [int(c) for c in np.flatnonzero(result.tokens["scan"] != result.tokens["draft"])]
+    assert result.changed["scan"] == [int(c) for c in np.flatnonzero(result.codes["scan"] != result.codes["draft"])]
 
     # same seed, same image
     again = engine.run(pairs, query, refine=("scan",), seed=5, scan_iterations=12, scan_cells=4)
-    assert np.array_equal(again.tokens["scan"], result.tokens["scan"])
+    assert np.array_equal(again.codes["scan"], result.codes["scan"])
+
+
+def test_a_model_without_a_quality_token_refuses_the_head_only_score(engine):
+    """LVM has no quality token: asking for the head's score is an input error, not silently ignored."""
+    from demo_core.engine import EngineInputError
+
+    pairs, query = pairs_and_query(k=1)
+    with pytest.raises(EngineInputError, match="no quality token"):
+        engine.run(pairs, query, refine=("scan",), quality_score="head")
 
 
 def test_batched_candidate_scoring_matches_plain_forwards(engine):
@@ -325,11 +336,11 @@ def test_batched_candidate_scoring_matches_plain_forwards(engine):
     from demo_core.backbone import SamplingConfig
 
     drafts = []
-    for _ in lvm.draft_lvm(engine.model, context, CELLS, CODES, SamplingConfig(candidates=3),
+    for _ in raster.draft_raster(engine.model, context, CELLS, CODES, SamplingConfig(candidates=3),
                            torch.Generator().manual_seed(1), drafts):
         pass
     answers = drafts[0].codes                                          # 3 different candidates
-    scores = lvm.score_answers(engine.model, drafts[0], answers, CODES)
+    scores = raster.score_answers(engine.model, drafts[0], answers, CODES)
     for answer, score in zip(answers, scores):
         reference = reference_log_probs(engine, pairs, query, answer)
         np.testing.assert_allclose(score.token_probs.numpy(), reference.exp().numpy(), rtol=1e-4, atol=1e-7)
@@ -350,8 +361,8 @@ def test_special_ids_are_never_sampled_and_eos_does_not_stop(sources, tmp_path, 
     assert (logits[:, :CODES].argmax(-1) == EOS).all()    # among the codes, the checkpoint's EOS id
     result = engine.run(pairs, query, refine=("scan",), seed=0, candidates=2, top_p=1.0, top_k=0,
                         scan_iterations=2, scan_cells=2)
-    assert result.tokens["draft"].size == CELLS and (result.tokens["draft"] == EOS).all()    # no early stop on id 2
-    assert all((tokens < CODES).all() for tokens in result.tokens.values())
+    assert result.codes["draft"].size == CELLS and (result.codes["draft"] == EOS).all()    # no early stop on id 2
+    assert all((tokens < CODES).all() for tokens in result.codes.values())
     assert len(result.candidates) == 2
 
 
@@ -434,16 +445,16 @@ def test_vsr_stage_with_a_refiner(sources, tmp_path, monkeypatch):
     refiner.save_pretrained(tmp_path / "refiner")
     monkeypatch.setenv("RETOUCH_LVM_REFINER", str(tmp_path / "refiner"))
     engine = demo_core.load_engine("lvm-7b")
-    assert engine.available_refiners == ("scan", "self") and "refiner" in engine.bundle.info["parts"]
+    assert engine.available_refiners == ("scan", "vsr") and "refiner" in engine.bundle.info["parts"]
     pairs, query = pairs_and_query(k=1)
-    events = list(engine.stream(pairs, query, refine=("scan", "self"), seed=0, scan_iterations=3))
+    events = list(engine.stream(pairs, query, refine=("scan", "vsr"), seed=0, scan_iterations=3))
     done = [e for e in events if isinstance(e, StageDone)]
-    assert [e.stage for e in done] == ["scan", "self"]
+    assert [e.stage for e in done] == ["scan", "vsr"]
     result = events[-1].result
-    assert list(result.stages) == ["draft", "scan", "self"]
-    assert result.changed["self"], "a perturbed g_phi should change some cells"
-    reference = reference_log_probs(engine, pairs, query, result.tokens["self"]).exp().numpy().reshape(4, 4)
-    np.testing.assert_allclose(result.quality["self"], reference, rtol=1e-4, atol=1e-7)
+    assert list(result.stages) == ["draft", "scan", "vsr"]
+    assert result.changed["vsr"], "a perturbed g_phi should change some cells"
+    reference = reference_log_probs(engine, pairs, query, result.codes["vsr"]).exp().numpy().reshape(4, 4)
+    np.testing.assert_allclose(result.quality["vsr"], reference, rtol=1e-4, atol=1e-7)
 
     shutil.rmtree(tmp_path / "refiner")
     (tmp_path / "refiner").mkdir()
@@ -480,4 +491,4 @@ def test_export_of_the_lvm_recipe_is_a_standard_bundle(engine, sources, tmp_path
     pairs, query = pairs_and_query(k=1, seed=5)
     a = engine.run(pairs, query, refine=("scan",), seed=4, scan_iterations=3)
     b = exported.run(pairs, query, refine=("scan",), seed=4, scan_iterations=3)
-    assert all(np.array_equal(a.tokens[k], b.tokens[k]) for k in ("draft", "scan"))    # the same model, token for token
+    assert all(np.array_equal(a.codes[k], b.codes[k]) for k in ("draft", "scan"))    # the same model, token for token

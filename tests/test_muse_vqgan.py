@@ -10,10 +10,10 @@ from demo_core.muse_vqgan import (
     LVM_MUSE_CONFIG,
     diffusers_to_muse,
     load_muse_vqgan,
-    make_tiny_muse_vqgan,
     muse_config_to_vqmodel_kwargs,
     muse_to_diffusers,
 )
+from demo_core.testing import make_tiny_muse_vqgan
 
 TINY_VARIANTS = {
     # a valid open-muse model (32 GroupNorm groups, as MUSE hard-codes)

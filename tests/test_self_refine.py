@@ -117,9 +117,9 @@ def test_save_load_round_trip_is_exact_and_strict(parts, tmp_path):
 def test_bundle_loads_the_refiner_strictly(tmp_path):
     folder = build_tiny_bundle(tmp_path / "b", refiner=True)
     bundle = load_bundle(folder)
-    assert isinstance(bundle.refiner, SelfRefiner) and not bundle.refiner.training
+    assert isinstance(bundle.vsr, SelfRefiner) and not bundle.vsr.training
     reference = SelfRefiner.from_pretrained(folder / "refiner")
-    assert all(torch.equal(reference.state_dict()[k], v) for k, v in bundle.refiner.state_dict().items())
+    assert all(torch.equal(reference.state_dict()[k], v) for k, v in bundle.vsr.state_dict().items())
     state = load_file(folder / "refiner" / "model.safetensors")
     del state["out.weight"]
     save_file(state, folder / "refiner" / "model.safetensors")
@@ -212,7 +212,7 @@ def test_command_line_saves_the_refiner_into_the_bundle(tmp_path):
     assert training["command"].startswith("python -m demo_core.train refiner --bundle")
     assert training["backbone_unchanged"] and "token_accuracy" in training["validation"]
     assert (tmp_path / "run" / "train.log").exists()
-    assert isinstance(load_bundle(folder).refiner, SelfRefiner)
+    assert isinstance(load_bundle(folder).vsr, SelfRefiner) and load_bundle(folder).refiner is not None   # old name kept
 
 
 def images(seed, count):
@@ -223,30 +223,31 @@ def images(seed, count):
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     engine = load_engine(str(build_tiny_bundle(tmp_path_factory.mktemp("bundle"), refiner=True)))
-    randomised(engine.refiner, std=0.05)
+    randomised(engine.vsr, std=0.05)
     return engine
 
 
-@pytest.mark.parametrize("refine", [("self",), ("scan", "self")])
+@pytest.mark.parametrize("refine", [("vsr",), ("scan", "vsr"), ("scan", "self")])     # "self": VSR's old name
 def test_engine_runs_self_refinement(engine, refine):
     x, y, q = images(0, 3)
     events = list(engine.stream([(x, y)], q, refine=refine, seed=0, scan_iterations=3))
     result = events[-1].result
+    refine = tuple("vsr" if stage == "self" else stage for stage in refine)
     assert list(result.stages) == ["draft", *refine]
-    before = result.tokens[refine[-2] if len(refine) > 1 else "draft"]
-    changed = np.flatnonzero(result.tokens["self"].reshape(-1) != before.reshape(-1)).tolist()
-    assert result.changed["self"] == changed and changed                    # a randomised g_phi changes some cells
-    done = [e for e in events if isinstance(e, StageDone) and e.stage == "self"]
+    before = result.codes[refine[-2] if len(refine) > 1 else "draft"]
+    changed = np.flatnonzero(result.codes["vsr"].reshape(-1) != before.reshape(-1)).tolist()
+    assert result.changed["vsr"] == changed and changed                    # a randomised g_phi changes some cells
+    done = [e for e in events if isinstance(e, StageDone) and e.stage == "vsr"]
     assert len(done) == 1 and done[0].changed_cells == changed and result.final.size == (16, 16)
-    assert ((result.tokens["self"] >= 0) & (result.tokens["self"] < engine.vocab.codebook_size)).all()
+    assert ((result.codes["vsr"] >= 0) & (result.codes["vsr"] < engine.vocab.codebook_size)).all()
 
 
 def test_engine_feeds_the_query_to_a_query_aware_refiner(engine):
     x, y, q = images(1, 3)
-    original = engine.refiner
+    original = engine.vsr
     try:
-        engine.refiner = randomised(SelfRefiner.for_backbone(engine.model, grid=engine.grid, with_query=True))
-        result = engine.run([(x, y)], q, refine=("self",), seed=1)
+        engine.vsr = randomised(SelfRefiner.for_backbone(engine.model, grid=engine.grid, with_query=True))
+        result = engine.run([(x, y)], q, refine=("vsr",), seed=1)
     finally:
-        engine.refiner = original
-    assert list(result.stages) == ["draft", "self"] and result.tokens["self"].shape == (4, 4)
+        engine.vsr = original
+    assert list(result.stages) == ["draft", "vsr"] and result.codes["vsr"].shape == (4, 4)

@@ -131,7 +131,7 @@ def test_both_refiners_in_either_order(images, tmp_path):
     engine = load_engine(str(build_tiny_bundle(tmp_path / "with-vsr", refiner=True)))
     studio = Studio(engine)
     assert "SCAN → VSR" in handlers.refiner_choices(engine.available_refiners)
-    for choice, stages in (("SCAN → VSR", ["draft", "scan", "self"]), ("VSR → SCAN", ["draft", "self", "scan"])):
+    for choice, stages in (("SCAN → VSR", ["draft", "scan", "vsr"]), ("VSR → SCAN", ["draft", "vsr", "scan"])):
         frames = run(studio, images, refiners=choice)
         last = frames[-1]
         assert list(last["run_state"].result.stages) == stages
@@ -145,7 +145,7 @@ def test_quality_score_choice_reaches_the_heatmap(studio, images):
     """The paper's head-only score and the default combined one: same draft tokens, the combined score is lower."""
     head = run(studio, images, quality_score="head")[-1]["run_state"].result
     combined = run(studio, images)[-1]["run_state"].result
-    assert (head.tokens["draft"] == combined.tokens["draft"]).all()
+    assert (head.codes["draft"] == combined.codes["draft"]).all()
     assert (combined.quality["draft"] <= head.quality["draft"] + 1e-6).all()
     assert not np.allclose(combined.quality["draft"], head.quality["draft"])
 
@@ -296,7 +296,7 @@ def test_a_model_with_its_own_sampling_is_labelled(tmp_path, monkeypatch):
     widgets = dict(pairs=[(pictures[0], pictures[1])], query=pictures[2], refiners="none (draft only)", **FAST)
     left_out = by_name(list(studio.generate(**widgets))[-1])["run_state"]          # sampling not given: the model's
     given = by_name(list(studio.generate(**widgets, temperature=1.0, top_p=1.0, top_k=0))[-1])["run_state"]
-    assert np.array_equal(left_out.result.tokens["draft"], given.result.tokens["draft"])
+    assert np.array_equal(left_out.result.codes["draft"], given.result.codes["draft"])
 
 
 def test_every_task_has_a_loadable_example(studio):

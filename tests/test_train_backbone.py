@@ -95,8 +95,10 @@ def test_quality_weights_mask_tokens_out_of_the_quality_loss():
 def test_auroc():
     import numpy as np
 
-    assert trainer.auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
-    assert trainer.auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    from demo_core.metrics import auroc
+
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
 
 
 def test_trainer_runs_exports_and_resumes(tmp_path):

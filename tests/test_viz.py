@@ -129,7 +129,7 @@ def test_changed_cells_view_boxes_in_vsr_colour():
 
 
 def test_stage_titles():
-    assert viz.stage_title("scan") == "SCAN" and viz.stage_title("self") == "VSR"
+    assert viz.stage_title("scan") == "SCAN" and viz.stage_title("vsr") == viz.stage_title("self") == "VSR"
     assert viz.stage_title("scan#2") == "SCAN (2)" and viz.stage_title("draft") == "draft"
 
 

@@ -1,5 +1,8 @@
 """SCAN refinement (Self-Calibrated Autoregression, paper Eqs. 2-6) on the KV-cached backbone.
 
+Paper: "SCAN: Self-Calibrated Autoregression for High-Quality Visual Generation" (Feng et al.; arXiv id not
+in the copy at ../shared/papers/scan-self-calibrated-autoregression.txt).
+
 Each iteration t picks the c lowest-quality cells (Eq. 2), regenerates them at their
 position-instruction tokens given the whole current image (Eq. 3), scores the new tokens
 (Eq. 4) and keeps a new token only if its score beats the old one (Eqs. 5-6). The score is
@@ -16,15 +19,16 @@ Selection skips cells still in flight and cells already rejected `max_tries` tim
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..backbone import (DraftState, SamplingConfig, check_quality_score, quality_from_logits, sample_from_logits,
-                        token_score)
-from ..fast_llama import fast_runner, unchanged_prefix
+from ..backbone import SamplingConfig, check_quality_score, quality_from_logits, sample_from_logits, token_score
+from ..drafts.scan_form import DraftState
+from ..events import ScanStep, as_grid
+from ..fast_llama import fast_runner
 from ..sequence import Vocab
 
 
@@ -37,53 +41,18 @@ class ScanConfig:
     score: str = "combined"       # backbone.token_score: "combined" (p(<good>) x p(code)) or "head" (the paper's)
 
 
-@dataclass
-class ScanIteration:
-    """The outcome of one refinement iteration: per regenerated cell, old/new token and score."""
-
-    iteration: int
-    cells: list[int]
-    old_tokens: list[int]
-    new_tokens: list[int]
-    old_scores: list[float]
-    new_scores: list[float]
-    accepted: list[bool]
-    codes: torch.Tensor = field(repr=False, default=None)    # (N,) image after this iteration
-    scores: torch.Tensor = field(repr=False, default=None)   # (N,) quality after this iteration
-
-
 def select_cache_positions(cache, keep: torch.Tensor) -> None:
-    """Keep only the sequence positions `keep` (1-D long, sorted) of every layer of the cache, in place: a
-    `fast_llama.FastCache` in one operation, transformers' caches layer by layer."""
-    if hasattr(cache, "keep"):
-        cache.keep(keep)
-        return
-    start = None
-    for layer in cache.layers:
-        if hasattr(layer, "keep"):
-            if start is None:
-                start = unchanged_prefix(keep)
-            layer.keep(keep, start)
-        else:
-            layer.keys = layer.keys.index_select(-2, keep)
-            layer.values = layer.values.index_select(-2, keep)
+    """Keep only the sequence positions `keep` (1-D long, sorted) of every layer of the cache, in place."""
+    cache.keep(keep)
 
 
 def select_cache_batch(cache, index: int) -> None:
     """Keep one batch row (the chosen candidate) of every layer, in place."""
-    if hasattr(cache, "select_batch"):
-        cache.select_batch(index)
-        return
-    for layer in cache.layers:
-        if hasattr(layer, "select_batch"):
-            layer.select_batch(index)
-        else:
-            layer.keys = layer.keys[index:index + 1].contiguous()
-            layer.values = layer.values[index:index + 1].contiguous()
+    cache.select_batch(index)
 
 
 def cache_length(cache) -> int:
-    return int(cache.layers[0].get_seq_length())
+    return int(cache.get_seq_length())
 
 
 def lowest_cells(scores, count: int, excluded: set[int]) -> list[int]:
@@ -112,8 +81,8 @@ def pipeline_mask(committed: int, pending: int, probes: int, device) -> torch.Te
 
 @torch.no_grad()
 def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, sampling: SamplingConfig,
-                generator: torch.Generator | None = None) -> Iterator[ScanIteration]:
-    """Refine `state` (batch of one) in place; yields one ScanIteration per finished iteration.
+                generator: torch.Generator | None = None) -> Iterator[ScanStep]:
+    """Refine `state` (batch of one) in place; yields one ScanStep per finished iteration.
 
     Each forward carries the previous iteration's codes y'_n (to be scored; their <at_n> were fed, and
     cached, with the forward before) and this iteration's probes <at_m>: 2c tokens, not 3c. Afterwards
@@ -149,15 +118,15 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
 
         accepted_entries: list[int] = []              # cache positions of accepted pairs: their <at_n> (in flight) and code
         if pending:
-            record = ScanIteration(iteration, [], [], [], [], [], [])
+            record = ScanStep(iteration, [], [], [], [], [], [])
             new_scores = [token_score(quality, probability, config.score) for quality, probability
                           in zip(quality_from_logits(logits[: len(pending)], vocab).tolist(), pending_probability)]
             for j, (cell, code) in enumerate(pending):
                 new_score, old_score = new_scores[j], scores[cell]
                 accepted = new_score > old_score          # Eq. 5: keep only if the score improves
                 record.cells.append(cell)
-                record.old_tokens.append(codes[cell])
-                record.new_tokens.append(code)
+                record.old_codes.append(codes[cell])
+                record.new_codes.append(code)
                 record.old_scores.append(old_score)
                 record.new_scores.append(new_score)
                 record.accepted.append(accepted)
@@ -168,7 +137,7 @@ def scan_refine(model, vocab: Vocab, state: DraftState, config: ScanConfig, samp
                 else:
                     tries[cell] += 1
             idle = 0 if any(record.accepted) else idle + 1
-            record.codes, record.scores = torch.tensor(codes), torch.tensor(scores)
+            record.codes, record.quality = as_grid(torch.tensor(codes)), as_grid(torch.tensor(scores))
             iteration += 1
             yield record
         if pending:       # commit the accepted pairs (sorted) before the new probes, which stay in flight; drop the rest

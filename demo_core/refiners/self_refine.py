@@ -1,6 +1,7 @@
 """Visual self-refinement (VSR): the g_phi refiner and nearest-code decoding.
 
-Paper: "Visual Self-Refinement for Autoregressive Models", Sec. 3.3, Algorithm 1, appendix.
+Paper: "Visual Self-Refinement for Autoregressive Models" (Wang et al.; arXiv id not in the copy at
+../shared/papers/visual-self-refinement.txt), Sec. 3.3, Algorithm 1, appendix.
 After the AR draft y_q, the backbone's frozen input embeddings e = f_embed(y_q) of all N answer
 tokens are refined jointly by one light block, e' = e + g_phi(e) (Eq. 3), trained to minimise
 the mean cosine distance to the ground-truth embeddings (Eq. 4); each refined embedding is then
@@ -20,6 +21,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..sequence import Vocab
+from ..token_metrics import cosine_distance  # noqa: F401  (VSR's loss, Eq. 4; the trainer imports it from here)
 
 KINDS = ("attention", "mlp", "conv")
 
@@ -117,11 +119,6 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
 def code_embeddings(backbone: nn.Module, vocab: Vocab) -> torch.Tensor:
     """(C, D) the frozen f_embed rows of the VQ codes 0..C-1 (the paper's "codebook"; special tokens excluded)."""
     return backbone.get_input_embeddings().weight[: vocab.codebook_size]
-
-
-def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(..., D), (..., D) -> (...) 1 - cos(a, b) in float32: the summand of Eq. 4 (and the paper's Fig. 2 curve)."""
-    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
 
 
 @torch.no_grad()

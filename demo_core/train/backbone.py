@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..backbone import BackboneConfig, SamplingConfig, backbone_config_dict, build_backbone, draft_scan, sample_from_logits
+from ..backbone import BackboneConfig, SamplingConfig, backbone_config_dict, build_backbone, sample_from_logits
+from ..drafts.scan_form import draft_scan
+from ..token_metrics import auroc
 from ..sequence import Vocab, answer_positions, interleave_answer
 from ..tasks import TASKS, ExampleSampler
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
@@ -255,17 +257,6 @@ def teacher_forcing_codes(model, vocab: Vocab, context, answer, generator) -> to
     # the production sampler (top-p 0.9), so these negatives look like the errors real drafts make
     codes = sample_from_logits(logits.reshape(-1, vocab.codebook_size), SamplingConfig(top_p=0.9), generator)
     return codes.view(batch, cells)
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of `scores` for `labels` (1 positive), by ranks (ties averaged)."""
-    from scipy.stats import rankdata
-
-    positives, negatives_ = labels == 1, labels == 0
-    if positives.sum() == 0 or negatives_.sum() == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2) / (positives.sum() * negatives_.sum()))
 
 
 class ValidationSet:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..bundle import DEFAULT_BUNDLE  # noqa: F401  (the trainers' default bundle is the engine's)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_BUNDLE = REPO_ROOT / "assets" / "retouch-tiny"
 RUNS = REPO_ROOT / "runs"
 
 

@@ -3,7 +3,7 @@
     python -m demo_core.train refiner [--bundle assets/retouch-tiny] [--drafts 1500] [--loss cosine]
 
 1. Drafts: the frozen backbone answers training-split in-context examples exactly as in
-   production (`draft_scan`, or `lvm.draft_lvm` for an LVM bundle; the engine's default sampling
+   production (`draft_scan`, or `drafts.raster.draft_raster` for an LVM bundle; the engine's default sampling
    for the bundle: temperature 1.0, top-p 0.9, or its own, LVM-7B's top-p 1.0; images through the
    tokenizer's own pixel range; the bundle's tasks, K = 1..3). Cached under runs/refiner/ by a
    hash of the backbone and tokenizer weights, the tokenizer's pixel range and the sampler
@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..backbone import SamplingConfig, draft_scan
+from ..backbone import SamplingConfig
+from ..drafts.scan_form import draft_scan
 from ..refiners.self_refine import KINDS, SelfRefiner, code_embeddings, cosine_distance, self_refine
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from ..tokenizer import DEFAULT_PIXEL_RANGE
@@ -88,7 +89,7 @@ class DraftRecipe:
     image_size: int
     tasks: tuple[str, ...]
     pairs_range: tuple[int, int]    # K, inclusive
-    sequence_format: str            # "scan" (draft_scan) or "lvm" (lvm.draft_lvm: plain raster sampling)
+    sequence_format: str            # "scan" (draft_scan) or "lvm" (drafts.raster.draft_raster: plain raster sampling)
     sampling: tuple                 # SamplingConfig fields
     backbone: str                   # state_fingerprint of the backbone
     tokenizer: str                  # state_fingerprint of the VQ model
@@ -121,11 +122,11 @@ def draft_example(bundle, example, sampling: SamplingConfig, generator) -> tuple
         for _ in draft_scan(bundle.backbone, vocab, context, sampling, generator, state_out=states):
             pass
         draft = states[0].codes[:1]
-    else:                                       # a Hub LVM backbone: plain raster sampling, as lvm_stream drafts
-        from ..lvm import draft_lvm
+    else:                                       # a Hub LVM backbone: plain raster sampling, as the engine drafts (formats.LvmRaster)
+        from ..drafts.raster import draft_raster
 
         states = []
-        for _ in draft_lvm(bundle.backbone, context, cells, vocab.codebook_size, sampling, generator, states):
+        for _ in draft_raster(bundle.backbone, context, cells, vocab.codebook_size, sampling, generator, states):
             pass
         draft = states[0].codes[:1]
     return context[-cells:], answer[0].cpu(), draft[0].cpu(), time.perf_counter() - start

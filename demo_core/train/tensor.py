@@ -1,4 +1,4 @@
-"""Train TensorAR on the bundle's frozen backbone: input encoder, output decoder and LoRA (refiners/tensor.py).
+"""Train TensorAR on the bundle's frozen backbone: input encoder, output decoder and LoRA (drafts/tensor.py).
 
     nohup nice -n 5 python -m demo_core.train tensor > runs/tensor.out 2>&1 &
     nohup nice -n 5 python -m demo_core.train tensor --control > runs/tensor-control.out 2>&1 &
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..backbone import SamplingConfig
-from ..refiners.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_noise, answer_windows,
+from ..drafts.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_noise, answer_windows,
                                draft_tensor, parameter_count, self_draft_windows, teacher_forced_logits)
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from .backbone import encode_examples

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .images import float_to_pil, pil_to_float
-from .tasks import ExampleSampler
+from ..images import float_to_pil, pil_to_float
+from ..tasks import ExampleSampler
 
 AR = "AR (SCAN-form draft)"
 CONTROL = "control (k=1, same steps)"
@@ -40,7 +40,7 @@ def adapter_info(folder: Path) -> dict:
 
 def tensor_variants(engine, extra: dict[str, str] | None = None) -> dict[str, tuple]:
     """name -> (TensorAR or None for the AR draft, info). The bundle's tensor/ and tensor-control/ first, then `extra`."""
-    from .refiners.tensor import load_tensor_part
+    from ..bundle import load_tensor_part
 
     bundle = engine.bundle
     parts = bundle.info.get("parts", {})
@@ -66,8 +66,9 @@ def tensor_variants(engine, extra: dict[str, str] | None = None) -> dict[str, tu
 @torch.no_grad()
 def draft_codes(engine, model, context: torch.Tensor, seed: int, settings: dict) -> tuple[torch.Tensor, float]:
     """One draft's codes (N,) and its seconds: the AR draft loop when `model` is None, else the sliding TensorAR draft."""
-    from .backbone import SamplingConfig, draft_scan
-    from .refiners.tensor import draft_tensor
+    from ..backbone import SamplingConfig
+    from ..drafts.scan_form import draft_scan
+    from ..drafts.tensor import draft_tensor
 
     sampling = SamplingConfig(temperature=settings.get("temperature", 1.0), top_p=settings.get("top_p", 0.9))
     generator = torch.Generator(device=engine.device).manual_seed(seed)
@@ -87,8 +88,8 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
     """Per task and variant: PSNR, SSIM, token accuracy and seconds of the draft, on the same examples and seeds."""
     from tqdm import tqdm
 
-    from .eval import encode_example
-    from .metrics import psnr, ssim, token_accuracy
+    from .quality import encode_example
+    from ..metrics import psnr, ssim, token_accuracy
 
     rows = []
     bar = tqdm(total=len(tasks) * n * len(variants), desc="eval tensor", disable=not progress, dynamic_ncols=True)
