@@ -3,7 +3,7 @@
 Every image is a crop of a held-out validation source (coffee, chelsea, grass — never seen in
 training), turned into an (input, answer) pair by the task's own transform (demo_core.tasks).
 
-    python scripts/make_examples.py [--size 64] [--out assets/examples]
+    python -m scripts.make_examples [--size 64] [--out assets/examples]
 """
 from __future__ import annotations
 

@@ -124,13 +124,13 @@ if tensor_ablation and tensor_ablation.get("tensor"):
                                if ablation_step and backbone and ablation_step != backbone["step"] else "") + "):\n\n"
                             + "\n".join(table_lines) + ("\n\nAt equal steps, " + "; ".join(reading) + "." if reading else ""))
 ablation = ROOT / "docs/results/vsr_ablation.md"
-ablation_text = ("\n\nVSR ablations (`python scripts/vsr_ablation.py`, validation drafts, token level):\n\n" + ablation.read_text().strip()
+ablation_text = ("\n\nVSR ablations (`python -m scripts.vsr_ablation`, validation drafts, token level):\n\n" + ablation.read_text().strip()
                  if ablation.exists() else "")
 block = f"""<!-- results:start -->
 ## Results (embedded default)
 
 Trained on this machine (2 CPU cores, torch 2.14.1): {'; '.join(trained)}.
-`python scripts/readme_results.py` rewrites this block from the files below.
+`python -m scripts.readme_results` rewrites this block from the files below.
 
 `{report.get('command', 'python -m demo_core eval --out docs/results/eval')}` (N = {report['n']} per task, K = {report['pairs']}, seed {report['seed']}; {report['seconds']:.0f} s):
 

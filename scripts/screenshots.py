@@ -5,7 +5,7 @@ writes small PNGs to docs/screenshots/: studio.png (whole page mid-generation), 
 quality.png, timeline.png, before_after.png, metrics.png; with a TensorAR part also
 tensor_live.png (the sliding window mid-draft) and tensor_timeline.png (revisions per slide).
 
-    python scripts/screenshots.py [--bundle FOLDER] [--example colorization] [--out docs/screenshots]
+    python -m scripts.screenshots [--bundle FOLDER] [--example colorization] [--out docs/screenshots]
 
 The model is RETOUCH_BUNDLE / --bundle, else the embedded default.
 """
