@@ -36,7 +36,7 @@ from ..data import ImageSampler
 from ..local_vq import LocalVQModel
 from ..task_family import KINDS, TRAIN_KINDS, make_pair
 from .common import REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
-from .vq import EMAQuantizer, kmeans
+from .vq import EMAQuantizer, forward, kmeans, optimise, pixel_losses
 
 IMAGE_SIZE = 64
 PHOTO_SHARE = 0.35            # plain photos; the rest is one side of a task pair (answers twice as often as inputs)
@@ -78,21 +78,6 @@ class ViewSampler:
 def to_pixels(batch: np.ndarray) -> torch.Tensor:
     """BxHxWx3 in [0, 1] -> (B, 3, H, W) in [-1, 1] (the range this tokenizer is trained in)."""
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
-
-
-def forward(vq: LocalVQModel, pixels: torch.Tensor, ema: EMAQuantizer | None, train: bool):
-    """Encode -> (quantize, straight-through) -> decode. Returns reconstruction, commitment, indices, flat latents."""
-    latents = vq.encode(pixels).latents                      # (B, D, g, g)
-    batch, dim, height, width = latents.shape
-    flat = latents.permute(0, 2, 3, 1).reshape(-1, dim)      # (B*g*g, D)
-    if ema is None:
-        quantized_flat, indices, commit = flat, None, torch.zeros(())
-    else:
-        codes, indices = ema.quantize(flat, train)
-        commit = F.mse_loss(flat, codes)
-        quantized_flat = flat + (codes - flat).detach()
-    quantized = quantized_flat.view(batch, height, width, dim).permute(0, 3, 1, 2)
-    return vq.decode(quantized, force_not_quantize=True).sample, commit, indices, flat
 
 
 def main(argv=None):
@@ -185,18 +170,13 @@ def main(argv=None):
         set_lr(optimizer, lr)
         pixels = to_pixels(sampler.batch(args.batch, args.crop, per_view=args.crops_per_view))
         reconstruction, commit, indices, flat = forward(vq, pixels, ema, train=True)
-        l1 = (reconstruction - pixels).abs().mean()
-        mse = F.mse_loss(reconstruction, pixels)
+        l1, mse, psnr = pixel_losses(reconstruction, pixels)
         lp = (perceptual(reconstruction[:args.lpips_crops], pixels[:args.lpips_crops]).mean()
               if perceptual is not None else torch.zeros(()))
         loss = l1 + mse + args.lpips * lp + 0.25 * commit
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimise(loss, params, optimizer)
         step += 1
         restarted = ema.restart_dead(flat, threshold=0.01, generator=generator) if ema is not None and step % 100 == 0 else 0
-        psnr = 10 * np.log10(4.0 / max(mse.item(), 1e-10))  # pixels span [-1, 1]
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
         if step % 50 == 0:

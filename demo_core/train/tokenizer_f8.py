@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..tasks import TASKS, ExampleSampler
 from ..data import ImageSampler
 from ..tokenizer import TokenizerConfig, VQTokenizer, build_vqmodel, tokenizer_config_dict
-from .vq import EMAQuantizer, kmeans
+from .vq import EMAQuantizer, forward, kmeans, optimise, pixel_losses
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
 
 KINDS = ("photo",) + tuple(f"{name}:{side}" for name in TASKS for side in ("x", "y") if not (side == "x" and TASKS[name].photo_input))
@@ -58,22 +58,6 @@ class ViewSampler:
 
 def to_pixels(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2) * 2.0 - 1.0
-
-
-def forward(vq, pixels: torch.Tensor, ema: EMAQuantizer | None, train: bool):
-    """Encode -> (quantize) -> decode. Returns reconstruction, commitment loss, indices, flat latents."""
-    latents = vq.encode(pixels).latents                      # (B, D, g, g)
-    batch, dim, grid, _ = latents.shape
-    flat = latents.permute(0, 2, 3, 1).reshape(-1, dim)      # (B*g*g, D)
-    if ema is None:                                          # warm-up: plain autoencoder
-        quantized_flat, indices, commit = flat, None, torch.zeros(())
-    else:
-        codes, indices = ema.quantize(flat, train)
-        commit = F.mse_loss(flat, codes)
-        quantized_flat = flat + (codes - flat).detach()      # straight-through estimator
-    quantized = quantized_flat.view(batch, grid, grid, dim).permute(0, 3, 1, 2)
-    reconstruction = vq.decode(quantized, force_not_quantize=True).sample
-    return reconstruction, commit, indices, flat
 
 
 def psnr_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -166,16 +150,11 @@ def main(argv=None):
         set_lr(optimizer, cosine_lr(step, args.steps, args.lr, warmup=100))
         pixels = to_pixels(sampler.batch(args.batch))
         reconstruction, commit, indices, flat = forward(vq, pixels, ema, train=True)
-        l1 = (reconstruction - pixels).abs().mean()
-        mse = F.mse_loss(reconstruction, pixels)
+        l1, mse, psnr = pixel_losses(reconstruction, pixels)
         loss = l1 + mse + 0.25 * commit
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimise(loss, params, optimizer)
         step += 1
         restarted = ema.restart_dead(flat, threshold=0.03, generator=generator) if ema is not None and step % 50 == 0 else 0
-        psnr = 10 * np.log10(4.0 / max(mse.item(), 1e-10))  # pixels span [-1, 1]
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
         if step % 50 == 0:

@@ -1,6 +1,8 @@
 """Codebook training shared by the tokenizer trainers: k-means initialisation, EMA updates, restarts."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -68,3 +70,34 @@ class EMAQuantizer:
             self.embed_sum[dead] = picks
             self.cluster_size[dead] = 1.0
         return count
+
+
+def forward(vq, pixels: torch.Tensor, ema: EMAQuantizer | None, train: bool):
+    """Encode -> (quantize, straight-through) -> decode, for a diffusers.VQModel or a LocalVQModel.
+    Returns the reconstruction, the commitment loss, the code indices and the flat latents (B*g*g, D)."""
+    latents = vq.encode(pixels).latents                      # (B, D, g, g)
+    batch, dim, height, width = latents.shape
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, dim)      # (B*g*g, D)
+    if ema is None:                                          # warm-up: plain autoencoder
+        quantized_flat, indices, commit = flat, None, torch.zeros(())
+    else:
+        codes, indices = ema.quantize(flat, train)
+        commit = F.mse_loss(flat, codes)
+        quantized_flat = flat + (codes - flat).detach()      # straight-through estimator
+    quantized = quantized_flat.view(batch, height, width, dim).permute(0, 3, 1, 2)
+    return vq.decode(quantized, force_not_quantize=True).sample, commit, indices, flat
+
+
+def pixel_losses(reconstruction: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """L1, MSE and the batch PSNR in dB (pixels spanning [-1, 1], so the peak-to-peak range is 2)."""
+    mse = F.mse_loss(reconstruction, pixels)
+    psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+    return (reconstruction - pixels).abs().mean(), mse, psnr
+
+
+def optimise(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, clip: float = 1.0) -> None:
+    """One step: zero the gradients, backpropagate, clip the global norm, update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
