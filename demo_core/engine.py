@@ -194,7 +194,7 @@ class Engine:
     def prepare_prompt(self, pairs=None, query=None, frames=None) -> Prompt:
         """Either pairs + query (`prepare`) or frames (`prepare_frames`), never both."""
         if frames is not None:
-            if pairs or query is not None:
+            if (pairs is not None and len(pairs) > 0) or query is not None:
                 raise EngineInputError("Give either demonstration pairs and a query or a frame sequence, not both "
                                        "(a sequence's query is its last frame).")
             loaded = self.prepare_frames(frames)
