@@ -28,7 +28,7 @@ import torch
 
 from .errors import BundleError
 from .hub import HUB_ID, hub_snapshot
-from .sequence import Vocab, max_pairs
+from .sequence import Vocab, max_frames, max_pairs
 
 FORMAT = "retouch-bundle"
 FORMAT_VERSION = 1
@@ -70,6 +70,13 @@ class Bundle:
     def max_pairs(self) -> int:
         return int(self.info.get("max_pairs") or max_pairs(self.backbone.config.max_position_embeddings,
                                                            int(self.info["tokens_per_image"])))
+
+    @property
+    def max_frames(self) -> int:
+        """Context frames a sequential prompt may hold (the answer is the frame after them)."""
+        return int(self.info.get("max_frames") or max_frames(self.backbone.config.max_position_embeddings,
+                                                             int(self.info["tokens_per_image"]),
+                                                             self.info.get("max_context_images")))
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")

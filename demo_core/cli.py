@@ -51,9 +51,16 @@ def generate_main(argv=None) -> int:
     from .engine import DRAFT_MODES
 
     parser = argparse.ArgumentParser(prog="python -m demo_core generate",
-                                     description="Answer a query the way the demonstration pairs show, then refine.")
+                                     description="Answer a query the way the demonstration pairs show (or write the "
+                                                 "frame after a sequence of frames), then refine.")
     parser.add_argument("--pair", nargs=2, action="append", metavar=("X", "Y"), default=[], help="a demonstration pair (repeatable)")
     parser.add_argument("--query", required=False, help="the query image")
+    parser.add_argument("--frames", nargs="+", metavar="F", default=None,
+                        help="instead of --pair/--query: 2 or more consecutive frames, oldest first, all of one size; "
+                             "the model writes the next one (lvm-7b: up to 15)")
+    parser.add_argument("--truth", default=None,
+                        help="the true answer (for --frames: the true next frame): print PSNR/SSIM of every stage "
+                             "and of handing the query (the last frame) back")
     parser.add_argument("--refine", default="scan",
                         help="comma-separated stages after the draft: scan, vsr (old name: self), or none")
     parser.add_argument("--draft-mode", choices=DRAFT_MODES, default="ar",
@@ -75,9 +82,12 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--heatmap", action="store_true", help="also write OUT.quality.png (per-token quality of the final image)")
     parser.add_argument("--stages", action="store_true", help="also write OUT.<stage>.png for every stage")
     args = parser.parse_args(argv)
-    if not args.query:
-        return _fail("give --query IMAGE")
-    if not args.pair:
+    if args.frames is not None:
+        if args.pair or args.query:
+            return _fail("give either --pair X Y ... --query Q or --frames F1 F2 ..., not both")
+    elif not args.query:
+        return _fail("give --query IMAGE (or --frames F1 F2 ... for a sequence)")
+    elif not args.pair:
         return _fail("give at least one --pair INPUT ANSWER")
     refine = tuple(s.strip() for s in args.refine.split(",") if s.strip() and s.strip() != "none")
     from .bundle import BundleError
@@ -87,9 +97,14 @@ def generate_main(argv=None) -> int:
         engine = load_engine(args.bundle, revision=args.revision, device=args.device)
         sampling = {name: value for name, value in (("temperature", args.temperature), ("top_p", args.top_p),
                                                     ("top_k", args.top_k)) if value is not None}
-        result = engine.run([tuple(p) for p in args.pair], args.query, refine=refine, seed=args.seed, **sampling,
-                            candidates=args.candidates, scan_iterations=args.scan_iterations, scan_cells=args.scan_cells,
-                            quality_score=args.quality_score, draft_mode=args.draft_mode)
+        options = dict(refine=refine, seed=args.seed, **sampling, candidates=args.candidates,
+                       scan_iterations=args.scan_iterations, scan_cells=args.scan_cells, quality_score=args.quality_score,
+                       draft_mode=args.draft_mode)
+        truth = _load_truth(args, engine.image_size) if args.truth else None
+        if args.frames is not None:
+            result = engine.run(frames=list(args.frames), **options)
+        else:
+            result = engine.run([tuple(p) for p in args.pair], args.query, **options)
     except (BundleError, EngineInputError) as error:
         return _fail(str(error))
     try:
@@ -109,4 +124,35 @@ def generate_main(argv=None) -> int:
     print(f"wrote {args.out}; stages {', '.join(result.stages)}; SCAN accepted {accepted} of "
           f"{sum(len(s.cells) for s in result.history)} regenerated tokens; "
           + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
+    if truth is not None:
+        print(_truth_line(result, truth, "last frame" if args.frames is not None else "query"))
     return 0
+
+
+def _load_truth(args, size: int):
+    """The --truth image at the model's size; for a sequence it must be as large as the frames (EngineInputError)."""
+    from .engine import EngineInputError
+    from .images import ImageInputError, open_image, to_square
+
+    try:
+        truth = open_image(args.truth, "truth")
+        if args.frames:
+            first = open_image(args.frames[0], "frame 1")
+            if truth.size != first.size:
+                raise EngineInputError(f"truth is {truth.size[0]}x{truth.size[1]} but the frames are "
+                                       f"{first.size[0]}x{first.size[1]}: the true next frame must be the frames' size")
+    except ImageInputError as error:
+        raise EngineInputError(str(error)) from error
+    return to_square(truth, size)
+
+
+def _truth_line(result, truth, baseline: str) -> str:
+    """'vs truth: <baseline> (identity) PSNR .. dB SSIM ..; draft ...; scan ...' (the identity is handing the query back)."""
+    from .metrics import image_metrics
+
+    rows = ([(f"{baseline} (identity)", result.query)] if result.query is not None else []) + list(result.stages.items())
+    parts = []
+    for name, image in rows:
+        scores = image_metrics(image, truth, with_lpips=False)
+        parts.append(f"{name} PSNR {scores['psnr']:.2f} dB SSIM {scores['ssim']:.3f}")
+    return "vs truth: " + "; ".join(parts)

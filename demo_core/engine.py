@@ -2,7 +2,8 @@
 
     from demo_core import load_engine
     engine = load_engine()     # embedded default; or a folder, a Hub id, "lvm-7b"
-    result = engine.run(pairs=[(x1, y1)], query=q, refine=("scan", "vsr"), seed=0)
+    result = engine.run(pairs=[(x1, y1)], query=q, refine=("scan", "vsr"), seed=0)      # analogy prompt
+    result = engine.run(frames=[f1, f2, f3], refine=("scan",), seed=0)                 # sequential prompt
     for event in engine.stream(pairs=..., query=..., refine=..., seed=0): ...
 
 Owns device and dtype (chosen once, here), input validation, and the order of stages.
@@ -24,9 +25,9 @@ from .drafts.tensor import WindowStep
 from .events import (DraftDone, Event, Finished, GenerationStarted, Result, ScanStep, StageDone, TokensWritten, WindowSlid,
                      as_grid)
 from .formats import sequence_format
-from .images import ImageInputError, load_square
+from .images import ImageInputError, load_square, open_image, to_square
 from .refiners.self_refine import self_refine
-from .sequence import context_tokens
+from .sequence import context_tokens, frames_context
 
 REFINERS = ("scan", "vsr")
 STAGE_ALIASES = {"self": "vsr"}       # VSR's old stage name, still accepted on input
@@ -55,6 +56,19 @@ class RunSettings:
     quality_score: str = "combined"       # backbone.token_score: "combined" p(<good>) x p(code), or "head" (SCAN paper)
     canvas_every: int = 4                 # decode the live canvas every n tokens (0: never)
     decode_scan_steps: bool = True        # decode an image after every SCAN iteration
+
+
+@dataclass
+class Prompt:
+    """A run's prepared images: an analogy prompt (pairs + query) or a sequential prompt (frames)."""
+
+    pairs: list[tuple[Image.Image, Image.Image]]
+    query: Image.Image              # the pairs' query; for frames, the last frame (the canvas's backdrop, VSR's query)
+    frames: list[Image.Image] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "frames" if self.frames is not None else "pairs"
 
 
 def choose_device(preference: str | None = None) -> tuple[torch.device, torch.dtype]:
@@ -92,6 +106,11 @@ class Engine:
     @property
     def max_pairs(self) -> int:
         return self.bundle.max_pairs
+
+    @property
+    def max_frames(self) -> int:
+        """Context frames a sequential prompt may hold (LVM-7B: 15); the model writes the frame after them."""
+        return self.bundle.max_frames
 
     @property
     def sampling_defaults(self) -> dict:
@@ -144,6 +163,45 @@ class Engine:
             raise EngineInputError(str(error)) from error
         return loaded, query_image
 
+    def prepare_frames(self, frames: Sequence) -> list[Image.Image]:
+        """Validate and load a frame sequence (oldest first): 2 to `max_frames` images, all of one size, each then
+        centre-cropped and resized like any input (the same crop for every frame, so motion is kept)."""
+        if isinstance(frames, np.ndarray) and frames.ndim == 4:          # (F, H, W, C): one array of frames
+            frames = list(frames)
+        if not isinstance(frames, (list, tuple)):
+            raise EngineInputError("frames must be a list of images, oldest first (the model writes the next one).")
+        if len(frames) < 2:
+            raise EngineInputError(f"A sequence needs at least 2 frames (the model writes the next one); "
+                                   f"{'add 1 more' if frames else 'give 2'}.")
+        if len(frames) > self.max_frames:
+            raise EngineInputError(f"{len(frames)} frames do not fit in the context: this model holds at most "
+                                   f"{self.max_frames}; remove {len(frames) - self.max_frames}.")
+        opened = []
+        for number, frame in enumerate(frames, 1):
+            if frame is None:
+                raise EngineInputError(f"Frame {number} has no image; add it or remove the frame.")
+            try:
+                opened.append(open_image(frame, f"frame {number}"))
+            except ImageInputError as error:
+                raise EngineInputError(str(error)) from error
+        first = opened[0].size
+        for number, image in enumerate(opened[1:], 2):
+            if image.size != first:
+                raise EngineInputError(f"Frame {number} is {image.size[0]}x{image.size[1]} but frame 1 is "
+                                       f"{first[0]}x{first[1]}: a sequence's frames must all be the same size.")
+        return [to_square(image, self.image_size) for image in opened]
+
+    def prepare_prompt(self, pairs=None, query=None, frames=None) -> Prompt:
+        """Either pairs + query (`prepare`) or frames (`prepare_frames`), never both."""
+        if frames is not None:
+            if (pairs is not None and len(pairs) > 0) or query is not None:
+                raise EngineInputError("Give either demonstration pairs and a query or a frame sequence, not both "
+                                       "(a sequence's query is its last frame).")
+            loaded = self.prepare_frames(frames)
+            return Prompt([], loaded[-1], loaded)
+        loaded, query_image = self.prepare(pairs, query)
+        return Prompt(loaded, query_image)
+
     def encode(self, images: list[Image.Image]) -> torch.Tensor:
         return self.tokenizer.encode(images).view(len(images), -1).cpu()
 
@@ -152,18 +210,29 @@ class Engine:
         codes = self.encode([image for pair in loaded for image in pair] + [query_image])   # (2K+1, N)
         return context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(len(loaded))], codes[-1]), codes[-1]
 
+    def build_frames_context(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared frames -> the context [f1, ..., fF] (1-D) and the last frame's codes (N,)."""
+        codes = self.encode(list(frames))                                                     # (F, N)
+        return frames_context(codes), codes[-1]
+
     def decode(self, codes) -> Image.Image:
         codes = torch.as_tensor(codes).detach().cpu().view(1, self.grid, self.grid)
         return self.tokenizer.decode_pil(codes)
 
     # -- generation -----------------------------------------------------------------------------
-    def stream(self, pairs: Sequence, query, refine: Sequence[str] = ("scan",), seed: int = 0, **settings) -> Iterator[Event]:
+    def stream(self, pairs: Sequence | None = None, query=None, refine: Sequence[str] = ("scan",), seed: int = 0, *,
+               frames: Sequence | None = None, **settings) -> Iterator[Event]:
         """Generate, then refine: yields typed events (events.py), last `Finished(result)`.
+
+        Two prompt kinds (LVM's): pairs + query (analogy), or frames (sequential), not both.
 
         Args:
             pairs: K demonstration (input, answer) pairs; any image type `images.load_square` reads (PIL, numpy,
                 a path), any size (centre-cropped and resized to the model's).
             query: the image to answer the way the pairs show.
+            frames: instead of pairs + query, 2 to `max_frames` consecutive frames, oldest first, all of one size;
+                the answer is the next frame. The last frame plays the query's part (the live canvas shows it
+                where no cell is written yet, `Result.query` is it: the "repeat the last frame" baseline).
             refine: stages after the draft, in order: "scan" and/or "vsr" (the old name "self" is accepted).
             seed: the seed of the run's one `torch.Generator`; same seed, same image.
             **settings: any other `RunSettings` field (draft_mode, temperature, top_p, top_k, candidates,
@@ -182,10 +251,11 @@ class Engine:
             ...         show(event.canvas)
         """
         settings = self.settings(refine, seed, settings)
-        loaded, query_image = self.prepare(pairs, query)
-        yield from self._stream(loaded, query_image, settings)
+        prompt = self.prepare_prompt(pairs, query, frames)
+        yield from self._stream(prompt, settings)
 
-    def run(self, pairs: Sequence, query, refine: Sequence[str] = ("scan",), seed: int = 0, **settings) -> Result:
+    def run(self, pairs: Sequence | None = None, query=None, refine: Sequence[str] = ("scan",), seed: int = 0, *,
+            frames: Sequence | None = None, **settings) -> Result:
         """`stream()` to the end, decoding no canvases on the way.
 
         Args: as `stream` (canvas_every and decode_scan_steps default to off here).
@@ -199,11 +269,12 @@ class Engine:
         Example:
             >>> result = engine.run([(x1, y1), (x2, y2)], query, refine=("scan", "vsr"), seed=0)
             >>> result.final.save("out.png")
+            >>> next_frame = engine.run(frames=[f1, f2, f3, f4], refine=("scan",), seed=0).final
         """
         settings.setdefault("canvas_every", 0)
         settings.setdefault("decode_scan_steps", False)
         result = None
-        for event in self.stream(pairs, query, refine=refine, seed=seed, **settings):
+        for event in self.stream(pairs, query, refine=refine, seed=seed, frames=frames, **settings):
             if isinstance(event, Finished):
                 result = event.result
         if result is None:
@@ -237,7 +308,7 @@ class Engine:
             raise EngineInputError("candidates and SCAN c must be at least 1, SCAN T at least 0.")
         return settings
 
-    def _stream(self, loaded, query_image: Image.Image, settings: RunSettings) -> Iterator[Event]:
+    def _stream(self, prompt: Prompt, settings: RunSettings) -> Iterator[Event]:
         fmt = self.format
         timings: dict[str, float] = {"decode": 0.0}
 
@@ -248,11 +319,16 @@ class Engine:
             return image
 
         start = time.perf_counter()
-        context, query_codes = self.build_context(loaded, query_image)
+        if prompt.frames is not None:
+            context, query_codes = self.build_frames_context(prompt.frames)
+        else:
+            context, query_codes = self.build_context(prompt.pairs, prompt.query)
+        query_image = prompt.query
         timings["encode"] = time.perf_counter() - start
         cells = self.vocab.cells
-        yield GenerationStarted(total_tokens=cells, grid=self.grid, pairs=len(loaded), context_tokens=int(context.numel()),
-                                stages=["draft", *settings.refine], sequence_format=fmt.name, draft_mode=settings.draft_mode)
+        yield GenerationStarted(total_tokens=cells, grid=self.grid, pairs=len(prompt.pairs), context_tokens=int(context.numel()),
+                                stages=["draft", *settings.refine], sequence_format=fmt.name, draft_mode=settings.draft_mode,
+                                frames=len(prompt.frames or ()))
         sampling = SamplingConfig(settings.temperature, settings.top_k, settings.top_p, settings.candidates)
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
 
@@ -328,7 +404,7 @@ class Engine:
         timings["total"] = sum(timings.values())
         result = Result(draft=draft_image, final=stage_images[final_name], stages=stage_images, codes=stage_codes,
                         quality=stage_quality, history=history, changed=changed, timings=timings,
-                        candidates=candidate_images, query=query_image, slides=slides)
+                        candidates=candidate_images, query=query_image, slides=slides, frames=len(prompt.frames or ()))
         yield Finished(result)
 
 

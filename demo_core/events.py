@@ -22,11 +22,12 @@ def as_grid(values) -> np.ndarray:
 class GenerationStarted:
     total_tokens: int               # tokens the draft will write
     grid: int                       # answer grid side (cells = grid * grid)
-    pairs: int                      # K demonstration pairs used
+    pairs: int                      # K demonstration pairs used (0 for a frame sequence)
     context_tokens: int             # prompt length
     stages: list[str]               # e.g. ["draft", "scan", "vsr"]
     sequence_format: str            # "scan" (default bundle) or "lvm" (Hub LVM, training-free SCAN fallback)
     draft_mode: str = "ar"          # "ar" (one token per step) or "tensor" (TensorAR sliding windows)
+    frames: int = 0                 # context frames of a sequential prompt (0 for pairs + query)
 
 
 @dataclass
@@ -118,8 +119,9 @@ class Result:
     changed: dict[str, list[int]]                  # stage -> cells it changed
     timings: dict[str, float]                      # seconds per stage (+ "total")
     candidates: list[Image.Image] = field(default_factory=list)
-    query: Image.Image | None = None
+    query: Image.Image | None = None               # the query (a frame sequence: its last frame)
     slides: list[WindowSlid] = field(default_factory=list)   # TensorAR draft: every window (empty for "ar")
+    frames: int = 0                                # context frames of a sequential prompt (0 for pairs + query)
 
 
     @property

@@ -4,6 +4,10 @@ A format owns how its backbone drafts, scores and SCAN-refines an answer; the en
 else (inputs, timing, the canvas, events, the stage loop, VSR). Both formats hand the engine a state
 with `codes` (B, N) and `scores` (B, N) and keep whatever else they need on it.
 
+A format sees only the context (a 1-D tensor of codes): an analogy prompt `[x1, y1, ..., xK, yK, xq]` or a
+sequential prompt `[f1, ..., fF]` (`sequence.py`), so both prompt kinds draft, score and refine the same way;
+the answer is always in the format's own form, at positions L + n.
+
     ScanForm    the default backbone: SCAN-form draft (drafts/scan_form.py) or TensorAR windows
                 (drafts/tensor.py), quality from the <good>/<bad> head, SCAN Eqs. 2-6 (refiners/scan.py)
     LvmRaster   a Hub LVM backbone: raster draft (drafts/raster.py), quality = the code probability,

@@ -48,6 +48,7 @@ import torch
 from .bundle import FORMAT, FORMAT_VERSION, Bundle, load_backbone_part, load_refiner_part
 from .errors import BundleError
 from .hub import HUB_ID, hub_file, hub_snapshot
+from .sequence import max_frames
 
 LVM_BACKBONE_REPO = "Emma02/LVM_ckpts"
 LVM_TOKENIZER_REPO = "Emma02/vqvae_ckpts"
@@ -64,7 +65,8 @@ TOKENIZER_FILES = ["config.json", "pytorch_model.bin"]
 BACKBONE_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json",
                   *[f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]]
 
-MAX_CONTEXT_IMAGES = 16       # LVM's context limit: [x1, y1, ..., xK, yK, xq] plus the answer
+MAX_CONTEXT_IMAGES = 16       # LVM's context limit: [x1, y1, ..., xK, yK, xq] (or [f1, ..., fF]) plus the answer
+MAX_CONTEXT_FRAMES = MAX_CONTEXT_IMAGES - 1     # a sequential prompt: at most 15 frames, the model writes the 16th
 QUALITY_SIGNAL = ("training-free fallback: quality = the model's own probability of each token; SCAN keeps a "
                   "resampled token only if the answer's log-likelihood improves")
 GiB = 2 ** 30
@@ -86,6 +88,16 @@ def lvm_max_pairs(max_positions: int, tokens_per_image: int, max_images: int = M
     """
     images = min(max_positions // tokens_per_image, max_images)
     return max(0, (images - 2) // 2)
+
+
+def lvm_max_frames(max_positions: int, tokens_per_image: int, max_images: int = MAX_CONTEXT_IMAGES) -> int:
+    """Context frames F of a sequential prompt that fit: F frames plus the answer within the positions and the cap.
+
+    LVM-7B: 16 images -> 15 frames. The layout is its reference scripts' (ytongbai/LVM evaluation/vqlm_demo
+    generate_videos.py, 12 context frames by default): each frame tokenized on its own, 256 codes, concatenated
+    with no BOS and no separators, then the next frame's 256 codes in raster order (`sequence.frames_context`).
+    """
+    return max_frames(max_positions, tokens_per_image, max_images)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,6 +300,7 @@ def load_lvm_bundle(device: str | torch.device = "cpu", dtype: torch.dtype = tor
         "codebook_size": tokenizer.codebook_size, "pixel_range": list(tokenizer.pixel_range),
         "sequence_format": "lvm", "special_tokens": {},
         "vocab_size": vocab_size, "max_pairs": pairs, "max_context_images": MAX_CONTEXT_IMAGES,
+        "max_frames": lvm_max_frames(int(backbone.config.max_position_embeddings), tokens_per_image),
         "quality_signal": QUALITY_SIGNAL, "sampling": dict(LVM_SAMPLING), "tasks": [],
         "parts": {"tokenizer": "tokenizer", "backbone": "backbone", **({"refiner": "refiner"} if refiner_module else {})},
         "sources": {

@@ -97,3 +97,91 @@ def test_public_api_is_exported():
     assert all(getattr(demo_core, name) is not None for name in demo_core.__all__)
     assert demo_core.Result.tokens.__doc__.startswith("Deprecated")          # the old name of Result.codes stays
 
+
+
+# --------------------------------------------------------------------------------------------
+# sequential prompting: frames in, the next frame out
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_engine(tmp_path_factory):
+    """The tiny bundle with every part: VSR g_phi and the TensorAR adapter."""
+    return load_engine(str(build_tiny_bundle(tmp_path_factory.mktemp("full"), refiner=True, tensor=True)))
+
+
+def test_a_sequence_streams_the_next_frame(engine):
+    import torch
+
+    frames = images(10, 3)
+    assert engine.max_frames == 7                     # 128 positions / 16 tokens = 8 images: 7 frames + the answer
+    events = list(engine.stream(frames=frames, refine=("scan",), seed=0, scan_iterations=3, canvas_every=4))
+    started = events[0]
+    assert isinstance(started, GenerationStarted)
+    assert (started.frames, started.pairs, started.context_tokens, started.total_tokens) == (3, 0, 3 * 16, 16)
+    written = [e for e in events if isinstance(e, TokensWritten)]
+    assert [e.index for e in written] == list(range(16)) and sum(e.canvas is not None for e in written) == 4
+    result = events[-1].result
+    assert isinstance(events[-1], Finished) and list(result.stages) == ["draft", "scan"] and result.frames == 3
+    assert result.history == [e for e in events if isinstance(e, ScanStep)] and result.final.size == (16, 16)
+    prepared = engine.prepare_frames(frames)
+    assert np.array_equal(np.asarray(result.query), np.asarray(prepared[-1]))   # the last frame is the sequence's query
+    # the layout: every frame's codes, raster order, oldest first, nothing between them
+    context, last = engine.build_frames_context(prepared)
+    codes = engine.encode(prepared)
+    assert torch.equal(context, codes.reshape(-1)) and torch.equal(last, codes[-1]) and context.dtype == torch.long
+    again = engine.run(frames=frames, refine=("scan",), seed=0, scan_iterations=3)
+    assert all(np.array_equal(again.codes[name], result.codes[name]) for name in result.codes)
+
+
+def test_a_sequence_is_the_pair_layout_with_cell_aligned_answers(full_engine):
+    """[f1, f2, f3] is the same token sequence as the pair (f1, f2) and the query f3, so with the same seed every
+    stage writes the same codes: the positions, the answer form and every refiner are the pairs' own."""
+    a, b, c = images(11, 3)
+    for settings in ({"refine": ("scan", "vsr")}, {"refine": ("scan",), "draft_mode": "tensor"}):
+        sequence = full_engine.run(frames=[a, b, c], seed=2, scan_iterations=3, **settings)
+        pairs = full_engine.run([(a, b)], c, seed=2, scan_iterations=3, **settings)
+        assert list(sequence.stages) == list(pairs.stages) == ["draft", *settings["refine"]]
+        for name in pairs.codes:
+            assert np.array_equal(sequence.codes[name], pairs.codes[name]), name
+            np.testing.assert_allclose(sequence.quality[name], pairs.quality[name], rtol=1e-5, atol=1e-6)
+
+
+def test_every_refiner_and_draft_mode_runs_on_a_sequence(full_engine):
+    frames = images(12, 5)
+    result = full_engine.run(frames=frames, refine=("scan", "vsr"), seed=1, scan_iterations=2, draft_mode="tensor",
+                             candidates=2)
+    assert list(result.stages) == ["draft", "scan", "vsr"] and len(result.candidates) == 2 and result.slides
+    longest = full_engine.run(frames=images(13, full_engine.max_frames), refine=("scan",), seed=0, scan_iterations=1)
+    assert longest.frames == full_engine.max_frames == 7
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one", "at least 2 frames.*add 1 more"),
+    ("none", "at least 2 frames.*give 2"),
+    ("eight", "8 frames do not fit in the context: this model holds at most 7; remove 1"),
+    ("with pairs", "either demonstration pairs and a query or a frame sequence, not both"),
+    ("with query", "either demonstration pairs and a query or a frame sequence, not both"),
+    ("mixed sizes", "Frame 3 is 20x20 but frame 1 is 30x24: a sequence's frames must all be the same size"),
+    ("a gap", "Frame 2 has no image"),
+    ("not a list", "frames must be a list of images"),
+])
+def test_bad_sequences_are_one_line(engine, case, message):
+    x, y, q = images(14, 3)
+    frames = images(15, 8)
+    calls = {
+        "one": dict(frames=frames[:1]), "none": dict(frames=[]), "eight": dict(frames=frames),
+        "with pairs": dict(pairs=[(x, y)], frames=frames[:3]), "with query": dict(query=q, frames=frames[:3]),
+        "mixed sizes": dict(frames=[frames[0], frames[1], np.zeros((20, 20, 3), np.float32)]),
+        "a gap": dict(frames=[frames[0], None, frames[2]]), "not a list": dict(frames="frame.png"),
+    }
+    with pytest.raises(EngineInputError, match=message) as error:
+        engine.run(**calls[case])
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_frame_file_names_the_frame(engine, tmp_path):
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(EngineInputError, match="frame 2: bad.png is not an image"):
+        engine.run(frames=[images(16, 1)[0], tmp_path / "bad.png"])
+    stacked = np.stack(images(17, 3))                                  # one (F, H, W, C) array is a sequence too
+    assert engine.run(frames=stacked, refine=()).frames == 3

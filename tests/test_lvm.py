@@ -32,14 +32,14 @@ MAX_POSITIONS = 128           # 8 images -> at most 3 pairs
 # tiny checkpoints and the offline Hub cache
 # --------------------------------------------------------------------------------------------
 
-def write_tiny_lvm(folder: Path, seed: int = 0, biased_to_eos: bool = False) -> Path:
+def write_tiny_lvm(folder: Path, seed: int = 0, biased_to_eos: bool = False, max_positions: int = MAX_POSITIONS) -> Path:
     """A tiny LlamaForCausalLM with LVM's 8192 + 100 vocabulary, saved as LVM_ckpts is: fp16
     safetensors in several shards with an index, config.json and generation_config.json (eos 2)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
                          bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -492,3 +492,79 @@ def test_export_of_the_lvm_recipe_is_a_standard_bundle(engine, sources, tmp_path
     a = engine.run(pairs, query, refine=("scan",), seed=4, scan_iterations=3)
     b = exported.run(pairs, query, refine=("scan",), seed=4, scan_iterations=3)
     assert all(np.array_equal(a.codes[k], b.codes[k]) for k in ("draft", "scan"))    # the same model, token for token
+
+
+# --------------------------------------------------------------------------------------------
+# sequential prompting: LVM's second prompt kind (generate_videos.py: frames in, the next frame out)
+# --------------------------------------------------------------------------------------------
+
+LONG_POSITIONS = 32 * CELLS      # room for 32 images, so LVM's own cap of 16 (15 frames + the answer) is what binds
+
+
+@pytest.fixture(scope="module")
+def long_lvm(tmp_path_factory):
+    """A tiny LVM whose positions outlast LVM's 16-image cap, served as Emma02/LVM_ckpts, and its engine."""
+    root = tmp_path_factory.mktemp("lvm_long")
+    sources = {"backbone": write_tiny_lvm(root / "lvm", seed=1, max_positions=LONG_POSITIONS),
+               "tokenizer": write_tiny_vqgan(root / "vq")}
+    cache = root / "hub"
+    serve_lvm(cache, sources)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_cache(monkeypatch, cache)
+        loaded = demo_core.load_engine("lvm-7b")
+    return loaded, cache
+
+
+def test_frame_cap():
+    assert lvm.MAX_CONTEXT_FRAMES == 15
+    assert lvm.lvm_max_frames(4096, 256) == 15        # LVM-7B: 16 images of 256 tokens, the last the answer
+    assert lvm.lvm_max_frames(MAX_POSITIONS, CELLS) == 7
+    assert lvm.lvm_max_frames(10 ** 6, CELLS) == 15   # capped at 16 images however long the context
+
+
+def test_the_sequence_context_is_lvms_reference_layout(long_lvm, engine):
+    """15 frames, each tokenized on its own, 16 codes apiece, concatenated with no BOS and no separators, then the
+    next frame in raster order; the draft's quality is p(code) from one plain forward of exactly that sequence."""
+    long_engine, _ = long_lvm
+    assert long_engine.max_frames == long_engine.bundle.info["max_frames"] == 15 and engine.max_frames == 7
+    frames = images(15, seed=21)
+    events = list(long_engine.stream(frames=frames, refine=(), seed=0))
+    started, result = events[0], events[-1].result
+    assert (started.frames, started.pairs, started.context_tokens, started.total_tokens) == (15, 0, 15 * CELLS, CELLS)
+    written = [e for e in events if isinstance(e, TokensWritten)]
+    assert [e.cell for e in written] == list(range(CELLS))                               # raster order
+    assert all(0 <= t < CODES for t in result.codes["draft"].flat)                      # codes only, no special ids
+    context, last = long_engine.build_frames_context(long_engine.prepare_frames(frames))
+    one_by_one = torch.cat([long_engine.encode([frame]).reshape(-1) for frame in frames])
+    assert context.shape == (15 * CELLS,) and torch.equal(context, one_by_one) and torch.equal(last, one_by_one[-CELLS:])
+    assert int(context.max()) < CODES                                                    # nothing but VQ indices
+    # the 15 frames are the token sequence of 7 pairs and a query: reuse the pairs' plain-forward reference
+    draft = next(e for e in events if isinstance(e, DraftDone))
+    reference = reference_log_probs(long_engine, [(frames[2 * i], frames[2 * i + 1]) for i in range(7)], frames[14],
+                                    draft.codes).exp().numpy().reshape(4, 4)
+    np.testing.assert_allclose(draft.quality, reference, rtol=1e-4, atol=1e-7)
+    # SCAN's training-free fallback runs on a sequence unchanged
+    scanned = long_engine.run(frames=frames[:3], refine=("scan",), seed=1, scan_iterations=2)
+    assert list(scanned.stages) == ["draft", "scan"] and scanned.frames == 3
+
+
+def test_more_than_15_frames_is_refused_in_one_line(long_lvm, tmp_path, monkeypatch, capsys):
+    long_engine, cache = long_lvm
+    from demo_core.engine import EngineInputError
+
+    with pytest.raises(EngineInputError) as error:
+        long_engine.run(frames=images(16, seed=22))
+    assert str(error.value) == "16 frames do not fit in the context: this model holds at most 15; remove 1."
+    paths = []
+    for index, picture in enumerate(images(16, seed=23)):
+        paths.append(tmp_path / f"f{index}.png")
+        picture.save(paths[-1])
+    use_cache(monkeypatch, cache)
+    from demo_core.__main__ import main
+
+    assert main(["generate", "--frames", *map(str, paths), "--bundle", "lvm-7b", "--out", str(tmp_path / "o.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]       # (above it: huggingface_hub's fetch progress)
+    assert err == "error: 16 frames do not fit in the context: this model holds at most 15; remove 1."
+    assert main(["generate", "--frames", *map(str, paths[:15]), "--bundle", "lvm-7b", "--refine", "none",
+                 "--truth", str(paths[15]), "--out", str(tmp_path / "o.png")]) == 0
+    assert "last frame (identity) PSNR" in capsys.readouterr().out and (tmp_path / "o.png").exists()
