@@ -6,7 +6,8 @@ examples, pair rows), `models` (the loaded engine and the model selector), `pres
 output tuples), `report` (the finished run's metrics and plots); this module holds `Studio` and
 re-exports what app.py and the tests use. Inputs the user must change raise `gr.Error` with
 what to change (nothing else is touched, so the other inputs stay); things worth knowing but
-not fatal are `gr.Warning`. The model itself lives behind `Studio.engine`; the only model
+not fatal are `gr.Warning`. Each visitor's model is a model id in their session (gr.State) that every
+handler takes last; `Studio.engine_for(model)` gives its engine from the shared cache. The only model
 detail used here is the backbone's input-embedding table, for the per-token cosine distance
 curve (VSR paper Fig. 2).
 """
@@ -23,8 +24,8 @@ from demo_core.engine import EngineInputError
 from demo_core.images import ImageInputError, load_square
 
 from .examples import EXAMPLES_DIR, MAX_ROWS, Example, add_pair, example_preview, list_examples, pair_row_updates, remove_pair  # noqa: F401
-from .models import (DRAFT_MODES, MODEL_KINDS, QUALITY_SCORE_CHOICES, REFINER_CHOICES, ModelHolder,  # noqa: F401
-                     default_refiner, draft_mode_update, draft_modes, refiner_choices)
+from .models import (DEFAULT_MODEL, DRAFT_MODES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
+                     ModelOption, allowed_models, default_refiner, draft_mode_update, draft_modes, refiner_choices)
 from .presentation import (METRIC_COLUMNS, OUTPUTS, TIMING_COLUMNS, RunView, compare_view, frame, present,  # noqa: F401
                            stopped_status, timeline_view)
 from .report import finish_frame
@@ -33,26 +34,26 @@ MAX_SEED = 2**31 - 1
 
 
 class Studio(ModelHolder):
-    """Holds the loaded engine (shared by every session) and runs generations with it."""
+    """Runs generations, each with its own visitor's model (from the shared engine cache)."""
 
     # -- examples ---------------------------------------------------------------------------------
-    def load_example(self, task: str):
+    def load_example(self, task: str, model: str | None = None):
         """Fill pairs, query and ground truth with a task's example (the model still only sees the pairs)."""
         examples = list_examples()
         if task not in examples:
             raise gr.Error(f"No example for {task!r}; choose one of: {', '.join(examples) or 'none installed'}.")
         example = examples[task]
-        pairs = example.pairs[:min(self.engine.max_pairs, MAX_ROWS)]
+        pairs = example.pairs[:min(self.engine_for(model).max_pairs, MAX_ROWS)]
         if len(pairs) < len(example.pairs):
             gr.Warning(f"This model holds {len(pairs)} pairs; the example's other pairs were left out.")
         return [len(pairs), *pair_row_updates(len(pairs), pairs), example.query, example.truth, task]
 
-    def select_example(self, event: gr.SelectData):
+    def select_example(self, model: str | None = None, event: gr.SelectData = None):
         """A click on an example thumbnail."""
         names = list(list_examples())
         if event is None or not (0 <= event.index < len(names)):
             raise gr.Error("Pick one of the examples.")
-        return self.load_example(names[event.index])
+        return self.load_example(names[event.index], model)
 
     # -- generation -------------------------------------------------------------------------------
     def generate_from_widgets(self, *values):
@@ -77,11 +78,12 @@ class Studio(ModelHolder):
 
     def generate(self, pairs, query, truth=None, refiners: str = "SCAN", scan_iterations=30, scan_cells=4,
                  temperature=None, top_p=None, top_k=None, seed=0, randomize_seed=False, candidates=1,
-                 canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined") -> Iterator[tuple]:
+                 canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined", model=None) -> Iterator[tuple]:
         """Draft the answer token by token, then refine; yields output tuples (OUTPUTS order) as it goes.
 
-        temperature / top_p / top_k left out (None): the model's own defaults (`Engine.sampling_defaults`)."""
-        engine = self.engine             # one model for the whole run, even if another is loaded meanwhile
+        temperature / top_p / top_k left out (None): the model's own defaults (`Engine.sampling_defaults`).
+        `model` is the visitor's model id (their session state; None: the server's first model)."""
+        engine = self.engine_for(model)  # this visitor's model for the whole run, whatever others load meanwhile
         pairs = [(x, y) for x, y in (pairs or []) if x is not None or y is not None]
         filled = len(pairs)
         if filled > engine.max_pairs:
