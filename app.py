@@ -16,9 +16,9 @@ import sys  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from demo_core import viz  # noqa: E402
-from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, MAX_ROWS, OUTPUTS, METRIC_COLUMNS, TIMING_COLUMNS,  # noqa: E402
+from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS, REPORT_OUTPUTS, METRIC_COLUMNS, TIMING_COLUMNS,  # noqa: E402
                              QUALITY_SCORE_CHOICES, Studio, add_pair, compare_view, default_refiner, draft_modes, example_preview,
-                             list_examples, refiner_choices, remove_pair, stopped_status, timeline_view)
+                             list_examples, refiner_choices, remove_pair, report, stopped_status, timeline_view)
 from studio.layout import CSS, HEADER, IDLE_STATUS, TITLE, legend, theme  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"            # uploads above this are refused by the server before any handler runs
@@ -191,7 +191,8 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                           compare_a=compare_a, compare_b=compare_b, stage_grid=stage_grid, metrics_table=metrics_table,
                           timings_table=timings_table, cosine_plot=cosine_plot, quality_plot=quality_plot,
                           metrics_note=metrics_note, run_state=run_state)
-        outputs = [components[name] for name in OUTPUTS]
+        live_outputs = [components[name] for name in LIVE_OUTPUTS]
+        report_outputs = [components[name] for name in REPORT_OUTPUTS]
 
         # ---------------------------------------------------------------------- events
         cheap = dict(concurrency_limit=None, api_visibility="private")
@@ -205,8 +206,11 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
             studio.generate_endpoint(),
             [*pair_images, query, truth, refiners, scan_iterations, scan_cells, temperature, top_p, top_k, seed,
              randomize, candidates, canvas_every, frame_ms, draft_mode, quality_score, model_state],
-            outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
+            live_outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
             show_progress_on=[status])
+        # the finished run's other views, once (a stopped or refused run leaves them as they were)
+        generation.success(report, [run_state], report_outputs, api_name="report", concurrency_limit=None,
+                           show_progress="hidden")
         # cancel first, then mark the status: a frame still in flight from the cancelled run cannot overwrite it
         stop_button.click(None, None, None, cancels=[generation], queue=False).then(stopped_status, [status], [status], **cheap)
 

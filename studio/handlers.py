@@ -26,7 +26,7 @@ from demo_core.images import ImageInputError, load_square
 from .examples import EXAMPLES_DIR, MAX_ROWS, Example, add_pair, example_preview, list_examples, pair_row_updates, remove_pair  # noqa: F401
 from .models import (DEFAULT_MODEL, DRAFT_MODES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
                      ModelOption, allowed_models, default_refiner, draft_mode_update, draft_modes, refiner_choices)
-from .presentation import (METRIC_COLUMNS, OUTPUTS, TIMING_COLUMNS, RunView, compare_view, frame, present,  # noqa: F401
+from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView, compare_view, frame, present,  # noqa: F401
                            stopped_status, timeline_view)
 from .report import finish_frame
 
@@ -63,9 +63,10 @@ class Studio(ModelHolder):
         yield from self.generate(pairs, *rest)
 
     def generate_endpoint(self):
-        """generate_from_widgets with a named signature, so the /generate API lists real parameter names."""
+        """The served generate event: generate_from_widgets as LIVE_OUTPUTS frames (see `live`), with a named
+        signature, so the /generate API lists real parameter names."""
         def generate(*values):
-            yield from self.generate_from_widgets(*values)
+            yield from live(self.generate_from_widgets(*values))
 
         keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
         pair_parameters = [inspect.Parameter(f"pair{number}_{side}", keyword, **({} if number == 1 else {"default": None}))
@@ -123,6 +124,34 @@ class Studio(ModelHolder):
         query_image = load_square(query, engine.image_size, "query")     # readable: the engine just checked it
         yield from present(engine, _chain(first, stream), refine, seed, query_image, truth_image, frame_seconds,
                            settings["scan_iterations"], started, finish_frame, draft_mode == "tensor", quality_score)
+
+
+def live(frames: Iterator[tuple]) -> Iterator[tuple]:
+    """OUTPUTS frames -> LIVE_OUTPUTS frames: canvas, status and seed as plain values every frame; every other
+    view's latest value is kept and handed to the finished run's RunView (`report`) for the report event."""
+    pending: dict = {}
+    seed = gr.skip()
+    for output in frames:
+        values = dict(zip(OUTPUTS, output))
+        pending.update((name, values[name]) for name in REPORT_OUTPUTS if not _is_skip(values[name]))
+        if not _is_skip(values["seed"]):
+            seed = values["seed"]
+        run = values["run_state"]
+        if isinstance(run, RunView):
+            run.report = dict(pending)
+        yield values["canvas"], values["status"], seed, run
+
+
+def _is_skip(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
+def report(run: RunView | None):
+    """The report event after a finished run: every view that was not sent live, once (REPORT_OUTPUTS order)."""
+    views = run.report if isinstance(run, RunView) else {}
+    if isinstance(run, RunView):
+        run.report = {}                    # sent: the session keeps only what the timeline and comparisons need
+    return tuple(views.get(name, gr.skip()) for name in REPORT_OUTPUTS)
 
 
 def _chain(first, rest):

@@ -11,7 +11,7 @@ from PIL import Image
 from demo_core.engine import load_engine
 from demo_core.testing import build_tiny_bundle
 from studio import handlers
-from studio.handlers import MAX_ROWS, OUTPUTS, RunView, Studio
+from studio.handlers import LIVE_OUTPUTS, MAX_ROWS, OUTPUTS, REPORT_OUTPUTS, RunView, Studio
 
 FAST = dict(scan_iterations=4, scan_cells=2, canvas_every=1, frame_ms=0)
 
@@ -422,6 +422,26 @@ def test_pair_rows_grow_and_shrink_within_limits():
         assert handlers.remove_pair(1)[0] == 1
 
 
+def test_served_frames_send_plain_values_and_the_report_once(studio, images):
+    """The served event's frames: canvas, status and seed as values (no gr.skip()/gr.update(): each costs Gradio a
+    component rebuilt), every other view once from the report event, as the in-process generator left it."""
+    options = dict(pairs=[(images["x1"], images["y1"]), (images["x2"], images["y2"])], query=images["query"],
+                   truth=images["truth"], refiners="SCAN", **FAST)
+    frames = list(handlers.live(studio.generate(**options)))
+    assert len(frames) > 10 and all(len(f) == len(LIVE_OUTPUTS) for f in frames)
+    for canvas, status, seed, _ in frames:
+        assert isinstance(canvas, Image.Image) and isinstance(status, str) and seed == 0
+    run_view = frames[-1][LIVE_OUTPUTS.index("run_state")]
+    assert isinstance(run_view, RunView) and 'data-state="done"' in frames[-1][1]
+    views = dict(zip(REPORT_OUTPUTS, handlers.report(run_view)))
+    expected = run(studio, images)[-1]                                 # same seed, same run: same scores
+    assert [row[:7] for row in views["metrics_table"]] == [row[:7] for row in expected["metrics_table"]]
+    assert views["quality_final"] is not None
+    assert views["timeline_slider"]["visible"] is True and views["stage_grid"].size == expected["stage_grid"].size
+    assert all(not is_set(v) for v in handlers.report(run_view))        # sent once; the session keeps the run itself
+    assert all(not is_set(v) for v in handlers.report(None))
+
+
 def test_timeline_and_compare_views(studio, images):
     run_view = run(studio, images)[-1]["run_state"]
     image, text = handlers.timeline_view(1, run_view)
@@ -460,10 +480,13 @@ def test_client_receives_intermediate_outputs(engine, images, temp_dir):
         job = client.submit(**pair, query=handle_file(images["query"]), **settings)
         job.result(timeout=60)
         outputs = job.outputs()
-        canvases = [out[OUTPUTS.index("canvas")] for out in outputs]
+        assert all(len(out) == len(LIVE_OUTPUTS) - 1 for out in outputs)  # canvas, status, seed (run_state stays on the server)
+        canvases = [out[LIVE_OUTPUTS.index("canvas")] for out in outputs]
         assert len(outputs) >= 5
         assert len({c for c in canvases if c}) >= 3                       # several different live frames arrived
-        assert 'data-state="done"' in outputs[-1][OUTPUTS.index("status")]
+        assert 'data-state="done"' in outputs[-1][LIVE_OUTPUTS.index("status")]
+        views = client.predict(api_name="/report")                        # the same session's finished run, once
+        assert len(views) >= 10 and any(v for v in views)
         with pytest.raises(Exception, match="query"):                     # a gr.Error reaches the client as a message
             client.predict(**pair, **settings)
         api = str(client.view_api(print_info=False, return_format="str"))
