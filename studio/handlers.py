@@ -90,19 +90,19 @@ class Studio(ModelHolder):
         if filled > engine.max_pairs:
             raise gr.Error(f"{filled} pairs do not fit in this model's context (at most {engine.max_pairs}); "
                            f"remove {filled - engine.max_pairs}.")
-        if refiners not in REFINER_CHOICES:
+        if not isinstance(refiners, str) or refiners not in REFINER_CHOICES:
             raise gr.Error(f"Unknown refiner setting {refiners!r}; choose one of: {', '.join(REFINER_CHOICES)}.")
         refine = REFINER_CHOICES[refiners]
         if "vsr" in refine and "vsr" not in engine.available_refiners:
             raise gr.Error("This model has no VSR refiner (g_phi); choose SCAN or none, or load a bundle with refiner/.")
         settings = _settings(engine, scan_iterations, scan_cells, temperature, top_p, top_k, candidates, canvas_every)
         draft_mode = draft_mode or "ar"
-        if draft_mode not in draft_modes(engine):
+        if not isinstance(draft_mode, str) or draft_mode not in draft_modes(engine):
             raise gr.Error(f"This model cannot draft in mode {draft_mode!r}; choose one of: {', '.join(draft_modes(engine))}.")
         if draft_mode != "ar":
             settings["draft_mode"] = draft_mode
         quality_score = quality_score or "combined"
-        if quality_score not in dict(QUALITY_SCORE_CHOICES).values():
+        if not isinstance(quality_score, str) or quality_score not in dict(QUALITY_SCORE_CHOICES).values():
             raise gr.Error(f"Unknown quality score {quality_score!r}; choose combined or head.")
         settings["quality_score"] = quality_score
         seed = random.randint(0, MAX_SEED) if randomize_seed else _number(seed, "seed", 0, MAX_SEED, int)
