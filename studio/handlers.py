@@ -31,6 +31,7 @@ from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS
 from .report import finish_frame
 
 MAX_SEED = 2**31 - 1
+LIVE_MIN_FRAME_S = 0.04     # served progress frames at most 25 a second: a browser shows no more, each costs a send
 
 
 class Studio(ModelHolder):
@@ -66,7 +67,7 @@ class Studio(ModelHolder):
         """The served generate event: generate_from_widgets as LIVE_OUTPUTS frames (see `live`), with a named
         signature, so the /generate API lists real parameter names."""
         def generate(*values):
-            yield from live(self.generate_from_widgets(*values))
+            yield from live(self.generate_from_widgets(*values), min_interval=LIVE_MIN_FRAME_S)
 
         keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
         pair_parameters = [inspect.Parameter(f"pair{number}_{side}", keyword, **({} if number == 1 else {"default": None}))
@@ -126,19 +127,29 @@ class Studio(ModelHolder):
                            settings["scan_iterations"], started, finish_frame, draft_mode == "tensor", quality_score)
 
 
-def live(frames: Iterator[tuple]) -> Iterator[tuple]:
+def live(frames: Iterator[tuple], min_interval: float = 0.0) -> Iterator[tuple]:
     """OUTPUTS frames -> LIVE_OUTPUTS frames: canvas, status and seed as plain values every frame; every other
-    view's latest value is kept and handed to the finished run's RunView (`report`) for the report event."""
+    view's latest value is kept and handed to the finished run's RunView (`report`) for the report event.
+
+    A progress-only frame (canvas and status) that comes less than `min_interval` seconds after the last one
+    sent is dropped: the next frame replaces it anyway. The first frame, frames with other views and the
+    finished run's frame are always sent."""
     pending: dict = {}
     seed = gr.skip()
+    last_sent = None
     for output in frames:
         values = dict(zip(OUTPUTS, output))
-        pending.update((name, values[name]) for name in REPORT_OUTPUTS if not _is_skip(values[name]))
+        changed = {name: values[name] for name in REPORT_OUTPUTS if not _is_skip(values[name])}
+        pending.update(changed)
         if not _is_skip(values["seed"]):
             seed = values["seed"]
         run = values["run_state"]
         if isinstance(run, RunView):
             run.report = dict(pending)
+        now = time.perf_counter()
+        if (last_sent is not None and not changed and _is_skip(run) and now - last_sent < min_interval):
+            continue
+        last_sent = now
         yield values["canvas"], values["status"], seed, run
 
 

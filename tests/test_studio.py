@@ -429,6 +429,9 @@ def test_served_frames_send_plain_values_and_the_report_once(studio, images):
                    truth=images["truth"], refiners="SCAN", **FAST)
     frames = list(handlers.live(studio.generate(**options)))
     assert len(frames) > 10 and all(len(f) == len(LIVE_OUTPUTS) for f in frames)
+    throttled = list(handlers.live(studio.generate(**options), min_interval=60.0))       # progress frames dropped
+    assert len(throttled) < len(frames) and throttled[0][1] == frames[0][1] and 'data-state="done"' in throttled[-1][1]
+    assert handlers.report(throttled[-1][-1])[REPORT_OUTPUTS.index("metrics_table")] is not None
     for canvas, status, seed, _ in frames:
         assert isinstance(canvas, Image.Image) and isinstance(status, str) and seed == 0
     run_view = frames[-1][LIVE_OUTPUTS.index("run_state")]
