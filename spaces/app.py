@@ -10,6 +10,9 @@ Environment (Space variables):
     RETOUCH_MODEL         auto (default): lvm-7b when a GPU is present (CUDA or ZeroGPU), else the
                           embedded default; or default, lvm-7b, a bundle folder, a Hub repo id
     RETOUCH_GPU_DURATION  seconds ZeroGPU reserves per generation (default 120)
+    RETOUCH_MODELS        what visitors may choose (each for their own session): default, lvm-7b, org/name[@rev];
+                          unset: the embedded default, plus lvm-7b with a GPU (studio/models.py allowed_models)
+    RETOUCH_ALLOW_LOCAL   1: local bundle folders may be listed too (never by default)
 """
 from __future__ import annotations
 
