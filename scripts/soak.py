@@ -69,9 +69,9 @@ def main(argv=None) -> int:
     starts: list[float] = []                 # server side: when each run began (the worker taken)
     live = handlers.live
 
-    def timed_live(frames):
+    def timed_live(frames, **options):
         starts.append(time.perf_counter())
-        yield from live(frames)
+        yield from live(frames, **options)
 
     handlers.live = timed_live
     example = next(iter(handlers.list_examples().values()))
