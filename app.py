@@ -16,9 +16,9 @@ import sys  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from demo_core import viz  # noqa: E402
-from studio.handlers import (DRAFT_MODES, MAX_ROWS, MODEL_KINDS, OUTPUTS, METRIC_COLUMNS, TIMING_COLUMNS,  # noqa: E402
+from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS, REPORT_OUTPUTS, METRIC_COLUMNS, TIMING_COLUMNS,  # noqa: E402
                              QUALITY_SCORE_CHOICES, Studio, add_pair, compare_view, default_refiner, draft_modes, example_preview,
-                             list_examples, refiner_choices, remove_pair, stopped_status, timeline_view)
+                             list_examples, refiner_choices, remove_pair, report, stopped_status, timeline_view)
 from studio.layout import CSS, HEADER, IDLE_STATUS, TITLE, legend, theme  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"            # uploads above this are refused by the server before any handler runs
@@ -49,9 +49,14 @@ def output_image(label: str, **options) -> gr.Image:
     return gr.Image(label=label, format="png", interactive=False, buttons=["download", "fullscreen"], **options)
 
 
-def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
-    """The studio page around a loaded engine (`demo_core.load_engine()`)."""
-    studio = Studio(engine, model_label)
+def build_demo(engine, model_label: str = "embedded default", models=None, model_id: str = DEFAULT_MODEL,
+               cache=None) -> gr.Blocks:
+    """The studio page around a loaded engine (`demo_core.load_engine()`), every visitor's first model.
+
+    `models`: the ModelOptions visitors may choose from (default: `studio.models.allowed_models()`, i.e.
+    RETOUCH_MODELS / RETOUCH_ALLOW_LOCAL); `model_id`: the id of `engine` among them; `cache`: the shared
+    `EngineCache` (default: one within RETOUCH_MODEL_MEMORY_MB)."""
+    studio = Studio(engine, model_label, models=models, model_id=model_id, cache=cache)
     examples = list_examples()
     available = engine.available_refiners
     modes = draft_modes(engine)
@@ -62,6 +67,7 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
         run_state = gr.State(None)
         pair_count = gr.State(pairs_shown)
         max_pairs = gr.State(engine.max_pairs)
+        model_state = gr.State(studio.default_model)     # this visitor's model id (others keep theirs)
 
         with gr.Row(equal_height=True, elem_classes="rt-examples"):
             gallery = gr.Gallery(value=[(example_preview(e), e.title) for e in examples.values()],
@@ -128,11 +134,12 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
 
                 with gr.Accordion("Model", open=False, elem_id="model"):
                     model_info = gr.Markdown(studio.model_info(), elem_classes="rt-model")
-                    model_kind = gr.Radio(list(MODEL_KINDS), value=MODEL_KINDS[0], label="Load")
-                    model_location = gr.Textbox(label="Bundle folder or Hub repo id",
-                                                placeholder="/path/to/bundle  ·  org/name  ·  lvm-7b")
+                    model_choice = gr.Dropdown(studio.model_choices(), value=studio.default_model, label="Model",
+                                               allow_custom_value=studio.allow_local, elem_id="model-choice",
+                                               info="the models this server offers" +
+                                                    (" (or type a bundle folder)" if studio.allow_local else ""))
                     load_button = gr.Button("Load model", size="sm")
-                    gr.Markdown("The model is shared by everyone using this server; runs take turns.",
+                    gr.Markdown("Your choice is yours alone: other visitors keep their models. Runs take turns.",
                                 elem_classes="rt-hint")
 
             # ------------------------------------------------------------------ outputs
@@ -184,22 +191,26 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
                           compare_a=compare_a, compare_b=compare_b, stage_grid=stage_grid, metrics_table=metrics_table,
                           timings_table=timings_table, cosine_plot=cosine_plot, quality_plot=quality_plot,
                           metrics_note=metrics_note, run_state=run_state)
-        outputs = [components[name] for name in OUTPUTS]
+        live_outputs = [components[name] for name in LIVE_OUTPUTS]
+        report_outputs = [components[name] for name in REPORT_OUTPUTS]
 
         # ---------------------------------------------------------------------- events
         cheap = dict(concurrency_limit=None, api_visibility="private")
         add_button.click(add_pair, [pair_count, max_pairs], [pair_count, *rows], **cheap)
         remove_button.click(remove_pair, [pair_count], [pair_count, *rows, *pair_images], **cheap)
         example_outputs = [pair_count, *rows, *pair_images, query, truth, task]
-        gallery.select(studio.select_example, None, example_outputs, **cheap)
-        task.input(studio.load_example, [task], example_outputs, api_name="load_example", concurrency_limit=None)
+        gallery.select(studio.select_example, [model_state], example_outputs, **cheap)
+        task.input(studio.load_example, [task, model_state], example_outputs, api_name="load_example", concurrency_limit=None)
 
         generation = generate_button.click(
             studio.generate_endpoint(),
             [*pair_images, query, truth, refiners, scan_iterations, scan_cells, temperature, top_p, top_k, seed,
-             randomize, candidates, canvas_every, frame_ms, draft_mode, quality_score],
-            outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
+             randomize, candidates, canvas_every, frame_ms, draft_mode, quality_score, model_state],
+            live_outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
             show_progress_on=[status])
+        # the finished run's other views, once (a stopped or refused run leaves them as they were)
+        generation.success(report, [run_state], report_outputs, api_name="report", concurrency_limit=None,
+                           show_progress="hidden")
         # cancel first, then mark the status: a frame still in flight from the cancelled run cannot overwrite it
         stop_button.click(None, None, None, cancels=[generation], queue=False).then(stopped_status, [status], [status], **cheap)
 
@@ -208,10 +219,11 @@ def build_demo(engine, model_label: str = "embedded default") -> gr.Blocks:
         for dropdown in (compare_a, compare_b):
             dropdown.input(compare_view, [compare_a, compare_b, run_state], [before_after], concurrency_limit=None,
                            api_visibility="private")
-        load_button.click(studio.load_model, [model_kind, model_location, refiners, draft_mode],
-                          [model_info, refiners, scan_cells, max_pairs, draft_mode, temperature, top_p, top_k,
+        # loading has its own queue: it never waits for, nor holds up, other visitors' runs
+        load_button.click(studio.load_model, [model_choice, refiners, draft_mode, model_state],
+                          [model_state, model_info, refiners, scan_cells, max_pairs, draft_mode, temperature, top_p, top_k,
                            sampling_note], api_name="load_model",
-                          concurrency_limit=1, concurrency_id="model", show_progress="hidden")
+                          concurrency_limit=2, concurrency_id="load", show_progress="hidden")
     demo.queue(max_size=32)
     demo.studio = studio          # tests and scripts reach the handlers through the page
     return demo
@@ -250,10 +262,33 @@ def main() -> int:
               f"build_tiny_bundle(\"/tmp/tiny\")' makes a random one).", file=sys.stderr)
         return 1
     warm_up(engine)
-    demo = build_demo(engine, model_label="embedded default" if source is None else source)
-    demo.launch(server_name=os.environ.get("RETOUCH_HOST", "127.0.0.1"),
-                server_port=int(os.environ.get("RETOUCH_PORT", "7860")), **launch_options())
+    from studio.models import LOCAL_PREFIX
+
+    model_id = DEFAULT_MODEL if source is None else (source if source.lower() in ("lvm-7b", "lvm") or not os.path.isdir(source)
+                                                     else LOCAL_PREFIX + source)
+    demo = build_demo(engine, model_label="embedded default" if source is None else source, model_id=model_id)
+    try:
+        host, port = server_address()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    demo.launch(server_name=host, server_port=port, **launch_options())
     return 0
+
+
+def server_address(environ=None) -> tuple[str, int]:
+    """(host, port): Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (what Docker and Spaces set), with
+    RETOUCH_HOST / RETOUCH_PORT as aliases; 127.0.0.1:7860 when none is set."""
+    environ = os.environ if environ is None else environ
+    host = environ.get("GRADIO_SERVER_NAME") or environ.get("RETOUCH_HOST") or "127.0.0.1"
+    port_text = environ.get("GRADIO_SERVER_PORT") or environ.get("RETOUCH_PORT") or "7860"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"GRADIO_SERVER_PORT / RETOUCH_PORT must be a port number, got {port_text!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"GRADIO_SERVER_PORT / RETOUCH_PORT must be between 1 and 65535, got {port}")
+    return host, port
 
 
 if __name__ == "__main__":

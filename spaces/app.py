@@ -10,6 +10,9 @@ Environment (Space variables):
     RETOUCH_MODEL         auto (default): lvm-7b when a GPU is present (CUDA or ZeroGPU), else the
                           embedded default; or default, lvm-7b, a bundle folder, a Hub repo id
     RETOUCH_GPU_DURATION  seconds ZeroGPU reserves per generation (default 120)
+    RETOUCH_MODELS        what visitors may choose (each for their own session): default, lvm-7b, org/name[@rev];
+                          unset: the embedded default, plus lvm-7b with a GPU (studio/models.py allowed_models)
+    RETOUCH_ALLOW_LOCAL   1: local bundle folders may be listed too (never by default)
 """
 from __future__ import annotations
 
@@ -100,7 +103,19 @@ class GPUEngine:
 engine, model_label = load_model(os.environ.get("RETOUCH_MODEL", "auto"))
 build_demo = load_build_demo()
 served = GPUEngine(engine, GPU_DURATION) if spaces is not None else engine
-if "model_label" in inspect.signature(build_demo).parameters:
+parameters = inspect.signature(build_demo).parameters
+if "model_id" in parameters:
+    # visitors choose among RETOUCH_MODELS (default here: the embedded default, plus lvm-7b with a GPU);
+    # engines loaded later get the same @spaces.GPU wrapping as the first
+    def load_served(option):
+        loaded = load_engine(option.source, revision=option.revision)
+        return GPUEngine(loaded, GPU_DURATION) if spaces is not None else loaded
+
+    from studio.models import EngineCache
+
+    demo = build_demo(served, model_label=model_label, model_id="lvm-7b" if model_label.startswith("LVM-7B") else
+                      "default" if model_label == "embedded default" else model_label, cache=EngineCache(loader=load_served))
+elif "model_label" in parameters:
     demo = build_demo(served, model_label=model_label)
 else:
     demo = build_demo(served)

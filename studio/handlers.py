@@ -6,7 +6,8 @@ examples, pair rows), `models` (the loaded engine and the model selector), `pres
 output tuples), `report` (the finished run's metrics and plots); this module holds `Studio` and
 re-exports what app.py and the tests use. Inputs the user must change raise `gr.Error` with
 what to change (nothing else is touched, so the other inputs stay); things worth knowing but
-not fatal are `gr.Warning`. The model itself lives behind `Studio.engine`; the only model
+not fatal are `gr.Warning`. Each visitor's model is a model id in their session (gr.State) that every
+handler takes last; `Studio.engine_for(model)` gives its engine from the shared cache. The only model
 detail used here is the backbone's input-embedding table, for the per-token cosine distance
 curve (VSR paper Fig. 2).
 """
@@ -23,36 +24,37 @@ from demo_core.engine import EngineInputError
 from demo_core.images import ImageInputError, load_square
 
 from .examples import EXAMPLES_DIR, MAX_ROWS, Example, add_pair, example_preview, list_examples, pair_row_updates, remove_pair  # noqa: F401
-from .models import (DRAFT_MODES, MODEL_KINDS, QUALITY_SCORE_CHOICES, REFINER_CHOICES, ModelHolder,  # noqa: F401
-                     default_refiner, draft_mode_update, draft_modes, refiner_choices)
-from .presentation import (METRIC_COLUMNS, OUTPUTS, TIMING_COLUMNS, RunView, compare_view, frame, present,  # noqa: F401
+from .models import (DEFAULT_MODEL, DRAFT_MODES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
+                     ModelOption, allowed_models, default_refiner, draft_mode_update, draft_modes, refiner_choices)
+from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView, compare_view, frame, present,  # noqa: F401
                            stopped_status, timeline_view)
 from .report import finish_frame
 
 MAX_SEED = 2**31 - 1
+LIVE_MIN_FRAME_S = 0.04     # served progress frames at most 25 a second: a browser shows no more, each costs a send
 
 
 class Studio(ModelHolder):
-    """Holds the loaded engine (shared by every session) and runs generations with it."""
+    """Runs generations, each with its own visitor's model (from the shared engine cache)."""
 
     # -- examples ---------------------------------------------------------------------------------
-    def load_example(self, task: str):
+    def load_example(self, task: str, model: str | None = None):
         """Fill pairs, query and ground truth with a task's example (the model still only sees the pairs)."""
         examples = list_examples()
         if task not in examples:
             raise gr.Error(f"No example for {task!r}; choose one of: {', '.join(examples) or 'none installed'}.")
         example = examples[task]
-        pairs = example.pairs[:min(self.engine.max_pairs, MAX_ROWS)]
+        pairs = example.pairs[:min(self.engine_for(model).max_pairs, MAX_ROWS)]
         if len(pairs) < len(example.pairs):
             gr.Warning(f"This model holds {len(pairs)} pairs; the example's other pairs were left out.")
         return [len(pairs), *pair_row_updates(len(pairs), pairs), example.query, example.truth, task]
 
-    def select_example(self, event: gr.SelectData):
+    def select_example(self, model: str | None = None, event: gr.SelectData = None):
         """A click on an example thumbnail."""
         names = list(list_examples())
         if event is None or not (0 <= event.index < len(names)):
             raise gr.Error("Pick one of the examples.")
-        return self.load_example(names[event.index])
+        return self.load_example(names[event.index], model)
 
     # -- generation -------------------------------------------------------------------------------
     def generate_from_widgets(self, *values):
@@ -62,9 +64,10 @@ class Studio(ModelHolder):
         yield from self.generate(pairs, *rest)
 
     def generate_endpoint(self):
-        """generate_from_widgets with a named signature, so the /generate API lists real parameter names."""
+        """The served generate event: generate_from_widgets as LIVE_OUTPUTS frames (see `live`), with a named
+        signature, so the /generate API lists real parameter names."""
         def generate(*values):
-            yield from self.generate_from_widgets(*values)
+            yield from live(self.generate_from_widgets(*values), min_interval=LIVE_MIN_FRAME_S)
 
         keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
         pair_parameters = [inspect.Parameter(f"pair{number}_{side}", keyword, **({} if number == 1 else {"default": None}))
@@ -77,29 +80,30 @@ class Studio(ModelHolder):
 
     def generate(self, pairs, query, truth=None, refiners: str = "SCAN", scan_iterations=30, scan_cells=4,
                  temperature=None, top_p=None, top_k=None, seed=0, randomize_seed=False, candidates=1,
-                 canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined") -> Iterator[tuple]:
+                 canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined", model=None) -> Iterator[tuple]:
         """Draft the answer token by token, then refine; yields output tuples (OUTPUTS order) as it goes.
 
-        temperature / top_p / top_k left out (None): the model's own defaults (`Engine.sampling_defaults`)."""
-        engine = self.engine             # one model for the whole run, even if another is loaded meanwhile
+        temperature / top_p / top_k left out (None): the model's own defaults (`Engine.sampling_defaults`).
+        `model` is the visitor's model id (their session state; None: the server's first model)."""
+        engine = self.engine_for(model)  # this visitor's model for the whole run, whatever others load meanwhile
         pairs = [(x, y) for x, y in (pairs or []) if x is not None or y is not None]
         filled = len(pairs)
         if filled > engine.max_pairs:
             raise gr.Error(f"{filled} pairs do not fit in this model's context (at most {engine.max_pairs}); "
                            f"remove {filled - engine.max_pairs}.")
-        if refiners not in REFINER_CHOICES:
+        if not isinstance(refiners, str) or refiners not in REFINER_CHOICES:
             raise gr.Error(f"Unknown refiner setting {refiners!r}; choose one of: {', '.join(REFINER_CHOICES)}.")
         refine = REFINER_CHOICES[refiners]
         if "vsr" in refine and "vsr" not in engine.available_refiners:
             raise gr.Error("This model has no VSR refiner (g_phi); choose SCAN or none, or load a bundle with refiner/.")
         settings = _settings(engine, scan_iterations, scan_cells, temperature, top_p, top_k, candidates, canvas_every)
         draft_mode = draft_mode or "ar"
-        if draft_mode not in draft_modes(engine):
+        if not isinstance(draft_mode, str) or draft_mode not in draft_modes(engine):
             raise gr.Error(f"This model cannot draft in mode {draft_mode!r}; choose one of: {', '.join(draft_modes(engine))}.")
         if draft_mode != "ar":
             settings["draft_mode"] = draft_mode
         quality_score = quality_score or "combined"
-        if quality_score not in dict(QUALITY_SCORE_CHOICES).values():
+        if not isinstance(quality_score, str) or quality_score not in dict(QUALITY_SCORE_CHOICES).values():
             raise gr.Error(f"Unknown quality score {quality_score!r}; choose combined or head.")
         settings["quality_score"] = quality_score
         seed = random.randint(0, MAX_SEED) if randomize_seed else _number(seed, "seed", 0, MAX_SEED, int)
@@ -121,6 +125,44 @@ class Studio(ModelHolder):
         query_image = load_square(query, engine.image_size, "query")     # readable: the engine just checked it
         yield from present(engine, _chain(first, stream), refine, seed, query_image, truth_image, frame_seconds,
                            settings["scan_iterations"], started, finish_frame, draft_mode == "tensor", quality_score)
+
+
+def live(frames: Iterator[tuple], min_interval: float = 0.0) -> Iterator[tuple]:
+    """OUTPUTS frames -> LIVE_OUTPUTS frames: canvas, status and seed as plain values every frame; every other
+    view's latest value is kept and handed to the finished run's RunView (`report`) for the report event.
+
+    A progress-only frame (canvas and status) that comes less than `min_interval` seconds after the last one
+    sent is dropped: the next frame replaces it anyway. The first frame, frames with other views and the
+    finished run's frame are always sent."""
+    pending: dict = {}
+    seed = gr.skip()
+    last_sent = None
+    for output in frames:
+        values = dict(zip(OUTPUTS, output))
+        changed = {name: values[name] for name in REPORT_OUTPUTS if not _is_skip(values[name])}
+        pending.update(changed)
+        if not _is_skip(values["seed"]):
+            seed = values["seed"]
+        run = values["run_state"]
+        if isinstance(run, RunView):
+            run.report = dict(pending)
+        now = time.perf_counter()
+        if (last_sent is not None and not changed and _is_skip(run) and now - last_sent < min_interval):
+            continue
+        last_sent = now
+        yield values["canvas"], values["status"], seed, run
+
+
+def _is_skip(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
+def report(run: RunView | None):
+    """The report event after a finished run: every view that was not sent live, once (REPORT_OUTPUTS order)."""
+    views = run.report if isinstance(run, RunView) else {}
+    if isinstance(run, RunView):
+        run.report = {}                    # sent: the session keeps only what the timeline and comparisons need
+    return tuple(views.get(name, gr.skip()) for name in REPORT_OUTPUTS)
 
 
 def _chain(first, rest):

@@ -28,6 +28,11 @@ OUTPUTS = (
     "metrics_table", "timings_table", "cosine_plot", "quality_plot", "metrics_note",
     "run_state",
 )
+# The served generate event sends only these (plain values, each cheap to send: a gr.skip() or gr.update() output
+# costs Gradio a component rebuilt and its config re-serialised, ~10 ms per output per frame); the other outputs
+# reach the page once, from the report event that follows a finished run (`Studio.report`).
+LIVE_OUTPUTS = ("canvas", "status", "seed", "run_state")
+REPORT_OUTPUTS = tuple(name for name in OUTPUTS if name not in LIVE_OUTPUTS)
 METRIC_COLUMNS = ["stage", "PSNR", "SSIM", "LPIPS", "tok. acc.", "cos. dist.", "quality", "changed", "ms"]
 TIMING_COLUMNS = ["phase", "ms"]
 
@@ -48,6 +53,7 @@ class RunView:
     grid: int
     truth: Image.Image | None = None
     images: dict[str, Image.Image] = field(default_factory=dict)   # comparable images by name
+    report: dict = field(default_factory=dict)     # the served run's views not sent live, until the report event
 
 
 def _mean(values) -> float:

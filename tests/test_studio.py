@@ -11,7 +11,7 @@ from PIL import Image
 from demo_core.engine import load_engine
 from demo_core.testing import build_tiny_bundle
 from studio import handlers
-from studio.handlers import MAX_ROWS, OUTPUTS, RunView, Studio
+from studio.handlers import LIVE_OUTPUTS, MAX_ROWS, OUTPUTS, REPORT_OUTPUTS, RunView, Studio
 
 FAST = dict(scan_iterations=4, scan_cells=2, canvas_every=1, frame_ms=0)
 
@@ -241,37 +241,128 @@ def test_bad_input_raises_gr_error(studio, images, bad_files, case, overrides, m
 # model selector, examples, pair rows, timeline
 
 
-def test_hub_id_fails_fast_offline_and_keeps_the_model(studio, engine):
+def test_hub_id_fails_fast_offline_and_keeps_the_model(engine):
+    studio = Studio(engine, "tiny", models=handlers.allowed_models("default,retouch-test/no-such-model"))
     start = time.perf_counter()
-    with pytest.raises(gr.Error, match="current model"):
-        studio.load_model("Hub repo id", "retouch-test/no-such-model")
+    with pytest.raises(gr.Error, match="current model stays"):
+        studio.load_model("retouch-test/no-such-model", current="default")
     assert time.perf_counter() - start < 10
-    assert studio.engine is engine
+    assert studio.engine_for("default") is engine and studio.cache.loaded() == ["default"]
 
 
-@pytest.mark.parametrize("kind, location, message", [
-    ("local bundle folder", "/no/such/folder", "No folder"),
-    ("local bundle folder", "", "path of a bundle folder"),
-    ("Hub repo id", "not a repo id", "not a Hub repo id"),
-    ("Hub repo id", "", "Hub repo id"),
-    ("from a floppy disk", "x", "Choose one of"),
-])
-def test_model_selector_errors(studio, engine, kind, location, message):
-    with pytest.raises(gr.Error, match=message):
-        studio.load_model(kind, location)
-    assert studio.engine is engine
+def test_allow_list_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("RETOUCH_MODELS", raising=False)
+    assert [o.id for o in handlers.allowed_models(gpu=False)] == ["default"]
+    assert [o.id for o in handlers.allowed_models(gpu=True)] == ["default", "lvm-7b"]
+    spec = f"default, org/name@v1, {tmp_path}, not a model, lvm"
+    assert [o.id for o in handlers.allowed_models(spec, allow_local=False)] == ["default", "org/name@v1", "lvm-7b"]
+    options = handlers.allowed_models(spec, allow_local=True)
+    assert [o.id for o in options] == ["default", "org/name@v1", f"local:{tmp_path}", "lvm-7b"]
+    hub = options[1]
+    assert (hub.source, hub.revision) == ("org/name", "v1")
+    monkeypatch.setenv("RETOUCH_MODELS", "default,org/other")
+    assert [o.id for o in handlers.allowed_models()] == ["default", "org/other"]
 
 
-def test_not_a_bundle_folder_is_explained(studio, engine, tmp_path):
+@pytest.mark.parametrize("request_id", ["/etc", str(os.getcwd()), "../assets/retouch-tiny", "~/models", "local:/tmp",
+                                        "org/not-allowed", "lvm-7b", "Emma02/LVM_ckpts", "a" * 500, 42, ["x"]])
+def test_a_refused_model_touches_neither_files_nor_the_hub(engine, monkeypatch, request_id):
+    """Not on the allow-list (local folders not allowed): one line, and no file looked at, no Hub call made."""
+    import builtins
+    import pathlib
+
+    import huggingface_hub
+
+    import demo_core.bundle
+    import demo_core.hub
+    import studio.models as models
+
+    studio = Studio(engine, "tiny", models=handlers.allowed_models("default", allow_local=False))
+    calls = []
+
+    def forbidden(name):
+        def record(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called for a refused model")
+        return record
+
+    with monkeypatch.context() as patch:
+        for module, name in [(models, "load_engine"), (os.path, "isdir"), (os.path, "exists"), (os, "stat"),
+                             (os, "listdir"), (os, "scandir"), (builtins, "open"), (pathlib.Path, "is_dir"),
+                             (pathlib.Path, "exists"), (pathlib.Path, "stat"), (huggingface_hub, "snapshot_download"),
+                             (huggingface_hub, "hf_hub_download"), (demo_core.bundle, "load_bundle")]:
+            patch.setattr(module, name, forbidden(f"{getattr(module, '__name__', module)}.{name}"))
+        for name in dir(demo_core.hub):
+            if callable(getattr(demo_core.hub, name)) and not name.startswith("_") and name[0].islower():
+                patch.setattr(demo_core.hub, name, forbidden(f"hub.{name}"))
+        with pytest.raises(gr.Error) as error:
+            studio.load_model(request_id, current="default")
+        with pytest.raises(gr.Error):
+            next(studio.generate(pairs=[], query=None, model=request_id))
+    assert calls == []
+    message = str(error.value)
+    assert ("not offered on this server" in message or "Choose a model" in message) and "\n" not in message
+    assert len(message) < 200
+
+
+def test_visitor_b_keeps_their_model_when_visitor_a_loads_another(engine, images, tmp_path):
+    other = build_tiny_bundle(tmp_path / "with-vsr", refiner=True)
+    studio = Studio(engine, "tiny", models=handlers.allowed_models(f"default,local:{other}", allow_local=True))
+    visitor_a = visitor_b = studio.default_model                 # both sessions start on the server's model
+    visitor_a, info, refiners, *_ = studio.load_model(f"local:{other}", "SCAN", "ar", visitor_a)
+    assert visitor_a == f"local:{other}" and "SCAN → VSR" in refiners["choices"] and "with-vsr" in info
+    assert visitor_b == "default" and studio.engine_for(visitor_b) is engine
+    assert studio.engine_for(visitor_a) is not engine
+    assert sorted(studio.cache.loaded()) == sorted(["default", visitor_a])
+    # B's run uses B's model (no VSR part), A's run uses A's (with VSR)
+    with pytest.raises(gr.Error, match="no VSR refiner"):
+        next(studio.generate(pairs=[(images["x1"], images["y1"])], query=images["query"], refiners="SCAN → VSR",
+                             model=visitor_b, **FAST))
+    frames = run(studio, images, refiners="SCAN → VSR", model=visitor_a)
+    assert list(frames[-1]["run_state"].result.stages) == ["draft", "scan", "vsr"]
+    assert "none (draft only)" in studio.model_outputs(visitor_b)[1]["choices"]
+    assert "SCAN → VSR" not in studio.model_outputs(visitor_b)[1]["choices"]
+
+
+def test_engine_cache_is_least_recently_used_within_its_budget_and_loads_without_blocking():
+    import threading
+
+    release = threading.Event()
+
+    def loader(option):
+        if option.id == "slow":
+            release.wait(10)
+        return f"engine {option.id}"
+
+    cache = handlers.EngineCache(budget_bytes=2, loader=loader, measure=lambda engine: 1)
+    cache.put("start", "engine start", pinned=True)
+    option = lambda name: handlers.ModelOption(name, name)               # noqa: E731
+    assert cache.get(option("a")) == "engine a" and cache.get(option("b")) == "engine b"
+    assert cache.loaded() == ["start", "b"]                              # a out (least recent), the pinned one stays
+    assert cache.get(option("a")) == "engine a" and cache.loaded() == ["start", "a"]
+    slow = threading.Thread(target=cache.get, args=(option("slow"),))
+    slow.start()
+    time.sleep(0.1)
+    started = time.perf_counter()
+    assert cache.get(option("a")) == "engine a"                          # not held up by the load in progress
+    assert time.perf_counter() - started < 0.5
+    release.set()
+    slow.join(5)
+    assert cache.peek("slow") == "engine slow" and "start" in cache.loaded() and cache.used_bytes() <= 2
+
+
+def test_not_a_bundle_folder_is_explained(engine, tmp_path):
+    studio = Studio(engine, "tiny", models=handlers.allowed_models(f"default,local:{tmp_path}", allow_local=True))
     with pytest.raises(gr.Error, match="bundle.json"):
-        studio.load_model("local bundle folder", str(tmp_path))
-    assert studio.engine is engine
+        studio.load_model(f"local:{tmp_path}", current="default")
+    assert studio.engine_for("default") is engine
 
 
-def test_local_bundle_loads(studio, engine, bundle):
-    info, refiners, scan_cells, max_pairs, draft, temperature, top_p, top_k, note = studio.load_model(
-        "local bundle folder", str(bundle), "SCAN", "ar")
-    assert studio.engine is not engine and max_pairs == engine.max_pairs
+def test_local_bundle_loads(engine, bundle):
+    studio = Studio(engine, "tiny", models=handlers.allowed_models(f"default,local:{bundle}", allow_local=True))
+    state, info, refiners, scan_cells, max_pairs, draft, temperature, top_p, top_k, note = studio.load_model(
+        f"local:{bundle}", "SCAN", "ar")
+    assert state == f"local:{bundle}" and studio.engine_for(state) is not engine and max_pairs == engine.max_pairs
     assert draft["visible"] is False and draft["value"] == "ar"           # no TensorAR part: no choice shown
     assert "4×4 tokens" in info and refiners["choices"] == ["none (draft only)", "SCAN"]
     assert scan_cells["maximum"] == 16
@@ -285,15 +376,16 @@ def test_a_model_with_its_own_sampling_is_labelled(tmp_path, monkeypatch):
     sources = {"backbone": write_tiny_lvm(tmp_path / "lvm"), "tokenizer": write_tiny_vqgan(tmp_path / "vq")}
     use_cache(monkeypatch, tmp_path / "hub")
     serve_lvm(tmp_path / "hub", sources)
-    studio = Studio(load_engine(str(build_tiny_bundle(tmp_path / "tiny"))), "tiny")
-    *_, temperature, top_p, top_k, note = studio.load_model("Hub repo id", "lvm-7b")
+    studio = Studio(load_engine(str(build_tiny_bundle(tmp_path / "tiny"))), "tiny",
+                    models=handlers.allowed_models("default,lvm-7b"))
+    state, *_, temperature, top_p, top_k, note = studio.load_model("lvm-7b")
     assert (temperature["value"], top_p["value"], top_k["value"]) == (1.0, 1.0, 0)
     assert note.startswith("Defaults for this model: temperature 1.0, top-p 1.0 — the LVM reference scripts'")
-    assert "batch_generation.py" in note and note == studio.sampling_note()
+    assert "batch_generation.py" in note and note == studio.sampling_note(state)
     pictures = [str(tmp_path / f"{name}.png") for name in ("x", "y", "q")]
     for seed, path in enumerate(pictures):
         Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
-    widgets = dict(pairs=[(pictures[0], pictures[1])], query=pictures[2], refiners="none (draft only)", **FAST)
+    widgets = dict(pairs=[(pictures[0], pictures[1])], query=pictures[2], refiners="none (draft only)", model=state, **FAST)
     left_out = by_name(list(studio.generate(**widgets))[-1])["run_state"]          # sampling not given: the model's
     given = by_name(list(studio.generate(**widgets, temperature=1.0, top_p=1.0, top_k=0))[-1])["run_state"]
     assert np.array_equal(left_out.result.codes["draft"], given.result.codes["draft"])
@@ -328,6 +420,29 @@ def test_pair_rows_grow_and_shrink_within_limits():
     assert images[4:6] == [None, None] and not is_set(images[0])        # row 3 cleared, row 1 left as is
     with pytest.warns(UserWarning, match="At least one"):
         assert handlers.remove_pair(1)[0] == 1
+
+
+def test_served_frames_send_plain_values_and_the_report_once(studio, images):
+    """The served event's frames: canvas, status and seed as values (no gr.skip()/gr.update(): each costs Gradio a
+    component rebuilt), every other view once from the report event, as the in-process generator left it."""
+    options = dict(pairs=[(images["x1"], images["y1"]), (images["x2"], images["y2"])], query=images["query"],
+                   truth=images["truth"], refiners="SCAN", **FAST)
+    frames = list(handlers.live(studio.generate(**options)))
+    assert len(frames) > 10 and all(len(f) == len(LIVE_OUTPUTS) for f in frames)
+    throttled = list(handlers.live(studio.generate(**options), min_interval=60.0))       # progress frames dropped
+    assert len(throttled) < len(frames) and throttled[0][1] == frames[0][1] and 'data-state="done"' in throttled[-1][1]
+    assert handlers.report(throttled[-1][-1])[REPORT_OUTPUTS.index("metrics_table")] is not None
+    for canvas, status, seed, _ in frames:
+        assert isinstance(canvas, Image.Image) and isinstance(status, str) and seed == 0
+    run_view = frames[-1][LIVE_OUTPUTS.index("run_state")]
+    assert isinstance(run_view, RunView) and 'data-state="done"' in frames[-1][1]
+    views = dict(zip(REPORT_OUTPUTS, handlers.report(run_view)))
+    expected = run(studio, images)[-1]                                 # same seed, same run: same scores
+    assert [row[:7] for row in views["metrics_table"]] == [row[:7] for row in expected["metrics_table"]]
+    assert views["quality_final"] is not None
+    assert views["timeline_slider"]["visible"] is True and views["stage_grid"].size == expected["stage_grid"].size
+    assert all(not is_set(v) for v in handlers.report(run_view))        # sent once; the session keeps the run itself
+    assert all(not is_set(v) for v in handlers.report(None))
 
 
 def test_timeline_and_compare_views(studio, images):
@@ -368,10 +483,13 @@ def test_client_receives_intermediate_outputs(engine, images, temp_dir):
         job = client.submit(**pair, query=handle_file(images["query"]), **settings)
         job.result(timeout=60)
         outputs = job.outputs()
-        canvases = [out[OUTPUTS.index("canvas")] for out in outputs]
+        assert all(len(out) == len(LIVE_OUTPUTS) - 1 for out in outputs)  # canvas, status, seed (run_state stays on the server)
+        canvases = [out[LIVE_OUTPUTS.index("canvas")] for out in outputs]
         assert len(outputs) >= 5
         assert len({c for c in canvases if c}) >= 3                       # several different live frames arrived
-        assert 'data-state="done"' in outputs[-1][OUTPUTS.index("status")]
+        assert 'data-state="done"' in outputs[-1][LIVE_OUTPUTS.index("status")]
+        views = client.predict(api_name="/report")                        # the same session's finished run, once
+        assert len(views) >= 10 and any(v for v in views)
         with pytest.raises(Exception, match="query"):                     # a gr.Error reaches the client as a message
             client.predict(**pair, **settings)
         api = str(client.view_api(print_info=False, return_format="str"))
@@ -383,3 +501,15 @@ def test_client_receives_intermediate_outputs(engine, images, temp_dir):
             client.predict(**pair, query=handle_file(big), **settings)
     finally:
         demo.close()
+
+
+def test_server_address_follows_gradio_then_retouch_names():
+    import app
+
+    assert app.server_address({}) == ("127.0.0.1", 7860)
+    assert app.server_address({"RETOUCH_HOST": "0.0.0.0", "RETOUCH_PORT": "8000"}) == ("0.0.0.0", 8000)
+    both = {"GRADIO_SERVER_NAME": "::", "GRADIO_SERVER_PORT": "7861", "RETOUCH_HOST": "x", "RETOUCH_PORT": "1"}
+    assert app.server_address(both) == ("::", 7861)
+    for bad in ("http", "0", "70000"):
+        with pytest.raises(ValueError, match="GRADIO_SERVER_PORT"):
+            app.server_address({"GRADIO_SERVER_PORT": bad})

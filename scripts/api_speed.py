@@ -1,0 +1,118 @@
+"""Where a served generation's time goes: the engine alone vs the studio's handler vs the HTTP API.
+
+Serves app.py's page in this process (a free port on 127.0.0.1), then runs the default colorization
+example with the studio's default settings, unpaced (frame_ms=0), in three ways, interleaved run by run
+so all three share the machine's momentary speed:
+
+    engine   engine.stream(...) to Finished, the same settings the studio passes (request -> final image)
+    handler  Studio.generate(...) exhausted in this process (presentation, metrics, plots; no HTTP)
+    api      gradio_client submit to /generate and wait for the job (HTTP, queue, encoding, files)
+
+    python -m scripts.api_speed [--runs 5] [--bundle FOLDER] [--out docs/results/api_speed.json]
+
+Prints medians and the API / engine ratio (issue 18's aim: <= 1.5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--bundle", default=os.environ.get("RETOUCH_BUNDLE"))
+    parser.add_argument("--example", default="colorization")
+    parser.add_argument("--refiners", default=None, help="studio refiner label (default: the model's default)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="retouch-api-speed-"))
+
+    import app
+    from demo_core.engine import load_engine
+    from demo_core.events import Finished
+    from gradio_client import Client, handle_file
+    from studio.handlers import LIVE_OUTPUTS, REFINER_CHOICES, default_refiner, list_examples
+
+    engine = load_engine(args.bundle)
+    app.warm_up(engine)
+    example = list_examples()[args.example]
+    pairs = example.pairs[:engine.max_pairs]
+    refiners = args.refiners or default_refiner(engine.available_refiners)
+    settings = dict(scan_iterations=30, scan_cells=4, canvas_every=4, seed=0)
+    demo = app.build_demo(engine, "embedded default" if not args.bundle else args.bundle)
+    studio = demo.studio
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_options())
+    rows = []
+    try:
+        client = Client(url, verbose=False)
+        files = {}
+        for index, (x, y) in enumerate(pairs, start=1):
+            files[f"pair{index}_input"], files[f"pair{index}_answer"] = handle_file(x), handle_file(y)
+        request = dict(**files, query=handle_file(example.query), truth=handle_file(example.truth), refiners=refiners,
+                       frame_ms=0, api_name="/generate", **settings)
+        for index in range(args.runs + 1):                     # run 0 warms every path up
+            start = time.perf_counter()
+            for event in engine.stream(pairs, example.query, refine=REFINER_CHOICES[refiners], decode_scan_steps=True,
+                                       **{**settings, "seed": settings["seed"]}):
+                if isinstance(event, Finished):
+                    break
+            engine_s = time.perf_counter() - start
+
+            start = time.perf_counter()
+            handler_frames = sum(1 for _ in studio.generate(pairs, example.query, example.truth, refiners, frame_ms=0, **settings))
+            handler_s = time.perf_counter() - start
+
+            start = time.perf_counter()
+            job = client.submit(**request)
+            first = final = None
+            for output in job:
+                now = time.perf_counter() - start
+                if first is None:
+                    first = now
+                status = output[LIVE_OUTPUTS.index("status")]
+                if final is None and isinstance(status, str) and 'data-state="done"' in status:
+                    final = now
+            api_s = time.perf_counter() - start
+            api_frames = len(job.outputs())
+            start = time.perf_counter()
+            client.predict(api_name="/report")                  # what the page's report event fetches after a run
+            report_s = time.perf_counter() - start
+            if index:
+                rows.append(dict(engine_s=engine_s, handler_s=handler_s, api_s=api_s, api_first_s=first,
+                                 api_final_s=final or api_s, report_s=report_s, handler_frames=handler_frames, api_frames=api_frames))
+            print(f"run {index}: engine {engine_s * 1000:.0f} ms, handler {handler_s * 1000:.0f} ms ({handler_frames} frames), "
+                  f"api {api_s * 1000:.0f} ms ({api_frames} frames; final image at {(final or api_s) * 1000:.0f} ms), "
+                  f"then the report {report_s * 1000:.0f} ms",
+                  file=sys.stderr)
+    finally:
+        demo.close()
+    median = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+    report = dict(runs=args.runs, example=args.example, refiners=refiners, settings=settings, threads=_threads(),
+                  median=median, ratio_api_to_engine=median["api_s"] / median["engine_s"],
+                  ratio_api_final_image_to_engine=median["api_final_s"] / median["engine_s"],
+                  per_api_frame_ms=(median["api_s"] - median["engine_s"]) * 1000 / max(1, median["api_frames"]), rows=rows)
+    print(f"medians of {args.runs}: engine {median['engine_s'] * 1000:.0f} ms, handler {median['handler_s'] * 1000:.0f} ms, "
+          f"api {median['api_s'] * 1000:.0f} ms ({median['api_frames']:.0f} frames), report {median['report_s'] * 1000:.0f} ms; "
+          f"api / engine = "
+          f"{report['ratio_api_to_engine']:.2f}x; overhead per frame {report['per_api_frame_ms']:.1f} ms")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
