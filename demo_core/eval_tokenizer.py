@@ -22,14 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .task_family import KINDS, TRAIN_KINDS, canny_map, inpaint_mask, make_pair
+from .metrics import psnr_batch
+from .task_family import KINDS, TRAIN_KINDS, inpaint_mask, make_pair
+from .token_metrics import edit_reach
 
 FILLS_FOR_STABILITY = ("grey", "black")
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
-    return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
 
 
 def _round_trip(tokenizer, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -54,18 +51,12 @@ def stability(tokenizer, photos: np.ndarray, rng: np.random.Generator, fill: str
     from .task_family import FILLS
 
     queries, keep = [], []
-    cell = tokenizer.image_size // tokenizer.grid
     for photo in photos:
         mask = inpaint_mask(photo.shape[0], "box", rng)
         query = photo.copy()
         query[mask] = FILLS[fill]
-        cells = mask.reshape(tokenizer.grid, cell, tokenizer.grid, cell).any(axis=(1, 3))
-        reach = np.zeros_like(cells)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                reach |= np.roll(np.roll(np.pad(cells, 1), dy, 0), dx, 1)[1:-1, 1:-1]
         queries.append(query)
-        keep.append(~reach)
+        keep.append(~edit_reach(mask, tokenizer.grid))
     codes_q, _ = _round_trip(tokenizer, np.stack(queries))
     codes_a, _ = _round_trip(tokenizer, photos)
     keep = np.stack(keep)
@@ -81,7 +72,7 @@ def tokenizer_report(tokenizer, per_kind: int = 64, seed: int = 0, split: str = 
     photos = np.stack([sampler.sample() for _ in range(per_kind)]).astype(np.float32)
     codes, recon = _round_trip(tokenizer, photos)
     used = set(np.unique(codes).tolist())
-    report: dict = {"photo": {"psnr": float(_psnr(photos, recon).mean()),
+    report: dict = {"photo": {"psnr": float(psnr_batch(photos, recon).mean()),
                               "ssim": float(np.mean([ssim(a, b) for a, b in zip(photos, recon)])),
                               "lpips": float(np.mean(lpips_batch(list(photos), list(recon))))}}
     references = {}
@@ -95,7 +86,7 @@ def tokenizer_report(tokenizer, per_kind: int = 64, seed: int = 0, split: str = 
         codes_x, recon_x = _round_trip(tokenizer, xs)
         codes_y, recon_y = _round_trip(tokenizer, ys)
         used |= set(np.unique(codes_x).tolist()) | set(np.unique(codes_y).tolist())
-        row = {"x_psnr": float(_psnr(xs, recon_x).mean()), "y_psnr": float(_psnr(ys, recon_y).mean())}
+        row = {"x_psnr": float(psnr_batch(xs, recon_x).mean()), "y_psnr": float(psnr_batch(ys, recon_y).mean())}
         if kind == "edges_canny":
             f1 = []
             for y, r, p in zip(ys, recon_y, params):
@@ -103,7 +94,7 @@ def tokenizer_report(tokenizer, per_kind: int = 64, seed: int = 0, split: str = 
                 f1.append(edge_precision_recall(guess, truth, threshold=0.5)[2])
             row["f1"] = float(np.mean(f1))
         if kind in ("colorize", "inpaint"):
-            row["identity_psnr"] = float(_psnr(xs, ys).mean())
+            row["identity_psnr"] = float(psnr_batch(xs, ys).mean())
             row["ceiling_psnr"] = row["y_psnr"]
             references[kind] = row["ceiling_psnr"] - row["identity_psnr"]
         report[kind] = row
@@ -137,7 +128,7 @@ def reconstruction_sheet(tokenizer, path: Path, seed: int = 0, columns: int = 8)
     draw = ImageDraw.Draw(sheet)
     for r, (name, images) in enumerate(rows):
         _, recon = _round_trip(tokenizer, images.astype(np.float32))
-        psnr = float(_psnr(images, recon).mean())
+        psnr = float(psnr_batch(images, recon).mean())
         draw.text((4, r * 2 * size + 4), f"{name}\n{psnr:.1f} dB", fill="black")
         for c in range(columns):
             for k, image in enumerate((images[c], recon[c])):
@@ -149,13 +140,8 @@ def reconstruction_sheet(tokenizer, path: Path, seed: int = 0, columns: int = 8)
     return path
 
 
-def load_tokenizer_folder(folder: Path):
-    from .bundle import load_tokenizer_part
-
-    return load_tokenizer_part(Path(folder))
-
-
 def main(argv=None) -> int:
+    from .bundle import load_tokenizer_part
     from .photos import FetchError
 
     parser = argparse.ArgumentParser(prog="python -m demo_core eval-tokenizer", description=__doc__.split("\n\n")[0])
@@ -166,7 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the whole report here")
     args = parser.parse_args(argv)
     try:
-        tokenizer = load_tokenizer_folder(args.tokenizer)
+        tokenizer = load_tokenizer_part(args.tokenizer)
         report = tokenizer_report(tokenizer, args.per_kind, args.seed)
     except (FetchError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -95,6 +95,12 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0.0 else float(10.0 * np.log10(1.0 / mse))
 
 
+def psnr_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B,) PSNR in dB of each pair of two BxHxWxC float batches in [0, 1] (vectorised; clamped at 100 dB)."""
+    mse = ((np.asarray(a) - np.asarray(b)) ** 2).reshape(len(a), -1).mean(1)
+    return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
+
+
 def ssim(a, b) -> float:
     """Mean structural similarity (skimage, 7x7 window, per channel), 1 for identical images."""
     from skimage.metrics import structural_similarity

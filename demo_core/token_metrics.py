@@ -59,3 +59,14 @@ def token_cosine_distances(embeddings: torch.Tensor, tokens, truth_tokens) -> np
     """(N,) 1 - cos(e(token), e(truth token)) per position, `embeddings` (V, D) the backbone's input embedding table."""
     index = [torch.as_tensor(np.asarray(t).reshape(-1), device=embeddings.device).long() for t in (tokens, truth_tokens)]
     return cosine_distance(embeddings[index[0]], embeddings[index[1]]).cpu().numpy()
+
+
+def edit_reach(changed: np.ndarray, grid: int) -> np.ndarray:
+    """(H, W) bool of edited pixels -> (g, g) bool: the cells the edit touches plus a one-cell margin (8-neighbours)."""
+    cell = changed.shape[0] // grid
+    cells = np.pad(changed.reshape(grid, cell, grid, cell).any(axis=(1, 3)), 1)
+    reach = np.zeros((grid, grid), bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            reach |= cells[dy:dy + grid, dx:dx + grid]
+    return reach

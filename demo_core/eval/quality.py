@@ -76,30 +76,26 @@ def head_scores(engine, context: torch.Tensor, tokens: np.ndarray) -> np.ndarray
     return score_answer(engine.model, engine.vocab, context, codes, score="head")[1][0].float().cpu().numpy()
 
 
-def edit_reach(example: Example, grid: int) -> np.ndarray | None:
+def example_reach(example: Example, grid: int) -> np.ndarray | None:
     """(g, g) bool: the cells an edit touches (query differs from its clean photo) plus a one-cell margin; None when
     the query is the photo itself or a global transform (no cell is untouched)."""
+    from ..token_metrics import edit_reach
+
     if example.query_source is None:
         return None
     changed = np.abs(example.query - example.query_source).max(-1) > 1e-6          # (H, W)
     if not changed.any() or changed.mean() > 0.75:
         return None
-    cell = changed.shape[0] // grid
-    cells = np.pad(changed.reshape(grid, cell, grid, cell).any(axis=(1, 3)), 1)
-    reach = np.zeros((grid, grid), bool)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            reach |= cells[dy:dy + grid, dx:dx + grid]
-    return reach
+    return edit_reach(changed, grid)
 
 
-def code_stability(engine, example: Example) -> float | None:
-    """Share of cells outside the edit's reach whose code is the same in the query and the answer (None: no edit)."""
-    reach = edit_reach(example, engine.grid)
+def code_stability(example: Example, query_codes: torch.Tensor, answer_codes: torch.Tensor, grid: int) -> float | None:
+    """Share of cells outside the edit's reach whose code is the same in the query and the answer (None: no edit).
+    The codes are the ones `encode_example` already computed (the context's last image and the truth)."""
+    reach = example_reach(example, grid)
     if reach is None or reach.all():
         return None
-    codes = engine.encode([float_to_pil(example.query), float_to_pil(example.answer)])
-    same = (codes[0] == codes[1]).numpy().reshape(engine.grid, engine.grid)
+    same = (query_codes.reshape(-1) == answer_codes.reshape(-1)).numpy().reshape(grid, grid)
     return float(same[~reach].mean())
 
 
@@ -126,7 +122,8 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             truths.append(target)
             references["identity"].append(pil_to_float(float_to_pil(example.query)))
             references["ceiling"].append(engine.tokenizer.decode(truth_codes.view(1, engine.grid, engine.grid))[0])
-            kept = code_stability(engine, example)
+            cells = engine.grid ** 2
+            kept = code_stability(example, context[-cells:], truth_codes, engine.grid)
             if kept is not None:
                 stability.append(kept)
             for label, out in outputs.items():

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..tasks import TASKS, ExampleSampler
 from ..data import ImageSampler
+from ..metrics import psnr_batch
 from ..tokenizer import TokenizerConfig, VQTokenizer, build_vqmodel, tokenizer_config_dict
 from .vq import EMAQuantizer, forward, kmeans, optimise, pixel_losses
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
@@ -58,11 +59,6 @@ class ViewSampler:
 
 def to_pixels(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2) * 2.0 - 1.0
-
-
-def psnr_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
-    return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
 
 
 @torch.no_grad()
