@@ -166,3 +166,20 @@ def tokenizer_config_dict(config: TokenizerConfig) -> dict:
     data = asdict(config)
     data["block_out_channels"] = list(config.block_out_channels)
     return data
+
+
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def codes_fingerprint(vqmodel) -> str:
+    """16 hex digits of SHA-256 over every weight that decides an image's codes (encoder, quant conv, codebook),
+    leaving out the decoder: two tokenizers with one fingerprint give every image the same codes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vqmodel.state_dict().items()):
+        if name.startswith(DECODER_PREFIXES):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

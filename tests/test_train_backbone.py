@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from demo_core.sequence import Vocab
@@ -104,13 +105,13 @@ def test_auroc():
 def test_trainer_runs_exports_and_resumes(tmp_path):
     bundle = build_tiny_bundle(tmp_path / "b")
     shutil.rmtree(bundle / "backbone")
-    args = ["--steps", "3", "--batch", "4", "--bundle", str(bundle), "--run-dir", str(tmp_path / "run"), "--pool", "40",
+    args = ["--data", "five", "--steps", "3", "--batch", "4", "--bundle", str(bundle), "--run-dir", str(tmp_path / "run"), "--pool", "40",
             "--hidden", "32", "--layers", "1", "--heads", "4", "--validate-every", "3"]
     trainer.main(args)
     info = json.loads((bundle / "backbone" / "training.json").read_text())
     assert info["step"] == 3 and info["validation"]["token_accuracy"] >= 0
     assert json.loads((bundle / "bundle.json").read_text())["parts"]["backbone"] == "backbone"
-    trainer.main([*args[:1], "5", *args[2:], "--draft-negatives", "0.5", "--draft-quality", "0", "--k-weights", "0,1,1",
+    trainer.main([*args[:3], "5", *args[4:], "--draft-negatives", "0.5", "--draft-quality", "0", "--k-weights", "0,1,1",
                   "--task-weights", "edges=3"])                  # resume to 5 steps with the other data options
     info = json.loads((bundle / "backbone" / "training.json").read_text())
     assert info["step"] == 5 and set(info["validation"]["draft_auroc"]) <= set(trainer.TASKS)
@@ -118,3 +119,45 @@ def test_trainer_runs_exports_and_resumes(tmp_path):
     assert "--draft-negatives 0.5" in info["command"] == info["history"][-1]["command"]
     from demo_core.bundle import load_bundle
     assert load_bundle(bundle).backbone.config.hidden_size == 32
+
+
+def test_family_trainer_trains_on_episodes_and_sequences_and_resumes(tmp_path):
+    bundle = build_tiny_bundle(tmp_path / "b")
+    shutil.rmtree(bundle / "backbone")
+    args = ["--steps", "4", "--batch", "2", "--bundle", str(bundle), "--run-dir", str(tmp_path / "run"), "--images", "builtin",
+            "--episodes", "8", "--sequences", "4", "--sequence-share", "0.5", "--hidden", "32", "--layers", "1",
+            "--heads", "4", "--validate-every", "4", "--task-weights", "inpaint=3", "--context-loss", "0.5"]
+    trainer.main(args)
+    info = json.loads((bundle / "backbone" / "training.json").read_text())
+    validation = info["validation"]
+    assert info["step"] == 4 and info["codes_sha256_16"] == trainer.tokenizer_fingerprint(bundle)
+    assert {"val k=1", "val k=3", "heldout-params k=2", "heldout-kind k=2", "sequences frames=3"} <= set(validation["per_group"])
+    assert "solarize@heldout-kind" in validation["per_task"] and "sequence:pan" in validation["draft_accuracy"]
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["name"] == "retouch-16" and "solarize" in manifest["tasks"] and manifest["max_frames"] == 4
+    trainer.main([*args[:1], "6", *args[2:]])                               # resumes from the checkpoint
+    assert json.loads((bundle / "backbone" / "training.json").read_text())["step"] == 6
+    with pytest.raises(SystemExit, match="held-out kind"):
+        trainer.main([*args, "--task-weights", "solarize=2"])
+
+
+def test_output_rows_predict_the_output_images():
+    assert torch.equal(trainer.output_rows("k=1", 4), torch.arange(3, 7))              # [x1 y1 xq]: y1 is tokens 4..7
+    assert torch.equal(trainer.output_rows("k=2", 4), torch.cat([torch.arange(3, 7), torch.arange(11, 15)]))
+    assert torch.equal(trainer.output_rows("frames=3", 4), torch.arange(3, 11))        # frames 2 and 3
+
+
+def test_context_loss_is_next_token_cross_entropy_on_output_images():
+    torch.manual_seed(0)
+    vocab = trainer.Vocab(16, 4)
+    model = trainer.build_backbone(trainer.BackboneConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64), vocab)
+    g = torch.Generator().manual_seed(0)
+    context, answer = torch.randint(0, 16, (2, 12), generator=g), torch.randint(0, 16, (2, 4), generator=g)
+    ids, pos, gen_t, q_t, tail = trainer.build_batch(vocab, context, answer, None, g, max_refine=0)
+    rows = trainer.output_rows("k=1", 4)
+    plain = trainer.losses(model, vocab, ids, pos, gen_t, q_t, tail)
+    *same, context_loss = trainer.losses(model, vocab, ids, pos, gen_t, q_t, tail, context_rows=rows)
+    assert torch.allclose(plain[0], same[0], atol=1e-5) and torch.allclose(plain[1], same[1], atol=1e-5)
+    logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids)).logits[:, rows, :16]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), ids[:, rows + 1].reshape(-1))
+    assert torch.allclose(context_loss, expected, atol=1e-5)

@@ -23,7 +23,6 @@ Resumes from runs/backbone/checkpoint.pt, else from the weights exported in the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import signal
@@ -42,7 +41,7 @@ from ..drafts.scan_form import draft_scan
 from ..token_metrics import auroc
 from ..sequence import Vocab, answer_positions, interleave_answer
 from ..tasks import TASKS, ExampleSampler
-from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
+from .common import DEFAULT_BUNDLE, REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
 
 NEGATIVE_RATIO = (0.0, 0.4)
 
@@ -56,6 +55,20 @@ def parse_task_weights(text: str) -> np.ndarray:
             raise SystemExit(f"--task-weights: unknown task {name!r}; tasks are {', '.join(TASKS)}")
         weights[name] = _number(value, "--task-weights", "'edges=2,posterize=2'")
     return _normalised(list(weights.values()), "--task-weights", "'edges=2,posterize=2'")
+
+
+def parse_family_weights(text: str) -> dict[str, float]:
+    """'edges_canny=2,inpaint=2' -> {kind: weight} over the task family's training kinds (unnamed kinds weigh 1)."""
+    from ..task_family import TRAIN_KINDS
+
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in TRAIN_KINDS:
+            raise SystemExit(f"--task-weights: unknown or held-out kind {name!r}; training kinds are {', '.join(TRAIN_KINDS)}")
+        weights[name] = _number(value, "--task-weights", "'edges_canny=2,inpaint=2'")
+    _normalised(list(weights.values()) or [1.0], "--task-weights", "'edges_canny=2,inpaint=2'")
+    return weights
 
 
 def parse_k_weights(text: str) -> np.ndarray:
@@ -81,79 +94,25 @@ def _normalised(values: list[float], option: str, example: str) -> np.ndarray:
 
 
 def load_tokenizer(bundle: Path):
-    from diffusers import VQModel
+    from ..bundle import bundle_pixel_range, load_tokenizer_part
 
-    from ..bundle import bundle_pixel_range
-    from ..tokenizer import VQTokenizer
-
-    return VQTokenizer(VQModel.from_pretrained(bundle / "tokenizer"), pixel_range=bundle_pixel_range(bundle))
+    return load_tokenizer_part(bundle / "tokenizer", bundle_pixel_range(bundle))
 
 
 def tokenizer_fingerprint(bundle: Path) -> str:
-    return hashlib.sha256((bundle / "tokenizer" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16]
+    """What the backbone's codes depend on: the tokenizer's encoder side and codebook (see codes_fingerprint), so a
+    decoder-only fine-tune of the tokenizer keeps every backbone trained on it valid."""
+    from ..tokenizer import codes_fingerprint
+
+    return codes_fingerprint(load_tokenizer(bundle).model)
 
 
-def encode_examples(tokenizer, examples) -> tuple[torch.Tensor, torch.Tensor]:
-    """Examples with equal K -> context codes (B, (2K+1)N) and answer codes (B, N)."""
-    images = []
-    for example in examples:
-        for x, y in example.pairs:
-            images += [x, y]
-        images += [example.query, example.answer]
-    codes = tokenizer.encode(np.stack(images)).view(len(examples), -1, tokenizer.grid ** 2)  # (B, 2K+2, N)
-    return codes[:, :-1].reshape(len(examples), -1), codes[:, -1]
+def legacy_fingerprint(bundle: Path) -> str | None:
+    """The first generation's record: SHA-256 of the tokenizer's weight file (exports before codes_sha256_16)."""
+    import hashlib
 
-
-VIEWS = ("photo", "colorization:x", "inpainting:x", "edges:y", "posterize:y", "invert:y")
-# (x view, y view) of each task in terms of VIEWS
-TASK_VIEWS = {"colorization": ("colorization:x", "photo"), "inpainting": ("inpainting:x", "photo"),
-              "edges": ("photo", "edges:y"), "posterize": ("photo", "posterize:y"), "invert": ("photo", "invert:y")}
-
-
-class TokenPool:
-    """Pre-tokenized training images: for each of `size` random crops, the codes of the photo and of
-    every task's non-photo side. Examples are then drawn from the pool for free, instead of
-    VQ-encoding ~100 images per step (a third of a step's time). Cached under runs/ by tokenizer."""
-
-    def __init__(self, tokenizer, size: int, seed: int, cache: Path | None = None, logger=None):
-        if cache is not None and cache.exists():
-            self.codes = torch.load(cache, weights_only=True)
-            return
-        from ..data import ImageSampler
-
-        images = ImageSampler("train", tokenizer.image_size, seed + 17)
-        rng = np.random.default_rng(seed + 23)
-        chunks, batch = [], 128
-        for start in tqdm(range(0, size, batch), desc="token pool", dynamic_ncols=True):
-            views = []
-            for _ in range(min(batch, size - start)):
-                photo = images.sample()
-                views += [photo, TASKS["colorization"].transform(photo, rng)[0], TASKS["inpainting"].transform(photo, rng)[0],
-                          TASKS["edges"].transform(photo, rng)[1], TASKS["posterize"].transform(photo, rng)[1],
-                          TASKS["invert"].transform(photo, rng)[1]]
-            chunks.append(tokenizer.encode(np.stack(views)).view(-1, len(VIEWS), tokenizer.grid ** 2).to(torch.int16))
-        self.codes = torch.cat(chunks)                                   # (size, views, N)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.codes, cache)
-        if logger:
-            logger.info(f"token pool: {len(self.codes)} crops x {len(VIEWS)} views")
-
-    def batch(self, count: int, k: int, rng: np.random.Generator, tasks=tuple(TASKS),
-              weights: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """count examples of K=k pairs (one random task per example, drawn with `weights`; images never
-        repeated within one) -> context codes (B, (2k+1)N), answer codes (B, N)."""
-        contexts, answers = [], []
-        for _ in range(count):
-            x_view, y_view = (VIEWS.index(v) for v in TASK_VIEWS[tasks[int(rng.choice(len(tasks), p=weights))]])
-            rows = rng.choice(len(self.codes), size=k + 1, replace=False)
-            parts = []
-            for row in rows[:-1]:
-                parts += [self.codes[row, x_view], self.codes[row, y_view]]
-            parts.append(self.codes[rows[-1], x_view])
-            contexts.append(torch.cat(parts))
-            answers.append(self.codes[rows[-1], y_view])
-        return torch.stack(contexts).long(), torch.stack(answers).long()
+    path = bundle / "tokenizer" / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
 
 
 def negatives(answer: torch.Tensor, tf_codes: torch.Tensor | None, codebook: int, generator: torch.Generator) -> torch.Tensor:
@@ -214,13 +173,31 @@ def build_batch(vocab: Vocab, context: torch.Tensor, answer: torch.Tensor, tf_co
     return input_ids, position_ids, gen_targets, quality_targets, tail.shape[1]
 
 
+def output_rows(shape: str, cells: int) -> torch.Tensor:
+    """Context rows whose next token belongs to an output image (a demonstration's y; every frame after the first):
+    row t predicts token t + 1, so an image spanning [i N, (i + 1) N) is predicted by rows [i N - 1, (i + 1) N - 1)."""
+    kind, _, count = shape.partition("=")
+    images = range(1, 2 * int(count), 2) if kind == "k" else range(1, int(count))
+    return torch.cat([torch.arange(i * cells - 1, (i + 1) * cells - 1) for i in images]) if len(images) else torch.zeros(0, dtype=torch.long)
+
+
 def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_targets, tail: int,
-           quality_weights: torch.Tensor | None = None):
+           quality_weights: torch.Tensor | None = None, context_rows: torch.Tensor | None = None):
     """Generation and quality cross-entropies over the answer tail; `quality_weights` (B, N+R) weighs each
-    code token's quality term (a weighted mean; None: all 1)."""
+    code token's quality term (a weighted mean; None: all 1). With `context_rows` (see output_rows) also the
+    plain next-token cross-entropy on the context's output images (LVM's own loss), returned as a fifth value."""
     # an explicit mask + no cache: cell-aligned (non-consecutive) position ids must never be read as packed sequences
-    logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
-                   use_cache=False, logits_to_keep=tail).logits   # (B, tail, V)
+    if context_rows is None:
+        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
+                       use_cache=False, logits_to_keep=tail).logits   # (B, tail, V)
+        context_loss = None
+    else:
+        hidden = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
+                             use_cache=False).last_hidden_state
+        logits = model.lm_head(hidden[:, -tail:])
+        context_logits = model.lm_head(hidden[:, context_rows])[..., : vocab.codebook_size]
+        context_targets = input_ids[:, context_rows + 1]
+        context_loss = F.cross_entropy(context_logits.reshape(-1, vocab.codebook_size).float(), context_targets.reshape(-1))
     at_logits = logits[:, 0::2, : vocab.codebook_size]
     code_logits = logits[:, 1::2]
     quality_logits = torch.stack([code_logits[..., vocab.bad], code_logits[..., vocab.good]], -1)   # class 1 = good
@@ -232,7 +209,9 @@ def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_ta
         weights = quality_weights.reshape(-1).float()
         quality_loss = (per_token * weights).sum() / weights.sum().clamp_min(1e-6)
     gen_accuracy = (at_logits.argmax(-1) == gen_targets).float().mean()
-    return gen_loss, quality_loss, gen_accuracy, quality_logits
+    if context_rows is None:
+        return gen_loss, quality_loss, gen_accuracy, quality_logits
+    return gen_loss, quality_loss, gen_accuracy, quality_logits, context_loss
 
 
 def model_drafts(model, vocab: Vocab, context: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,56 +239,62 @@ def teacher_forcing_codes(model, vocab: Vocab, context, answer, generator) -> to
 
 
 class ValidationSet:
-    """Fixed held-out examples (validation source images), encoded once."""
+    """Fixed validation groups (curriculum.Group), each one prompt shape, encoded once."""
 
-    def __init__(self, tokenizer, count: int = 96, seed: int = 1234):
-        sampler = ExampleSampler("val", tokenizer.image_size, seed)
-        self.groups = []   # (task names, context, answer) grouped by K
-        for k in (1, 2, 3):
-            examples = [sampler.sample(task=list(TASKS)[i % len(TASKS)], k=k) for i in range(count // 3)]
-            context, answer = encode_examples(tokenizer, examples)
-            self.groups.append(([e.task for e in examples], context, answer))
+    def __init__(self, groups):
+        self.groups = list(groups)
 
     @torch.no_grad()
     def evaluate(self, model, vocab: Vocab) -> dict:
-        """Teacher-forced token accuracy per task (clean answers), quality AUROC (answers with r=0.25 negatives),
-        and on free-running drafts: token accuracy and the AUROC of the draft's own scores, per task."""
+        """Teacher-forced token accuracy per label and per group (clean answers), quality AUROC (answers with r=0.25
+        negatives), and on the drafted groups' free-running drafts: token accuracy and the AUROC of the draft's own
+        scores, per label."""
         model.eval()
         generator = torch.Generator().manual_seed(0)
         correct: dict[str, list] = {}
+        per_group: dict[str, float] = {}
         quality_scores, quality_labels = [], []
         draft_hits: dict[str, list] = {}
         draft_scores: dict[str, list] = {}
-        for tasks, context, answer in self.groups:
-            codes, scores = model_drafts(model, vocab, context, generator)
-            for task, row_codes, row_scores, truth in zip(tasks, codes, scores, answer):
-                draft_hits.setdefault(task, []).append((row_codes == truth).numpy())
-                draft_scores.setdefault(task, []).append(row_scores.numpy())
-            ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, None, generator, max_refine=0,
-                                                     negative_ratio=(0.0, 0.0), random_order_share=0.0)
-            logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False,
-                           logits_to_keep=tail).logits
-            hits = (logits[:, 0::2, : vocab.codebook_size].argmax(-1) == gen_t).float().mean(1)
-            for task, hit in zip(tasks, hits.tolist()):
-                correct.setdefault(task, []).append(hit)
-            tf = teacher_forcing_codes(model, vocab, context, answer, generator)
-            ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf, generator, max_refine=8,
-                                                     negative_ratio=(0.25, 0.25))
-            _, _, _, q_logits = losses(model, vocab, ids, pos, gen_t, q_t, tail)
-            quality_scores.append(torch.softmax(q_logits.float(), -1)[..., 1].flatten().numpy())
-            quality_labels.append(q_t.flatten().numpy())
+        for group in self.groups:
+            context, answer = group.context, group.answer
+            if group.draft:
+                codes, scores = model_drafts(model, vocab, context, generator)
+                for label, row_codes, row_scores, truth in zip(group.labels, codes, scores, answer):
+                    draft_hits.setdefault(label, []).append((row_codes == truth).numpy())
+                    draft_scores.setdefault(label, []).append(row_scores.numpy())
+            hits = []
+            for start in range(0, len(answer), 16):       # bounded memory at 2,304 tokens
+                ids, pos, gen_t, q_t, tail = build_batch(vocab, context[start:start + 16], answer[start:start + 16], None,
+                                                         generator, max_refine=0, negative_ratio=(0.0, 0.0),
+                                                         random_order_share=0.0)
+                logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False,
+                               logits_to_keep=tail).logits
+                hits += (logits[:, 0::2, : vocab.codebook_size].argmax(-1) == gen_t).float().mean(1).tolist()
+                tf = teacher_forcing_codes(model, vocab, context[start:start + 16], answer[start:start + 16], generator)
+                ids, pos, gen_t, q_t, tail = build_batch(vocab, context[start:start + 16], answer[start:start + 16], tf,
+                                                         generator, max_refine=8, negative_ratio=(0.25, 0.25))
+                _, _, _, q_logits = losses(model, vocab, ids, pos, gen_t, q_t, tail)
+                quality_scores.append(torch.softmax(q_logits.float(), -1)[..., 1].flatten().numpy())
+                quality_labels.append(q_t.flatten().numpy())
+            per_group[group.name] = float(np.mean(hits))
+            if group.labels:
+                for label, hit in zip(group.labels, hits):
+                    correct.setdefault(label, []).append(hit)
         model.train()
-        per_task = {task: float(np.mean(v)) for task, v in correct.items()}
-        draft_auroc = {task: auroc(np.concatenate(draft_scores[task]), np.concatenate(hits).astype(int))
-                       for task, hits in draft_hits.items()}
-        return {"token_accuracy": float(np.mean([h for v in correct.values() for h in v])), "per_task": per_task,
+        draft_auroc = {label: auroc(np.concatenate(draft_scores[label]), np.concatenate(hits).astype(int))
+                       for label, hits in draft_hits.items()}
+        return {"token_accuracy": float(np.mean([h for v in correct.values() for h in v])) if correct
+                else float(np.mean(list(per_group.values()))),
+                "per_task": {label: float(np.mean(v)) for label, v in correct.items()}, "per_group": per_group,
                 "quality_auroc": auroc(np.concatenate(quality_scores), np.concatenate(quality_labels)),
-                "draft_accuracy": {task: float(np.mean(hits)) for task, hits in draft_hits.items()},
+                "draft_accuracy": {label: float(np.mean(hits)) for label, hits in draft_hits.items()},
                 "draft_auroc": draft_auroc}
 
 
 def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int, elapsed: float, args, validation: dict | None,
-           fingerprint: str, tokenizer=None, history: list | None = None) -> None:
+           fingerprint: str, tokenizer=None, history: list | None = None, tasks=tuple(TASKS), name: str = "retouch-tiny",
+           extra: dict | None = None) -> None:
     """Write backbone/ (+ training.json) and (re)write bundle.json, keeping parts other trainers listed.
 
     `history`: one entry per run that trained these weights (command, first and last step), oldest first."""
@@ -320,19 +305,25 @@ def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int,
     if tokenizer is not None:
         manifest_path = bundle / "bundle.json"
         old_parts = json.loads(manifest_path.read_text()).get("parts", {}) if manifest_path.exists() else {}
-        info = manifest(tokenizer, model, name="retouch-tiny", tasks=list(TASKS))
+        info = manifest(tokenizer, model, name=name, tasks=list(tasks), extra=extra)
         info["parts"] = {**old_parts, **info["parts"]}
         write_json(manifest_path, info)
     history = history or [{"command": "python -m demo_core.train backbone", "from_step": 0, "to_step": step}]
     write_json(out / "training.json", {"step": step, "elapsed_minutes": round(elapsed / 60, 1),
                                        "command": history[-1]["command"], "history": history,
-                                       "tokenizer_sha256_16": fingerprint,
+                                       "codes_sha256_16": fingerprint,
                                        "config": backbone_config_dict(config), "vocab": vocab.to_dict(),
                                        "args": {k: str(v) for k, v in vars(args).items()}, "validation": validation})
 
 
+NEW_BUNDLE = REPO_ROOT / "checkpoints" / "retouch16"     # the second-generation bundle while it trains
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m demo_core.train backbone", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=("family", "five"), default="family",
+                        help="family: the task family + frame sequences (second generation); five: the first "
+                             "generation's five tasks (the embedded retouch-tiny)")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -342,20 +333,39 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    parser.add_argument("--run-dir", type=Path, default=RUNS / "backbone")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help=f"bundle folder holding tokenizer/ (default: {NEW_BUNDLE.relative_to(REPO_ROOT)} for "
+                             f"--data family, the embedded default for --data five)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/backbone16 (family), runs/backbone (five)")
     parser.add_argument("--validate-every", type=int, default=500)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    parser.add_argument("--pool", type=int, default=6000, help="pre-tokenized training crops (0: encode every batch afresh)")
-    parser.add_argument("--task-weights", default="", help="relative task frequencies, e.g. 'edges=2,posterize=2' (others 1)")
+    parser.add_argument("--pool", type=int, default=6000, help="five: pre-tokenized training crops (0: encode every batch afresh)")
+    parser.add_argument("--episodes", type=int, default=4000, help="family: pre-tokenized task episodes (4 pairs each)")
+    parser.add_argument("--sequences", type=int, default=1000, help="family: pre-tokenized frame sequences (5 frames each)")
+    parser.add_argument("--sequence-share", type=float, default=0.2, help="family: share of batches that are frame sequences")
+    parser.add_argument("--images", choices=("debian", "builtin"), default="debian",
+                        help="family: photo pool (debian needs `python -m demo_core data fetch`)")
+    parser.add_argument("--task-weights", default="",
+                        help="relative task frequencies, e.g. 'edges_canny=2' for family, 'edges=2,posterize=2' for five "
+                             "(others 1)")
     parser.add_argument("--k-weights", default="1,1,1", help="relative frequencies of K = 1, 2, 3 demonstration pairs")
     parser.add_argument("--draft-negatives", type=float, default=0.0,
                         help="share of examples whose answer inputs are the model's own free-running draft")
     parser.add_argument("--draft-quality", type=float, default=1.0,
                         help="weight of the quality loss on a drafted answer's own tokens (0: drafts train generation only)")
+    parser.add_argument("--context-loss", type=float, default=0.0,
+                        help="weight of LVM's plain next-token loss on the context's output images (demonstration "
+                             "answers, later frames): more targets per step at little extra cost (0: off)")
     args = parser.parse_args(argv)
-    task_weights, k_weights = parse_task_weights(args.task_weights), parse_k_weights(args.k_weights)
+    family = args.data == "family"
+    args.bundle = args.bundle or (NEW_BUNDLE if family else DEFAULT_BUNDLE)
+    args.run_dir = args.run_dir or RUNS / ("backbone16" if family else "backbone")
+    k_weights = parse_k_weights(args.k_weights)
+    task_weights = parse_family_weights(args.task_weights) if family else parse_task_weights(args.task_weights)
     command = " ".join(["python -m demo_core.train backbone", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
+    if not (args.bundle / "tokenizer").is_dir():
+        raise SystemExit(f"{args.bundle} has no tokenizer/ folder: the backbone trains on a bundle's tokenizer "
+                         f"(second generation: python -m demo_core.train tokenizer)")
 
     torch.manual_seed(args.seed)
     logger = setup_logging(args.run_dir, "backbone")
@@ -363,7 +373,7 @@ def main(argv=None):
     fingerprint = tokenizer_fingerprint(args.bundle)
     vocab = Vocab(tokenizer.codebook_size, tokenizer.grid ** 2)
     config = BackboneConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                            intermediate_size=3 * args.hidden)
+                            intermediate_size=3 * args.hidden, max_positions=8 * tokenizer.grid ** 2)  # K <= 3
     model = build_backbone(config, vocab)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -374,8 +384,10 @@ def main(argv=None):
     checkpoint_path = args.run_dir / "checkpoint.pt"
     state = load_checkpoint(checkpoint_path)
     exported = args.bundle / "backbone" / "training.json"
-    if state is not None and state.get("tokenizer_sha256_16", fingerprint) != fingerprint:
-        logger.info(f"{checkpoint_path} was trained on another tokenizer: starting afresh")
+    same_codes = lambda record: record.get("codes_sha256_16") == fingerprint or (  # noqa: E731
+        record.get("tokenizer_sha256_16") is not None and record.get("tokenizer_sha256_16") == legacy_fingerprint(args.bundle))
+    if state is not None and not same_codes(state):
+        logger.info(f"{checkpoint_path} was trained on other codes (another tokenizer): starting afresh")
         state = None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -383,7 +395,7 @@ def main(argv=None):
         step, elapsed = state["step"], state["elapsed"]
         history = state.get("history", [])
         logger.info(f"resumed from {checkpoint_path} at step {step}")
-    elif exported.exists() and json.loads(exported.read_text()).get("tokenizer_sha256_16") == fingerprint:
+    elif exported.exists() and same_codes(json.loads(exported.read_text())):
         from safetensors.torch import load_file
 
         info = json.loads(exported.read_text())
@@ -398,12 +410,28 @@ def main(argv=None):
     timer = Timer(elapsed)
     logger.info(f"backbone {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {vocab.size}, "
                 f"config {backbone_config_dict(config)}, args {vars(args)}")
-    sampler = ExampleSampler("train", tokenizer.image_size, args.seed + step)
+    rng = np.random.default_rng(args.seed + step)            # a fresh data stream after every resume
     generator = torch.Generator().manual_seed(args.seed + step)
-    pool = None
-    if args.pool:
-        pool = TokenPool(tokenizer, args.pool, args.seed, args.run_dir / f"pool-{fingerprint}-{args.pool}-{args.seed}.pt", logger)
-    validation_set = ValidationSet(tokenizer)
+    if family:
+        from .curriculum import FamilyCurriculum, validation_groups
+        from ..task_family import KINDS
+        from .episodes import FRAMES_PER_EPISODE, EpisodePool
+
+        pool = EpisodePool(tokenizer, args.episodes, args.sequences, args.seed,
+                           args.run_dir / f"episodes-{fingerprint}-{args.images}-{args.seed}.pt", pool=args.images, logger=logger)
+        curriculum = FamilyCurriculum(pool, k_weights, task_weights, args.sequence_share)
+        validation_set = ValidationSet(validation_groups(tokenizer, pool=args.images))
+        tasks, name = list(KINDS), "retouch-16"
+        extra = {"max_frames": FRAMES_PER_EPISODE - 1}     # the longest sequences it trained on
+    else:
+        from .five_tasks import FiveTaskCurriculum, TokenPool, validation_groups
+
+        pool = TokenPool(tokenizer, args.pool, args.seed, args.run_dir / f"pool-{fingerprint}-{args.pool}-{args.seed}.pt",
+                         logger) if args.pool else None
+        sampler = ExampleSampler("train", tokenizer.image_size, args.seed + step)
+        curriculum = FiveTaskCurriculum(pool, tokenizer, sampler, k_weights, task_weights)
+        validation_set = ValidationSet(validation_groups(tokenizer))
+        tasks, name, extra = list(TASKS), "retouch-tiny", None
     validation = None
     if step and step < args.steps:     # a resumed run: where it starts from, on the same yardstick as its later validations
         validation = validation_set.evaluate(model, vocab)
@@ -413,9 +441,10 @@ def main(argv=None):
     def checkpoint():
         history[-1]["to_step"] = step
         save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "step": step, "elapsed": timer.elapsed, "tokenizer_sha256_16": fingerprint,
+                                          "step": step, "elapsed": timer.elapsed, "codes_sha256_16": fingerprint,
                                           "history": history})
-        export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer, history)
+        export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer, history,
+               tasks=tasks, name=name, extra=extra)
 
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, export, exit
     previous_handlers = {}
@@ -423,18 +452,14 @@ def main(argv=None):
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous_handlers[signum] = signal.signal(signum, lambda *_: stop.append(True))
     model.train()
-    bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True, mininterval=30)
     while step < args.steps and not stop:
         lr = cosine_lr(step, args.steps, args.lr, args.warmup)
         if warm_from and step - warm_from < 100:
             lr *= (step - warm_from + 1) / 100
         set_lr(optimizer, lr)
-        k = int(sampler.rng.choice([1, 2, 3], p=k_weights))
-        if pool is not None:
-            context, answer = pool.batch(args.batch, k, sampler.rng, weights=task_weights)
-        else:
-            tasks = sampler.rng.choice(list(TASKS), size=args.batch, p=task_weights)
-            context, answer = encode_examples(tokenizer, [sampler.sample(task=str(t), k=k) for t in tasks])
+        batch = curriculum.batch(args.batch, rng)
+        context, answer = batch.context, batch.answer
         model.eval()
         tf_codes = teacher_forcing_codes(model, vocab, context, answer, generator)
         drafts = None
@@ -448,8 +473,14 @@ def main(argv=None):
         if drafts is not None and args.draft_quality != 1.0:
             quality_weights = torch.ones(q_t.shape)
             quality_weights[drafted, : answer.shape[1]] = args.draft_quality   # the draft segment; refinements keep 1
-        gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail, quality_weights)
-        loss = gen_loss + quality_loss
+        context_loss = None
+        if args.context_loss > 0:
+            gen_loss, quality_loss, gen_accuracy, _, context_loss = losses(
+                model, vocab, ids, pos, gen_t, q_t, tail, quality_weights, output_rows(batch.shape, vocab.cells))
+            loss = gen_loss + quality_loss + args.context_loss * context_loss
+        else:
+            gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail, quality_weights)
+            loss = gen_loss + quality_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -458,8 +489,9 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(gen=f"{gen_loss.item():.3f}", q=f"{quality_loss.item():.3f}", acc=f"{gen_accuracy.item():.3f}")
         if step % 25 == 0:
-            logger.info(f"step {step} k {k} gen {gen_loss.item():.4f} quality {quality_loss.item():.4f} "
-                        f"acc {gen_accuracy.item():.3f} lr {lr:.2e} elapsed {timer.elapsed / 60:.1f}m")
+            context_text = f" context {context_loss.item():.4f}" if context_loss is not None else ""
+            logger.info(f"step {step} {batch.shape} gen {gen_loss.item():.4f} quality {quality_loss.item():.4f}{context_text} "
+                        f"acc {gen_accuracy.item():.3f} lr {lr:.2e} tokens {ids.numel()} elapsed {timer.elapsed / 60:.1f}m")
         if step % args.validate_every == 0 or step == args.steps:
             validation = validation_set.evaluate(model, vocab)
             logger.info(f"step {step} validation {json.dumps(validation)}")

@@ -44,7 +44,7 @@ from ..drafts.scan_form import draft_scan
 from ..refiners.self_refine import KINDS, SelfRefiner, code_embeddings, cosine_distance, self_refine
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from ..tokenizer import DEFAULT_PIXEL_RANGE
-from .backbone import encode_examples
+from .curriculum import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, setup_logging, write_json
 
 LOSSES = ("cosine", "l2", "ce")

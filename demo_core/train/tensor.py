@@ -42,7 +42,7 @@ from ..backbone import SamplingConfig
 from ..drafts.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_noise, answer_windows,
                                draft_tensor, parameter_count, self_draft_windows, teacher_forced_logits)
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
-from .backbone import encode_examples
+from .curriculum import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
 from .refiner import state_fingerprint
 

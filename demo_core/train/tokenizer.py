@@ -53,14 +53,16 @@ def make_view(image: np.ndarray, kind: str, side: str, rng: np.random.Generator)
 class ViewSampler:
     """64x64 views for the tokenizer: photos and both sides of every training task kind."""
 
-    def __init__(self, split: str, seed: int, pool: str = "debian"):
+    def __init__(self, split: str, seed: int, pool: str = "debian", kind_weights: dict[str, float] | None = None):
         self.images = ImageSampler(split, IMAGE_SIZE, seed, pool=pool)
         self.rng = np.random.default_rng(seed + 11)
+        weights = np.array([(kind_weights or {}).get(kind, 1.0) for kind in TRAIN_KINDS], dtype=np.float64)
+        self.kind_p = weights / weights.sum()
 
     def view(self) -> np.ndarray:
         if self.rng.random() < PHOTO_SHARE:
             return self.images.sample()
-        kind = TRAIN_KINDS[int(self.rng.integers(0, len(TRAIN_KINDS)))]
+        kind = TRAIN_KINDS[int(self.rng.choice(len(TRAIN_KINDS), p=self.kind_p))]
         side = "y" if self.rng.random() < 2 / 3 else "x"
         return make_view(self.images.sample(), kind, side, self.rng)
 
@@ -78,6 +80,17 @@ class ViewSampler:
 def to_pixels(batch: np.ndarray) -> torch.Tensor:
     """BxHxWx3 in [0, 1] -> (B, 3, H, W) in [-1, 1] (the range this tokenizer is trained in)."""
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+
+
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """'edges_canny=3,posterize=2' -> {'edges_canny': 3.0, 'posterize': 2.0} (kinds not named weigh 1)."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, value = item.partition("=")
+        if kind not in TRAIN_KINDS:
+            raise ValueError(f"--kind-weights: unknown or held-out kind {kind!r}; training kinds: {', '.join(TRAIN_KINDS)}")
+        weights[kind] = float(value or 1.0)
+    return weights
 
 
 def main(argv=None):
@@ -100,9 +113,20 @@ def main(argv=None):
     parser.add_argument("--checkpoint-minutes", type=float, default=4.0)
     parser.add_argument("--export-every", type=float, default=30.0, help="minutes between exports while training")
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and validate, no training")
+    parser.add_argument("--kind-weights", default="", help="how often each task kind's views are drawn, e.g. "
+                        "'edges_canny=3,posterize=2' (kinds not named weigh 1)")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="fine-tune the decoder alone from the export in --out: encoder and codebook frozen, so every "
+                             "image keeps its codes and a backbone trained on them stays valid (own run dir: <run-dir>-decoder)")
     args = parser.parse_args(argv)
     if args.crop % 4 or not 8 <= args.crop <= IMAGE_SIZE:
         parser.error(f"--crop must be a multiple of 4 between 8 and {IMAGE_SIZE}, got {args.crop}")
+    try:
+        kind_weights = parse_kind_weights(args.kind_weights)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.decoder_only:
+        return decoder_only(args, kind_weights)
 
     torch.manual_seed(args.seed)
     logger = setup_logging(args.run_dir, "tokenizer16")
@@ -137,7 +161,7 @@ def main(argv=None):
         step, previous, rewarm_from = int(info["step"]), float(info["elapsed_minutes"]) * 60, int(info["step"])
         logger.info(f"resumed from the export in {args.out} at step {step} (optimizer and EMA counts restarted, "
                     f"100-step re-warm-up)")
-    sampler = ViewSampler("train", args.seed + step)         # a fresh data stream after every resume
+    sampler = ViewSampler("train", args.seed + step, kind_weights=kind_weights)   # a fresh data stream after every resume
     timer = Timer(previous)
     logger.info(f"tokenizer16 {sum(p.numel() for p in vq.parameters()) / 1e6:.2f}M params, config {dict(vq.config)}, "
                 f"args {vars(args)}")
@@ -197,7 +221,90 @@ def main(argv=None):
     export(vq, args, step, timer.elapsed, logger)
 
 
-def export(vq: LocalVQModel, args, step: int, elapsed: float, logger, quick: bool = False) -> None:
+def decoder_only(args, kind_weights: dict[str, float]) -> None:
+    """Fine-tune the decoder of the exported tokenizer; codes (encoder, codebook) stay bit-identical."""
+    import json
+
+    run_dir = args.run_dir.with_name(args.run_dir.name + "-decoder")
+    logger = setup_logging(run_dir, "tokenizer16-decoder")
+    if not (args.out / "training.json").exists():
+        raise SystemExit(f"--decoder-only fine-tunes an exported tokenizer, and {args.out} has none: train it first")
+    info = json.loads((args.out / "training.json").read_text())
+    vq = LocalVQModel.from_pretrained(args.out)
+    frozen = {name: tensor.clone() for name, tensor in vq.state_dict().items() if not name.startswith("decoder.")}
+    for name, parameter in vq.named_parameters():
+        parameter.requires_grad_(name.startswith("decoder."))
+    params = list(vq.decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-4)
+    ema = EMAQuantizer(vq.codebook)                           # used read-only: train=False never updates it
+    base_step = int(info.get("base_step", info["step"]))
+    base_minutes = float(info.get("base_minutes", info["elapsed_minutes"]))
+    step, previous = 0, float(info.get("decoder_minutes", 0.0)) * 60
+    checkpoint_path = run_dir / "checkpoint.pt"
+    state = load_checkpoint(checkpoint_path)
+    if state is not None:
+        vq.decoder.load_state_dict(state["decoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, previous = state["step"], state["elapsed"]
+        logger.info(f"resumed decoder fine-tune at step {step}")
+    sampler = ViewSampler("train", args.seed + 7919 + step, kind_weights=kind_weights)
+    timer = Timer(previous)
+    perceptual = None
+    if args.lpips > 0:
+        from ..metrics import lpips_model
+
+        perceptual = lpips_model("vgg")
+    logger.info(f"decoder-only fine-tune of {args.out} (base step {base_step}), args {vars(args)}")
+
+    def checkpoint():
+        save_checkpoint(checkpoint_path, {"decoder": vq.decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "step": step, "elapsed": timer.elapsed})
+
+    def write(quick: bool):
+        for name, tensor in vq.state_dict().items():          # the codes must not have moved
+            if name in frozen and not torch.equal(frozen[name], tensor):
+                raise RuntimeError(f"decoder-only fine-tune changed {name}")
+        export(vq, args, base_step, base_minutes * 60 + timer.elapsed, logger, quick=quick,
+               extra={"base_step": base_step, "base_minutes": base_minutes, "decoder_steps": step,
+                      "decoder_minutes": round(timer.elapsed / 60, 1)})
+        vq.train()
+
+    last_save = last_export = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="tokenizer16-decoder", dynamic_ncols=True, mininterval=30)
+    vq.train()
+    vq.encoder.eval()
+    while step < args.steps:
+        set_lr(optimizer, cosine_lr(step, args.steps, args.lr, warmup=50))
+        pixels = to_pixels(sampler.batch(args.batch, args.crop, per_view=args.crops_per_view))
+        with torch.no_grad():
+            latents = vq.encode(pixels).latents
+            batch, dim, height, width = latents.shape
+            codes, _ = ema.quantize(latents.permute(0, 2, 3, 1).reshape(-1, dim), train=False)
+            quantized = codes.view(batch, height, width, dim).permute(0, 3, 1, 2)
+        reconstruction = vq.decode(quantized, force_not_quantize=True).sample
+        l1, mse, psnr = pixel_losses(reconstruction, pixels)
+        lp = (perceptual(reconstruction[:args.lpips_crops], pixels[:args.lpips_crops]).mean()
+              if perceptual is not None else torch.zeros(()))
+        loss = l1 + mse + args.lpips * lp
+        optimise(loss, params, optimizer)
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            logger.info(f"decoder step {step} loss {loss.item():.4f} l1 {l1.item():.4f} psnr {psnr:.2f} "
+                        f"lpips {lp.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} elapsed {timer.elapsed / 60:.1f}m")
+        if time.time() - last_save > args.checkpoint_minutes * 60:
+            checkpoint()
+            last_save = time.time()
+        if time.time() - last_export > args.export_every * 60:
+            write(quick=True)
+            vq.encoder.eval()
+            last_export = time.time()
+    bar.close()
+    checkpoint()
+    write(quick=False)
+
+
+def export(vq: LocalVQModel, args, step: int, elapsed: float, logger, quick: bool = False, extra: dict | None = None) -> None:
     """Write the tokenizer (diffusers layout, fp32) and its validation report to args.out."""
     from ..eval_tokenizer import tokenizer_report
     from ..tokenizer import VQTokenizer
@@ -209,7 +316,7 @@ def export(vq: LocalVQModel, args, step: int, elapsed: float, logger, quick: boo
     summary = {"step": step, "elapsed_minutes": round(elapsed / 60, 1),
                "command": "python -m demo_core.train tokenizer " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                         if k not in ("export_only", "report_per_kind")),
-               "validation": report}
+               "validation": report, **(extra or {})}
     write_json(args.out / "training.json", summary)
     logger.info(f"exported step {step} to {args.out}; validation {report['summary']}")
 
