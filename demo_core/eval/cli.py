@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..tasks import CORE_TASKS, TASKS, get_task
-from .quality import evaluate, incontext_check, pairs_ablation, scan_ablation, stage_labels
+from ..tasks import CORE_TASKS, TASKS
+from .family import FAMILY_CORE, is_family, task_following, validate_spec
+from .quality import evaluate, incontext_check, pairs_ablation, run_stages, scan_ablation, stage_labels
 from .report import markdown, plot_curves, plot_examples
 
 
@@ -28,7 +29,14 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m demo_core eval", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", default=None, help="bundle folder or Hub id (default: embedded retouch-tiny)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated task specs: five-task names, or family kinds with optional fixed parameters "
+                             "(inpaint:fill=black; see eval/family.py). Default: the bundle's core tasks")
+    parser.add_argument("--split", choices=("val", "heldout"), default="val",
+                        help="family tasks: training parameter values (val) or held-out ones (heldout); photos are "
+                             "held out either way")
+    parser.add_argument("--following", type=int, default=0,
+                        help="family bundles: query photos for the task-following check, on both splits (0: skip)")
     parser.add_argument("--n", type=int, default=8, help="examples per task (FID needs >= 10)")
     parser.add_argument("--pairs", type=int, default=2, help="demonstration pairs K")
     parser.add_argument("--seed", type=int, default=0)
@@ -54,11 +62,13 @@ def main(argv=None) -> int:
     from ..engine import load_engine
     from ..photos import FetchError
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        for task in tasks:
-            get_task(task)
         engine = load_engine(args.bundle)
+        family_bundle = any(is_family(t) for t in engine.bundle.info.get("tasks", ()))
+        default = ",".join(FAMILY_CORE) if family_bundle else ",".join(TASKS)
+        tasks = [t.strip() for t in (args.tasks or default).split(",") if t.strip()]
+        for task in tasks:
+            validate_spec(task)
     except (ValueError, BundleError) as error:
         print(f"error: {error}")
         return 1
@@ -90,14 +100,21 @@ def main(argv=None) -> int:
     start = time.time()
     examples: list = []
     report = {"bundle": str(args.bundle or "retouch-tiny (embedded)"), "n": args.n, "pairs": args.pairs, "seed": args.seed,
-              "settings": settings, "stages": labels, "pool": args.pool,
+              "settings": settings, "stages": labels, "pool": args.pool, "split": args.split,
               "command": "python -m demo_core eval " + shlex.join(sys.argv[1:] if argv is None else list(argv))}
     try:
-        report.update(evaluate(engine, tasks, args.n, args.pairs, args.seed, labels, settings, examples, pool=args.pool))
+        report.update(evaluate(engine, tasks, args.n, args.pairs, args.seed, labels, settings, examples, pool=args.pool,
+                               split=args.split))
+        if args.following:
+            def run_draft(example, seed):
+                return run_stages(engine, example, ["draft"], seed, **settings)["draft"]["image"]
+
+            report["following"] = {split: task_following(engine, args.following, args.pairs, args.seed, split, settings,
+                                                         args.pool, run_draft) for split in ("val", "heldout")}
     except FetchError as error:
         print(f"error: {error}")
         return 1
-    if args.incontext:
+    if args.incontext and not family_bundle:
         report["incontext"] = incontext_check(engine, args.incontext, args.pairs, args.seed, settings)
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]
     if args.ablate_T or args.ablate_c:

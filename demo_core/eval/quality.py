@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from ..images import float_to_pil, pil_to_float
 from ..tasks import PHOTO_INPUT_TASKS, Example, ExampleSampler, get_task
+from .family import edge_scores, example_sampler, is_family
 
 STAGE_RUNS = {  # label -> (refine order of the run, stage key in its Result)
     "draft": (("scan", "vsr"), "draft"),
@@ -100,15 +101,16 @@ def code_stability(example: Example, query_codes: torch.Tensor, answer_codes: to
 
 
 def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], settings: dict, examples_out: list | None = None,
-             progress: bool = True, pool: str = "builtin") -> dict:
+             progress: bool = True, pool: str = "builtin", split: str = "val") -> dict:
     from ..metrics import edge_precision_recall, fid, lpips_batch, psnr, ssim, token_accuracy
     from ..token_metrics import auroc, token_cosine_distances
 
     table, curves, task_curves = {}, {}, {}
     bar = tqdm(total=len(tasks) * n, desc="eval", disable=not progress, dynamic_ncols=True)
     for task in tasks:
-        sampler = ExampleSampler("val", engine.image_size, seed, pool=pool)
+        sampler = example_sampler(task, split, engine.image_size, seed, pool)
         rows = {label: {"psnr": [], "ssim": [], "acc": [], "time": [], "images": [], "cos": [], "edges": []} for label in labels}
+        baseline_f1 = []
         truths, perplexities, q_scores, q_wrong, q_head = [], [], [], [], []
         references = {"identity": [], "ceiling": []}       # the query handed back; the right answer through the tokenizer
         stability = []
@@ -137,6 +139,10 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
                 row["cos"].append(token_cosine_distances(engine.model.get_input_embeddings().weight, out["tokens"], truth))
                 if task == "edges":
                     row["edges"].append(edge_precision_recall(image, target))
+                elif is_family(task) and (scores := edge_scores(image, example)) is not None:
+                    row["edges"].append((scores["edge_precision"], scores["edge_recall"], scores["edge_f1"]))
+                    if label == "draft" and "baseline_f1" in scores:
+                        baseline_f1.append(scores["baseline_f1"])
             draft = outputs["draft"]
             if draft["quality"] is not None:
                 q_scores.append(draft["quality"].flatten())
@@ -167,6 +173,8 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             for name, images in references.items()}
         if stability:
             table[task]["code_stability"] = float(np.mean(stability))
+        if baseline_f1:
+            table[task]["sobel_baseline_f1"] = float(np.mean(baseline_f1))     # the query's Sobel map, thresholded
         table[task]["perplexity"] = float(np.nanmean(perplexities))
         if q_scores:
             # the score should be LOW for wrong tokens: AUROC of (1 - quality) for "token differs from truth"
@@ -207,7 +215,7 @@ def scan_ablation(engine, tasks, n, pairs, seed, iterations: list[int], cells: l
         for c in cells:
             values, accs, seconds = [], [], []
             for task in tasks:
-                sampler = ExampleSampler("val", engine.image_size, seed)
+                sampler = example_sampler(task, "val", engine.image_size, seed, "builtin")
                 for index in range(n):
                     example = sampler.sample(task=task, k=pairs)
                     truth = encode_example(engine, example)[1].numpy()

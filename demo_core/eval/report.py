@@ -32,6 +32,8 @@ def markdown(report: dict) -> str:
     for task, rows in report["table"].items():
         edge = rows["draft"].get("edge_precision")
         edge_text = f"{edge:.2f} / {rows['draft']['edge_recall']:.2f} / {rows['draft']['edge_f1']:.2f}" if edge is not None else ""
+        if rows.get("sobel_baseline_f1") is not None:
+            edge_text += f" (Sobel-threshold baseline on the query: F1 {rows['sobel_baseline_f1']:.2f})"
         lines.append(f"| {task} | {rows['perplexity']:.1f} | {rows.get('quality_auroc', float('nan')):.3f} | "
                      f"{rows.get('quality_auroc_head', float('nan')):.3f} | {edge_text} |")
     lines += ["", "| task | stage | vs identity (dB) | vs ceiling (dB) |", "|---|---|---|---|"]
@@ -55,6 +57,11 @@ def markdown(report: dict) -> str:
         ic = report["incontext"]
         lines += ["", f"In-context: output nearest to the demonstrated task's target in {ic['share'] * 100:.0f}% of "
                       f"{ic['n'] * len(ic['per_task'])} cases (" + ", ".join(f"{t} {v * 100:.0f}%" for t, v in ic["per_task"].items()) + ")"]
+    for name, following in (report.get("following") or {}).items():
+        lines += ["", f"Task following ({name}: {'held-out parameter values and kinds' if following['split'] == 'heldout' else 'training kinds and values'}, "
+                      f"held-out photos): draft nearest to the demonstrated kind's target in {following['share'] * 100:.0f}% of "
+                      f"{following['n'] * len(following['per_kind'])} cases ("
+                      + ", ".join(f"{k} {v * 100:.0f}%" for k, v in following["per_kind"].items()) + ")"]
     if report.get("scan_ablation"):
         lines += ["", "| SCAN T | c | PSNR | token acc | s/image |", "|---|---|---|---|---|"]
         lines += [f"| {r['T']} | {r['c']} | {r['psnr']:.2f} | {r['token_acc']:.3f} | {r['seconds']:.2f} |" for r in report["scan_ablation"]]

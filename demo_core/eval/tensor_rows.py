@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..images import float_to_pil, pil_to_float
-from ..tasks import ExampleSampler
+from .family import example_sampler
 
 AR = "AR (SCAN-form draft)"
 CONTROL = "control (k=1, same steps)"
@@ -94,7 +94,7 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
     rows = []
     bar = tqdm(total=len(tasks) * n * len(variants), desc="eval tensor", disable=not progress, dynamic_ncols=True)
     for task in tasks:
-        sampler = ExampleSampler("val", engine.image_size, seed)
+        sampler = example_sampler(task, "val", engine.image_size, seed, "builtin")
         values = {name: {"psnr": [], "ssim": [], "acc": [], "time": []} for name in variants}
         for index in range(n):
             example = sampler.sample(task=task, k=pairs)

@@ -72,7 +72,7 @@ class Group:
     draft: bool                 # also measured on free-running drafts (the costly part)
 
 
-def validation_groups(tokenizer, per_kind: int = 4, sequences: int = 8, seed: int = 1234, pool: str = "debian",
+def validation_groups(tokenizer, per_kind: int = 2, core_per_kind: int = 4, sequences: int = 8, seed: int = 1234, pool: str = "debian",
                       draft_kinds=("colorize", "inpaint", "edges_canny")) -> list[Group]:
     """Fixed validation examples, encoded once: per kind and K (validation photos), held-out parameter values and
     kinds (K = 2; labelled 'kind@heldout-params' / 'kind@heldout-kind'), and sequences ('sequence:pan'...).
@@ -85,10 +85,10 @@ def validation_groups(tokenizer, per_kind: int = 4, sequences: int = 8, seed: in
     def encode(images) -> torch.Tensor:
         return tokenizer.encode(np.stack(images).astype(np.float32)).view(len(images), cells)
 
-    def pair_group(name, sampler, kinds, k, draft, suffix=""):
+    def pair_group(name, sampler, kinds, k, draft, suffix="", count=per_kind):
         labels, images = [], []
         for kind in kinds:
-            for _ in range(per_kind):
+            for _ in range(count):
                 example = sampler.sample(kind=kind, k=k)
                 for x, y in example.pairs:
                     images += [x, y]
@@ -102,11 +102,12 @@ def validation_groups(tokenizer, per_kind: int = 4, sequences: int = 8, seed: in
     for k in (1, 2, 3):
         groups.append(pair_group(f"val k={k}", val, TRAIN_KINDS, k, draft=False))
     core = FamilySampler("val", tokenizer.image_size, seed + 1, pool=pool)
-    groups.append(pair_group("core k=2", core, draft_kinds, 2, draft=True))
+    groups.append(pair_group("core k=2", core, draft_kinds, 2, draft=True, count=core_per_kind))
     heldout = FamilySampler("heldout", tokenizer.image_size, seed + 2, pool=pool)
     groups.append(pair_group("heldout-params k=2", heldout, [k for k in KINDS if k not in HELDOUT_KINDS], 2, draft=False,
                              suffix="@heldout-params"))
-    groups.append(pair_group("heldout-kind k=2", heldout, list(HELDOUT_KINDS), 2, draft=False, suffix="@heldout-kind"))
+    groups.append(pair_group("heldout-kind k=2", heldout, list(HELDOUT_KINDS), 2, draft=False, suffix="@heldout-kind",
+                             count=core_per_kind))
     sequencer = SequenceSampler("val", tokenizer.image_size, seed + 3, frames_range=(3, 3), pool=pool)
     labels, images = [], []
     for kind in SEQUENCE_KINDS:
