@@ -67,6 +67,12 @@ class Bundle:
         return sampling_defaults(self.info)
 
     @property
+    def scan_temperature(self) -> float | None:
+        """SCAN's regeneration temperature (bundle.json "sampling": "scan_temperature"); None: the draft's."""
+        value = (self.info.get("sampling") or {}).get("scan_temperature")
+        return None if value is None else float(value)
+
+    @property
     def max_pairs(self) -> int:
         return int(self.info.get("max_pairs") or max_pairs(self.backbone.config.max_position_embeddings,
                                                            int(self.info["tokens_per_image"])))

@@ -71,6 +71,8 @@ def generate_main(argv=None) -> int:
                         help="default: the model's own (0.9; lvm-7b: 1.0, its reference scripts')")
     parser.add_argument("--top-k", type=int, default=None, help="default: the model's own (0 = off)")
     parser.add_argument("--candidates", type=int, default=1)
+    parser.add_argument("--scan-temperature", type=float, default=None,
+                        help="SCAN's regeneration temperature (default: the model's own, else the draft's)")
     parser.add_argument("--scan-iterations", type=int, default=30, help="SCAN T")
     parser.add_argument("--scan-cells", type=int, default=4, help="SCAN c")
     parser.add_argument("--quality-score", choices=QUALITY_SCORES, default="combined",
@@ -96,7 +98,8 @@ def generate_main(argv=None) -> int:
     try:
         engine = load_engine(args.bundle, revision=args.revision, device=args.device)
         sampling = {name: value for name, value in (("temperature", args.temperature), ("top_p", args.top_p),
-                                                    ("top_k", args.top_k)) if value is not None}
+                                                    ("top_k", args.top_k), ("scan_temperature", args.scan_temperature))
+                    if value is not None}
         options = dict(refine=refine, seed=args.seed, **sampling, candidates=args.candidates,
                        scan_iterations=args.scan_iterations, scan_cells=args.scan_cells, quality_score=args.quality_score,
                        draft_mode=args.draft_mode)

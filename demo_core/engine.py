@@ -12,7 +12,7 @@ Returns typed events (`events.py`); never imports gradio.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -51,6 +51,7 @@ class RunSettings:
     top_p: float = 0.9
     top_k: int = 0
     candidates: int = 1
+    scan_temperature: float | None = None  # SCAN's regeneration temperature (None: the draft's); a bundle may set it
     scan_iterations: int = 30             # SCAN T
     scan_cells: int = 4                   # SCAN c
     quality_score: str = "combined"       # backbone.token_score: "combined" p(<good>) x p(code), or "head" (SCAN paper)
@@ -287,7 +288,8 @@ class Engine:
         if unknown_settings:
             raise EngineInputError(f"Unknown setting {unknown_settings[0]!r}; see RunSettings for the options.")
         stages = tuple(STAGE_ALIASES.get(stage, stage) for stage in (refine or ()))
-        settings = RunSettings(refine=stages, seed=int(seed), **{**self.sampling_defaults, **settings})
+        settings = RunSettings(refine=stages, seed=int(seed), **{**self.sampling_defaults,
+                                                                 "scan_temperature": self.bundle.scan_temperature, **settings})
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
             raise EngineInputError("Sampling needs temperature >= 0 (0 = greedy), 0 < top-p <= 1 and top-k >= 0 (0 = off).")
         unknown = [stage for stage in settings.refine if stage not in REFINERS]
@@ -383,7 +385,9 @@ class Engine:
             start, decoded = time.perf_counter(), timings["decode"]
             before = state.codes[0].clone()
             if stage == "scan":
-                for record in fmt.scan(state, settings, sampling, generator):
+                scan_sampling = sampling if settings.scan_temperature is None else replace(
+                    sampling, temperature=float(settings.scan_temperature))
+                for record in fmt.scan(state, settings, scan_sampling, generator):
                     if settings.decode_scan_steps:
                         record.image = decode(record.codes)
                     history.append(record)

@@ -185,3 +185,34 @@ def test_a_bad_frame_file_names_the_frame(engine, tmp_path):
         engine.run(frames=[images(16, 1)[0], tmp_path / "bad.png"])
     stacked = np.stack(images(17, 3))                                  # one (F, H, W, C) array is a sequence too
     assert engine.run(frames=stacked, refine=()).frames == 3
+
+
+def test_scan_regeneration_temperature_comes_from_the_bundle_unless_given(tmp_path, monkeypatch):
+    import json
+
+    from demo_core import formats
+    from demo_core.engine import load_engine
+    from demo_core.testing import build_tiny_bundle
+
+    folder = build_tiny_bundle(tmp_path / "b")
+    info = json.loads((folder / "bundle.json").read_text())
+    info["sampling"] = {"temperature": 0.7, "scan_temperature": 0.0}
+    (folder / "bundle.json").write_text(json.dumps(info))
+    engine = load_engine(folder)
+    seen = []
+    original = formats.scan_refine
+
+    def spy(model, vocab, state, config, sampling, generator):
+        seen.append(sampling.temperature)
+        yield from original(model, vocab, state, config, sampling, generator)
+
+    monkeypatch.setattr(formats, "scan_refine", spy)
+    rng = np.random.default_rng(0)
+    pair = (rng.uniform(0, 1, (16, 16, 3)), rng.uniform(0, 1, (16, 16, 3)))
+    query = rng.uniform(0, 1, (16, 16, 3))
+    engine.run([pair], query, refine=("scan",), seed=0, scan_iterations=2)
+    engine.run([pair], query, refine=("scan",), seed=0, scan_iterations=2, scan_temperature=1.5)
+    info["sampling"] = {"temperature": 0.7}
+    (folder / "bundle.json").write_text(json.dumps(info))
+    load_engine(folder).run([pair], query, refine=("scan",), seed=0, scan_iterations=2)
+    assert seen == [0.0, 1.5, 0.7]            # the bundle's, the caller's, else the draft's
