@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "train": ("demo_core.train.__main__", "main", "train a part: tokenizer, backbone, refiner, tensor"),
     "eval": ("demo_core.eval", "main", "quality table per task and stage on the validation split"),
     "eval-tokenizer": ("demo_core.eval_tokenizer", "main", "tokenizer round trips, code stability, identity and ceiling"),
+    "tune-sampling": ("demo_core.eval.sampling", "main", "choose a bundle's default sampling by measurement on validation"),
     "bench": ("demo_core.bench", "main", "speed breakdown per stage on this machine"),
     "data": ("demo_core.photos", "main", "fetch the training photos from Debian packages into a cache (idempotent)"),
     "export": ("demo_core.export", "main", "write a push_to_hub-ready copy of a bundle with a model card"),

@@ -45,3 +45,21 @@ def test_eval_runs_family_specs_splits_and_following(tmp_path):
     assert set(report["following"]) == {"val", "heldout"} and "solarize" in report["following"]["heldout"]["per_kind"]
     assert "Task following" in (out / "results.md").read_text()
     assert eval_cli.main(["--bundle", str(bundle), "--tasks", "inpaint:colour=red", "--out", str(out)]) == 1
+
+
+def test_tune_sampling_measures_and_writes_the_bundles_defaults(tmp_path):
+    from demo_core.engine import load_engine
+    from demo_core.eval import sampling
+
+    bundle = build_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "tune.json"
+    assert sampling.main(["--bundle", str(bundle), "--tasks", "inpaint:fill=grey", "--n", "1", "--temperatures", "0,1",
+                          "--top-ps", "0.9", "--scan-temperatures", "0,1", "--scan-iterations", "2", "--pool", "builtin",
+                          "--write", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["temperature"], r["top_p"]) for r in report["draft"]] == [(0.0, 1.0), (1.0, 0.9)]
+    engine = load_engine(bundle)
+    chosen = report["chosen"]
+    assert engine.sampling_defaults == {"temperature": chosen["temperature"], "top_p": chosen["top_p"], "top_k": 0}
+    assert engine.bundle.scan_temperature == chosen["scan_temperature"] and "tune-sampling" in engine.sampling_source
+    assert sampling.main(["--write", "--n", "1"]) == 1                          # never rewrites the embedded default

@@ -304,9 +304,11 @@ def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int,
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         manifest_path = bundle / "bundle.json"
-        old_parts = json.loads(manifest_path.read_text()).get("parts", {}) if manifest_path.exists() else {}
+        old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         info = manifest(tokenizer, model, name=name, tasks=list(tasks), extra=extra)
-        info["parts"] = {**old_parts, **info["parts"]}
+        info["parts"] = {**old.get("parts", {}), **info["parts"]}
+        if "sampling" in old:                 # measured defaults (tune-sampling) outlive a re-export
+            info["sampling"] = old["sampling"]
         write_json(manifest_path, info)
     history = history or [{"command": "python -m demo_core.train backbone", "from_step": 0, "to_step": step}]
     write_json(out / "training.json", {"step": step, "elapsed_minutes": round(elapsed / 60, 1),
