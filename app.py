@@ -87,8 +87,9 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
         with gr.Row(equal_height=True, elem_classes="rt-examples", visible=False) as sequence_examples_row:
             sequence_gallery = gr.Gallery(value=[(sequence_preview(e), e.title) for e in sequence_examples.values()],
                                           label="Sequence examples (click one to load its frames and the true next frame)",
-                                          columns=len(sequence_examples) or 1, rows=1, height=150, allow_preview=False,
-                                          object_fit="contain", format="png", interactive=False, elem_id="sequence-examples")
+                                          columns=len(sequence_examples) or 1, rows=1, height=130, allow_preview=False,
+                                          object_fit="contain", format="png", interactive=False, elem_id="sequence-examples",
+                                          elem_classes="rt-wide-thumbs")
 
         with gr.Row(equal_height=False):
             # ------------------------------------------------------------------ inputs
@@ -115,15 +116,16 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                     gr.Markdown("**Frames**, oldest first — the model writes the next one. Give at least 2; click a frame "
                                 "to move it or remove it.")
                     frames = gr.Gallery(value=[], label="Frames, oldest first", type="filepath", format="png", interactive=False,
-                                        columns=4, height=230, allow_preview=False, object_fit="contain", elem_id="frames",
+                                        columns=5, height=260, allow_preview=False, object_fit="contain", elem_id="frames",
                                         elem_classes="rt-pixelated")
                     with gr.Row():
+                        small = dict(size="sm", variant="secondary", min_width=70)
                         add_frames_button = gr.UploadButton("+ Add frames", file_types=["image"], file_count="multiple",
-                                                            size="sm", variant="secondary", elem_id="add-frames")
-                        earlier_button = gr.Button("◀ Earlier", size="sm", variant="secondary", elem_id="frame-earlier")
-                        later_button = gr.Button("Later ▶", size="sm", variant="secondary", elem_id="frame-later")
-                        remove_frame_button = gr.Button("Remove", size="sm", variant="secondary", elem_id="frame-remove")
-                        clear_frames_button = gr.Button("Clear", size="sm", variant="secondary", elem_id="frames-clear")
+                                                            elem_id="add-frames", **{**small, "min_width": 120})
+                        earlier_button = gr.Button("◀ Earlier", elem_id="frame-earlier", **small)
+                        later_button = gr.Button("Later ▶", elem_id="frame-later", **small)
+                        remove_frame_button = gr.Button("Remove", elem_id="frame-remove", **small)
+                        clear_frames_button = gr.Button("Clear", elem_id="frames-clear", **small)
                     gr.Markdown("**True next frame** (optional) — adds metrics and a comparison with what the model wrote.")
                     next_truth = image_input("True next frame", height=170, elem_id="next-truth")
                 with gr.Row():
@@ -230,8 +232,8 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
         gallery.select(studio.select_example, [model_state], example_outputs, **cheap)
         task.input(studio.load_example, [task, model_state], example_outputs, api_name="load_example", concurrency_limit=None)
 
-        prompt_kind.change(prompt_kind_updates, [prompt_kind], [pair_examples, sequence_examples_row, pair_inputs, sequence_inputs],
-                           **cheap)
+        prompt_kind.change(prompt_kind_updates, [prompt_kind, status],
+                           [pair_examples, sequence_examples_row, pair_inputs, sequence_inputs, status], **cheap)
         frame_outputs = [frames, selected_frame]
         sequence_gallery.select(studio.select_sequence_example, [model_state], [*frame_outputs, next_truth], **cheap)
         frames.select(select_frame, None, [selected_frame], **cheap)

@@ -9,6 +9,7 @@ true next frame the model should write (next.png, the studio's optional "true ne
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from demo_core.images import float_to_pil
@@ -17,7 +18,7 @@ from demo_core.sequences import SequenceSampler
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64                               # the embedded default model's image size; keeps every file a few KB
 # kind -> sampler seed, chosen once so each sequence's motion (or brightness step) is easy to see
-SEEDS = {"pan": 5, "cutout": 1, "brightness": 2}
+SEEDS = {"pan": 5, "cutout": 1, "brightness": 4}
 
 
 def main(argv=None) -> int:
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
             path = folder / f"{name}.png"
             float_to_pil(array).save(path, optimize=True)
             total += path.stat().st_size
-        print(f"sequence-{kind:10s} {len(sequence.frames)} frames + next, {sequence.params}, {folder}")
+        print(f"sequence-{kind:10s} {len(sequence.frames)} frames + next, {json.dumps(sequence.params, default=float)}, {folder}")
     print(f"{total / 1024:.0f} KB in {args.out}")
     return 0
 

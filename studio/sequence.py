@@ -12,14 +12,20 @@ from typing import Sequence
 
 import gradio as gr
 
+from .layout import IDLE_STATUS, SEQUENCE_IDLE_STATUS
+
 PROMPT_KINDS = [("Pairs: input → answer", "pairs"), ("Sequence: the next frame", "sequence")]
 
 
-def prompt_kind_updates(kind: str) -> list:
-    """Visibility of (pair examples, sequence examples, pair inputs, sequence inputs) for a prompt kind."""
+def prompt_kind_updates(kind: str, status: str | None = None) -> list:
+    """The prompt-kind switch: visibility of (pair examples, sequence examples, pair inputs, sequence inputs), then
+    the status line (its hint for that kind while nothing has run yet; otherwise left as it is). Both kinds'
+    inputs stay as they were, so switching back finds them again."""
     sequence = kind == "sequence"
+    idle = status is None or 'data-state="idle"' in status
     return [gr.update(visible=not sequence), gr.update(visible=sequence),
-            gr.update(visible=not sequence), gr.update(visible=sequence)]
+            gr.update(visible=not sequence), gr.update(visible=sequence),
+            (SEQUENCE_IDLE_STATUS if sequence else IDLE_STATUS) if idle else gr.skip()]
 
 
 def frame_paths(value) -> list[str]:

@@ -210,7 +210,13 @@ def test_sequence_examples_are_small_and_loadable(studio, engine):
 
 
 def test_prompt_kind_switch_shows_one_set_of_inputs():
-    pair_examples, sequence_examples, pair_inputs, sequence_inputs = handlers.prompt_kind_updates("sequence")
+    from studio.layout import IDLE_STATUS, SEQUENCE_IDLE_STATUS, status_html
+
+    pair_examples, sequence_examples, pair_inputs, sequence_inputs, status = handlers.prompt_kind_updates("sequence", IDLE_STATUS)
     assert not pair_examples["visible"] and sequence_examples["visible"]
     assert not pair_inputs["visible"] and sequence_inputs["visible"]
-    assert [u["visible"] for u in handlers.prompt_kind_updates("pairs")] == [True, False, True, False]
+    assert status == SEQUENCE_IDLE_STATUS and "next frame" in status
+    *visibility, status = handlers.prompt_kind_updates("pairs", SEQUENCE_IDLE_STATUS)
+    assert [u["visible"] for u in visibility] == [True, False, True, False] and status == IDLE_STATUS
+    done = status_html(["draft"], None, 1.0, "Done in 1.0 s", "done")
+    assert not is_set(handlers.prompt_kind_updates("pairs", done)[-1])      # a finished run's status stays
