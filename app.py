@@ -116,7 +116,7 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                     gr.Markdown("**Frames**, oldest first — the model writes the next one. Give at least 2; click a frame "
                                 "to move it or remove it.")
                     frames = gr.Gallery(value=[], label="Frames, oldest first", type="filepath", format="png", interactive=False,
-                                        columns=5, height=260, allow_preview=False, object_fit="contain", elem_id="frames",
+                                        columns=5, height=240, allow_preview=False, object_fit="contain", elem_id="frames",
                                         elem_classes="rt-pixelated")
                     with gr.Row():
                         small = dict(size="sm", variant="secondary", min_width=70)
