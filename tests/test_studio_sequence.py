@@ -220,3 +220,30 @@ def test_prompt_kind_switch_shows_one_set_of_inputs():
     assert [u["visible"] for u in visibility] == [True, False, True, False] and status == IDLE_STATUS
     done = status_html(["draft"], None, 1.0, "Done in 1.0 s", "done")
     assert not is_set(handlers.prompt_kind_updates("pairs", done)[-1])      # a finished run's status stays
+
+
+# ---------------------------------------------------------------------------------------------
+# the served app: /generate takes a sequence too
+
+
+def test_client_generates_the_next_frame(engine, pan, tmp_path, monkeypatch):
+    from gradio_client import Client, handle_file
+
+    import app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    demo = app.build_demo(engine, "embedded default")
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_options())
+    try:
+        client = Client(url, verbose=False)
+        api = str(client.view_api(print_info=False, return_format="str"))
+        assert "prompt_kind" in api and "frames" in api and "next_frame" in api
+        sequence = dict(pair1_input=None, pair1_answer=None, prompt_kind="sequence", scan_iterations=2, frame_ms=0,
+                        api_name="/generate")
+        frames = [{"image": handle_file(path), "caption": None} for path in pan.frames]
+        canvas, status, _ = client.predict(frames=frames, next_frame=handle_file(pan.next_frame), **sequence)
+        assert 'data-state="done"' in status and canvas
+        _, status, _ = client.predict(frames=frames[:1], **sequence)
+        assert 'data-state="error"' in status and "at least 2 frames" in status
+    finally:
+        demo.close()
