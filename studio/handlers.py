@@ -2,15 +2,15 @@
 
 Each handler is a plain function or generator of widget values, so tests call them directly
 and app.py only wires them to components. The studio is split by concern: `examples` (one-click
-examples, pair rows), `sequence` (sequence mode: the prompt-kind switch, the frames gallery), `models` (the loaded engine and the model selector), `presentation` (events ->
-output tuples), `report` (the finished run's metrics and plots); this module holds `Studio` and
-re-exports what app.py and the tests use. Inputs the user must change raise `gr.Error` with
-what to change (nothing else is touched, so the other inputs stay); in sequence mode the same
-mistakes end the run with that one line in the status instead (state "error"; again nothing else
-changes); things worth knowing but not fatal are `gr.Warning`. Each visitor's model is a model id in their session (gr.State) that every
-handler takes last; `Studio.engine_for(model)` gives its engine from the shared cache. The only model
-detail used here is the backbone's input-embedding table, for the per-token cosine distance
-curve (VSR paper Fig. 2).
+examples, pair rows), `sequence` (sequence mode: the prompt-kind switch, the frames gallery), `models`
+(the loaded engine and the model selector), `presentation` (events -> output tuples), `report` (the
+finished run's metrics and plots); this module holds `Studio` and re-exports what app.py and the tests
+use. Inputs the user must change raise `gr.Error` with what to change (nothing else is touched, so the
+other inputs stay); on the page, a refused sequence-mode run ends with that one line in the status
+instead (state "error"; again nothing else changes). Things worth knowing but not fatal are
+`gr.Warning`. Each visitor's model is a model id in their session (gr.State) that every handler takes
+last; `Studio.engine_for(model)` gives its engine from the shared cache. The only model detail used
+here is the backbone's input-embedding table, for the per-token cosine distance curve (VSR paper Fig. 2).
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ from .examples import (EXAMPLES_DIR, MAX_ROWS, Example, SequenceExample, add_pai
 from .models import (DEFAULT_MODEL, DRAFT_MODES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
                      ModelOption, allowed_models, default_refiner, draft_mode_update, draft_modes, refiner_choices)
 from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView,  # noqa: F401
-                           compare_view, frame, present, stopped_status, timeline_view)
-from .layout import status_html
+                           compare_view, error_status, frame, present, stopped_status, timeline_view)
 from .report import finish_frame
 from .sequence import (PROMPT_KINDS, add_frames, clear_frames, frame_paths, frames_gallery, move_earlier, move_later,  # noqa: F401
                        prompt_kind_updates, remove_frame, select_frame)
@@ -164,8 +163,7 @@ class Studio(ModelHolder):
 
         started = time.perf_counter()
         # all model work goes through engine.stream (on a ZeroGPU Space it alone runs under @spaces.GPU)
-        stream = (engine.stream(pairs, query, refine=refine, seed=seed, decode_scan_steps=True, **settings) if frames is None
-                  else engine.stream(frames=frames, refine=refine, seed=seed, decode_scan_steps=True, **settings))
+        stream = engine.stream(pairs, query, frames=frames, refine=refine, seed=seed, decode_scan_steps=True, **settings)
         try:
             first = next(stream)          # the engine validates the prompt before its first event
         except EngineInputError as error:
@@ -174,11 +172,6 @@ class Studio(ModelHolder):
         query_image = load_square(query if frames is None else frames[-1], engine.image_size, "query")
         yield from present(engine, _chain(first, stream), refine, seed, query_image, truth_image, frame_seconds,
                            settings["scan_iterations"], started, finish_frame, draft_mode == "tensor", quality_score)
-
-
-def error_status(message: str) -> str:
-    """The status line of a refused run: the one line that says what to change."""
-    return status_html(["draft"], None, 0.0, message, "error")
 
 
 def live(frames: Iterator[tuple], min_interval: float = 0.0) -> Iterator[tuple]:
