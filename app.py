@@ -16,10 +16,10 @@ import sys  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from demo_core import viz  # noqa: E402
-from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS, PROMPT_KINDS, REPORT_OUTPUTS, METRIC_COLUMNS,  # noqa: E402
-                             TIMING_COLUMNS, QUALITY_SCORE_CHOICES, Studio, add_pair, clear_frames, compare_view, default_refiner,
-                             draft_modes, example_preview, list_examples, list_sequence_examples, move_earlier, move_later,
-                             prompt_kind_updates, refiner_choices, remove_frame, remove_pair, report, select_frame,
+from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS, PROMPT_KINDS, REPORT_OUTPUTS,  # noqa: E402
+                             METRIC_COLUMNS, TIMING_COLUMNS, QUALITY_SCORE_CHOICES, Studio, add_pair, clear_frames, compare_view,
+                             default_refiner, draft_modes, example_preview, list_examples, list_sequence_examples, move_earlier,
+                             move_later, prompt_kind_updates, refiner_choices, remove_frame, remove_pair, report, select_frame,
                              sequence_preview, stopped_status, timeline_view)
 from studio.layout import CSS, HEADER, IDLE_STATUS, TITLE, legend, theme  # noqa: E402
 

@@ -31,8 +31,8 @@ from .models import (DEFAULT_MODEL, DRAFT_MODES, QUALITY_SCORE_CHOICES, REFINER_
 from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView,  # noqa: F401
                            compare_view, error_status, frame, present, stopped_status, timeline_view)
 from .report import finish_frame
-from .sequence import (PROMPT_KINDS, add_frames, clear_frames, frame_paths, frames_gallery, move_earlier, move_later,  # noqa: F401
-                       prompt_kind_updates, remove_frame, select_frame)
+from .sequence import (PROMPT_KINDS, add_frames, clear_frames, frame_paths, frames_gallery,  # noqa: F401
+                       move_earlier, move_later, prompt_kind_updates, remove_frame, select_frame)
 
 MAX_SEED = 2**31 - 1
 LIVE_MIN_FRAME_S = 0.04     # served progress frames at most 25 a second: a browser shows no more, each costs a send

@@ -14,8 +14,8 @@ HEADER = f"""
 <div class="rt-header">
   <h1>Retouch <span class="rt-sub">studio</span></h1>
   <p class="rt-lede">Show a few <b>before → after</b> pairs and a query: an autoregressive image model works out
-  the task <i>in context</i> (or show a few frames of a sequence: it writes the next one), writes the answer token by token, scores every token, then repairs the weak ones
-  (SCAN) and refines all of them (VSR) — live.</p>
+  the task <i>in context</i> (or show a few frames of a sequence: it writes the next one), writes the answer
+  token by token, scores every token, then repairs the weak ones (SCAN) and refines all of them (VSR) — live.</p>
 </div>
 """
 

@@ -30,6 +30,8 @@ def prompt_kind_updates(kind: str, status: str | None = None) -> list:
 
 def frame_paths(value) -> list[str]:
     """The gallery's value (paths, or (path, caption) items, or None) -> file paths, oldest first."""
+    if isinstance(value, (str, dict)):                 # one frame given on its own (API callers)
+        value = [value]
     paths = []
     for item in value or []:
         path = item[0] if isinstance(item, (tuple, list)) else item

@@ -152,7 +152,9 @@ def test_unknown_prompt_kind(studio, pan):
 
 def test_frame_paths_reads_every_gallery_value_shape():
     assert handlers.frame_paths(None) == [] and handlers.frame_paths([]) == []
-    assert handlers.frame_paths([("a.png", "1"), ["b.png", None], "c.png", {"path": "d.png"}]) == ["a.png", "b.png", "c.png", "d.png"]
+    mixed = [("a.png", "1"), ["b.png", None], "c.png", {"path": "d.png"}, (None, None)]
+    assert handlers.frame_paths(mixed) == ["a.png", "b.png", "c.png", "d.png"]
+    assert handlers.frame_paths("a.png") == ["a.png"]                     # one path on its own, not its letters
     assert [caption for _, caption in handlers.frames_gallery(["a", "b", "c"])] == ["1 · oldest", "2", "3 · latest"]
 
 
