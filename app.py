@@ -17,7 +17,7 @@ import gradio as gr  # noqa: E402
 
 from demo_core import viz  # noqa: E402
 from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS, PROMPT_KINDS, REPORT_OUTPUTS,  # noqa: E402
-                             METRIC_COLUMNS, TIMING_COLUMNS, QUALITY_SCORE_CHOICES, Studio, add_pair, clear_frames, compare_view,
+                             METRIC_COLUMNS, TIMING_COLUMNS, QUALITY_SCORE_CHOICES, Studio, add_pair, clear_frames, clear_refusal, compare_view,
                              default_refiner, draft_modes, example_preview, list_examples, list_sequence_examples, move_earlier,
                              move_later, prompt_kind_updates, refiner_choices, remove_frame, remove_pair, report, select_frame,
                              sequence_preview, stopped_status, timeline_view)
@@ -235,13 +235,17 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
         prompt_kind.change(prompt_kind_updates, [prompt_kind, status],
                            [pair_examples, sequence_examples_row, pair_inputs, sequence_inputs, status], **cheap)
         frame_outputs = [frames, selected_frame]
-        sequence_gallery.select(studio.select_sequence_example, [model_state], [*frame_outputs, next_truth], **cheap)
+        frame_edits = [
+            sequence_gallery.select(studio.select_sequence_example, [model_state], [*frame_outputs, next_truth], **cheap),
+            add_frames_button.upload(studio.add_frames, [frames, add_frames_button, model_state], frame_outputs, **cheap),
+            earlier_button.click(move_earlier, frame_outputs, frame_outputs, **cheap),
+            later_button.click(move_later, frame_outputs, frame_outputs, **cheap),
+            remove_frame_button.click(remove_frame, frame_outputs, frame_outputs, **cheap),
+            clear_frames_button.click(clear_frames, None, frame_outputs, **cheap),
+        ]
+        for edit in frame_edits:
+            edit.then(clear_refusal, [status], [status], **cheap)
         frames.select(select_frame, None, [selected_frame], **cheap)
-        add_frames_button.upload(studio.add_frames, [frames, add_frames_button, model_state], frame_outputs, **cheap)
-        earlier_button.click(move_earlier, frame_outputs, frame_outputs, **cheap)
-        later_button.click(move_later, frame_outputs, frame_outputs, **cheap)
-        remove_frame_button.click(remove_frame, frame_outputs, frame_outputs, **cheap)
-        clear_frames_button.click(clear_frames, None, frame_outputs, **cheap)
 
         generation = generate_button.click(
             studio.generate_endpoint(),

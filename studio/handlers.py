@@ -31,7 +31,7 @@ from .models import (DEFAULT_MODEL, DRAFT_MODES, QUALITY_SCORE_CHOICES, REFINER_
 from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView,  # noqa: F401
                            compare_view, error_status, frame, present, stopped_status, timeline_view)
 from .report import finish_frame
-from .sequence import (PROMPT_KINDS, add_frames, clear_frames, frame_paths, frames_gallery,  # noqa: F401
+from .sequence import (PROMPT_KINDS, add_frames, clear_frames, clear_refusal, frame_paths, frames_gallery,  # noqa: F401
                        move_earlier, move_later, prompt_kind_updates, remove_frame, select_frame)
 
 MAX_SEED = 2**31 - 1

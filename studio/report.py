@@ -80,7 +80,8 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
 
     timings_rows = [[phase, round(seconds * 1000)] for phase, seconds in result.timings.items()]
     timings_rows.append(["whole run, incl. live view", round(elapsed * 1000)])
-    cosine_plot = viz.cosine_distance_figure(cosine_curves) if cosine_curves else None
+    cosine_plot = (viz.cosine_distance_figure(cosine_curves, title=f"Per-token cosine distance to the {truth_name}")
+                   if cosine_curves else None)
     quality_plot = None
     if history:
         quality_plot = viz.quality_figure([s.iteration + 1 for s in history], [_mean(s.quality) for s in history],

@@ -28,6 +28,11 @@ def prompt_kind_updates(kind: str, status: str | None = None) -> list:
             (SEQUENCE_IDLE_STATUS if sequence else IDLE_STATUS) if idle else gr.skip()]
 
 
+def clear_refusal(status: str | None):
+    """After an edit of the frames: a refused run's red line gives way to the hint (it may be fixed now)."""
+    return SEQUENCE_IDLE_STATUS if status and 'data-state="error"' in status else gr.skip()
+
+
 def frame_paths(value) -> list[str]:
     """The gallery's value (paths, or (path, caption) items, or None) -> file paths, oldest first."""
     if isinstance(value, (str, dict)):                 # one frame given on its own (API callers)

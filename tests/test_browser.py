@@ -161,6 +161,9 @@ def test_sequence_mode_example_reorder_generate_and_refused_run(page, studio_url
     expect(page.locator("#status")).to_contain_text("at least 2 frames")
     expect(page.locator("#next-truth img")).to_be_visible()
     expect(page.locator("#canvas img")).to_be_visible()                     # the last run's frame is still shown
+    page.click("#frames-clear")                                             # an edit: the red line gives way to the hint
+    expect(page.locator("#frames img")).to_have_count(0)
+    expect(page.locator('#status .rt-status[data-state="idle"]')).to_be_attached()
 
     # pairs mode again: its inputs are back as they were
     page.locator("#prompt-kind label").filter(has_text="Pairs").click()

@@ -192,6 +192,14 @@ def test_move_and_remove_the_selected_frame():
     assert gallery["value"] == [] and selected is None
 
 
+def test_an_edit_clears_only_a_refusal():
+    from studio.layout import SEQUENCE_IDLE_STATUS, status_html
+
+    assert handlers.clear_refusal(handlers.error_status("A sequence needs at least 2 frames")) == SEQUENCE_IDLE_STATUS
+    assert not is_set(handlers.clear_refusal(status_html(["draft"], None, 1.0, "Done in 1.0 s", "done")))
+    assert not is_set(handlers.clear_refusal(None))
+
+
 # ---------------------------------------------------------------------------------------------
 # examples and the switch
 
