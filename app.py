@@ -16,9 +16,11 @@ import sys  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from demo_core import viz  # noqa: E402
-from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS, REPORT_OUTPUTS, METRIC_COLUMNS, TIMING_COLUMNS,  # noqa: E402
-                             QUALITY_SCORE_CHOICES, Studio, add_pair, compare_view, default_refiner, draft_modes, example_preview,
-                             list_examples, refiner_choices, remove_pair, report, stopped_status, timeline_view)
+from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS, PROMPT_KINDS, REPORT_OUTPUTS,  # noqa: E402
+                             METRIC_COLUMNS, TIMING_COLUMNS, QUALITY_SCORE_CHOICES, Studio, add_pair, clear_frames, clear_refusal, compare_view,
+                             default_refiner, draft_modes, example_preview, list_examples, list_sequence_examples, move_earlier,
+                             move_later, prompt_kind_updates, refiner_choices, remove_frame, remove_pair, report, select_frame,
+                             sequence_preview, stopped_status, timeline_view)
 from studio.layout import CSS, HEADER, IDLE_STATUS, TITLE, legend, theme  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"            # uploads above this are refused by the server before any handler runs
@@ -58,6 +60,7 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
     `EngineCache` (default: one within RETOUCH_MODEL_MEMORY_MB)."""
     studio = Studio(engine, model_label, models=models, model_id=model_id, cache=cache)
     examples = list_examples()
+    sequence_examples = list_sequence_examples()
     available = engine.available_refiners
     modes = draft_modes(engine)
     pairs_shown = min(DEFAULT_PAIRS, engine.max_pairs, MAX_ROWS)
@@ -68,8 +71,12 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
         pair_count = gr.State(pairs_shown)
         max_pairs = gr.State(engine.max_pairs)
         model_state = gr.State(studio.default_model)     # this visitor's model id (others keep theirs)
+        selected_frame = gr.State(None)                  # the frame clicked last in the frames gallery (remove / move)
 
-        with gr.Row(equal_height=True, elem_classes="rt-examples"):
+        prompt_kind = gr.Radio(PROMPT_KINDS, value="pairs", label="Prompt", elem_id="prompt-kind",
+                               info="pairs: the model infers a task from input → answer pairs; "
+                                    "sequence: it writes the frame that comes after yours")
+        with gr.Row(equal_height=True, elem_classes="rt-examples") as pair_examples:
             gallery = gr.Gallery(value=[(example_preview(e), e.title) for e in examples.values()],
                                  label="Examples (click one to load it)",
                                  columns=len(examples) or 1, rows=1, height=190, allow_preview=False, object_fit="contain",
@@ -77,27 +84,50 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
             task = gr.Dropdown(choices=[(e.title, name) for name, e in examples.items()], value=None, label="Task hint",
                                info="Loads that task's example. The model is never told the task: it only sees the pairs.",
                                elem_id="task", scale=1, min_width=220)
+        with gr.Row(equal_height=True, elem_classes="rt-examples", visible=False) as sequence_examples_row:
+            sequence_gallery = gr.Gallery(value=[(sequence_preview(e), e.title) for e in sequence_examples.values()],
+                                          label="Sequence examples (click one to load its frames and the true next frame)",
+                                          columns=len(sequence_examples) or 1, rows=1, height=130, allow_preview=False,
+                                          object_fit="contain", format="png", interactive=False, elem_id="sequence-examples",
+                                          elem_classes="rt-wide-thumbs")
 
         with gr.Row(equal_height=False):
             # ------------------------------------------------------------------ inputs
             with gr.Column(scale=5, min_width=380, elem_id="inputs"):
-                gr.Markdown("**Demonstration pairs** — input → answer; the model infers the task from these.")
-                rows, pair_images = [], []
-                for index in range(MAX_ROWS):
-                    with gr.Row(visible=index < pairs_shown, elem_classes="rt-pair-row") as row:
-                        pair_images.append(image_input(f"Pair {index + 1} · input", height=150))
-                        gr.Markdown("→", elem_classes="rt-arrow")
-                        pair_images.append(image_input(f"Pair {index + 1} · answer", height=150))
-                    rows.append(row)
-                with gr.Row():
-                    add_button = gr.Button("+ Add pair", size="sm", variant="secondary")
-                    remove_button = gr.Button("− Remove last pair", size="sm", variant="secondary")
+                with gr.Column(elem_id="pair-inputs") as pair_inputs:  # pairs mode
+                    gr.Markdown("**Demonstration pairs** — input → answer; the model infers the task from these.")
+                    rows, pair_images = [], []
+                    for index in range(MAX_ROWS):
+                        with gr.Row(visible=index < pairs_shown, elem_classes="rt-pair-row") as row:
+                            pair_images.append(image_input(f"Pair {index + 1} · input", height=150))
+                            gr.Markdown("→", elem_classes="rt-arrow")
+                            pair_images.append(image_input(f"Pair {index + 1} · answer", height=150))
+                        rows.append(row)
+                    with gr.Row():
+                        add_button = gr.Button("+ Add pair", size="sm", variant="secondary")
+                        remove_button = gr.Button("− Remove last pair", size="sm", variant="secondary")
 
-                gr.Markdown("**Query** — the model answers it the way the pairs show. A ground-truth answer is optional; "
-                            "it adds metrics.")
-                with gr.Row(elem_classes="rt-pair-row"):
-                    query = image_input("Query", height=170, elem_id="query")
-                    truth = image_input("Ground truth", height=170, elem_id="truth")
+                    gr.Markdown("**Query** — the model answers it the way the pairs show. A ground-truth answer is optional; "
+                                "it adds metrics.")
+                    with gr.Row(elem_classes="rt-pair-row"):
+                        query = image_input("Query", height=170, elem_id="query")
+                        truth = image_input("Ground truth", height=170, elem_id="truth")
+                with gr.Column(elem_id="sequence-inputs", visible=False) as sequence_inputs:  # sequence mode
+                    gr.Markdown("**Frames**, oldest first — the model writes the next one. Give at least 2; click a frame "
+                                "to move it or remove it.")
+                    frames = gr.Gallery(value=[], label="Frames, oldest first", type="filepath", format="png", interactive=False,
+                                        columns=5, height=240, allow_preview=False, object_fit="contain", elem_id="frames",
+                                        elem_classes="rt-pixelated")
+                    with gr.Row():
+                        small = dict(size="sm", variant="secondary", min_width=70)
+                        add_frames_button = gr.UploadButton("+ Add frames", file_types=["image"], file_count="multiple",
+                                                            elem_id="add-frames", **{**small, "min_width": 120})
+                        earlier_button = gr.Button("◀ Earlier", elem_id="frame-earlier", **small)
+                        later_button = gr.Button("Later ▶", elem_id="frame-later", **small)
+                        remove_frame_button = gr.Button("Remove", elem_id="frame-remove", **small)
+                        clear_frames_button = gr.Button("Clear", elem_id="frames-clear", **small)
+                    gr.Markdown("**True next frame** (optional) — adds metrics and a comparison with what the model wrote.")
+                    next_truth = image_input("True next frame", height=170, elem_id="next-truth")
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
@@ -202,10 +232,26 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
         gallery.select(studio.select_example, [model_state], example_outputs, **cheap)
         task.input(studio.load_example, [task, model_state], example_outputs, api_name="load_example", concurrency_limit=None)
 
+        prompt_kind.change(prompt_kind_updates, [prompt_kind, status],
+                           [pair_examples, sequence_examples_row, pair_inputs, sequence_inputs, status], **cheap)
+        frame_outputs = [frames, selected_frame]
+        frame_edits = [
+            sequence_gallery.select(studio.select_sequence_example, [model_state], [*frame_outputs, next_truth], **cheap),
+            add_frames_button.upload(studio.add_frames, [frames, add_frames_button, model_state], frame_outputs, **cheap),
+            earlier_button.click(move_earlier, frame_outputs, frame_outputs, **cheap),
+            later_button.click(move_later, frame_outputs, frame_outputs, **cheap),
+            remove_frame_button.click(remove_frame, frame_outputs, frame_outputs, **cheap),
+            clear_frames_button.click(clear_frames, None, frame_outputs, **cheap),
+        ]
+        for edit in frame_edits:
+            edit.then(clear_refusal, [status], [status], **cheap)
+        frames.select(select_frame, None, [selected_frame], **cheap)
+
         generation = generate_button.click(
             studio.generate_endpoint(),
             [*pair_images, query, truth, refiners, scan_iterations, scan_cells, temperature, top_p, top_k, seed,
-             randomize, candidates, canvas_every, frame_ms, draft_mode, quality_score, model_state],
+             randomize, candidates, canvas_every, frame_ms, draft_mode, quality_score, prompt_kind, frames, next_truth,
+             model_state],
             live_outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
             show_progress_on=[status])
         # the finished run's other views, once (a stopped or refused run leaves them as they were)

@@ -1,4 +1,5 @@
-"""The studio's one-click examples (assets/examples) and the demonstration-pair rows."""
+"""The studio's one-click examples (assets/examples: pair examples per task, sequence examples per kind) and the
+demonstration-pair rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,11 +10,14 @@ import gradio as gr
 from PIL import Image
 
 from demo_core import viz
+from demo_core.sequences import SEQUENCE_KINDS
 from demo_core.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = ROOT / "assets" / "examples"
 MAX_ROWS = 8                      # pair rows built in the page; the loaded model's max_pairs limits how many show
+SEQUENCE_PREFIX = "sequence-"     # assets/examples/sequence-<kind>/ holds a sequence example, not a task's pairs
+SEQUENCE_TITLES = {"pan": "Pan", "zoom": "Zoom", "cutout": "Moving cut-out", "brightness": "Brightness"}
 
 
 @dataclass
@@ -29,11 +33,12 @@ class Example:
 
 
 def list_examples(folder: Path = EXAMPLES_DIR) -> dict[str, Example]:
-    """assets/examples/<task>/{pair1_input,pair1_answer,...,query,truth}.png, in TASKS order."""
+    """assets/examples/<task>/{pair1_input,pair1_answer,...,query,truth}.png, in TASKS order (sequence-* folders are
+    `list_sequence_examples`')."""
     examples = {}
     if not folder.is_dir():
         return examples
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(SEQUENCE_PREFIX))
     names.sort(key=lambda n: list(TASKS).index(n) if n in TASKS else len(TASKS))
     for name in names:
         task_dir = folder / name
@@ -48,6 +53,46 @@ def list_examples(folder: Path = EXAMPLES_DIR) -> dict[str, Example]:
             truth = task_dir / "truth.png"
             examples[name] = Example(name, pairs, str(query), str(truth) if truth.exists() else None)
     return examples
+
+
+@dataclass
+class SequenceExample:
+    name: str                             # its folder, e.g. "sequence-pan"
+    frames: list[str]                     # file paths, oldest first
+    next_frame: str | None                # the true next frame
+
+    @property
+    def kind(self) -> str:
+        return self.name[len(SEQUENCE_PREFIX):]
+
+    @property
+    def title(self) -> str:
+        return SEQUENCE_TITLES.get(self.kind, self.kind)
+
+
+def list_sequence_examples(folder: Path = EXAMPLES_DIR) -> dict[str, SequenceExample]:
+    """assets/examples/sequence-<kind>/{frame1,frame2,...,next}.png, in SEQUENCE_KINDS order."""
+    examples = {}
+    if not folder.is_dir():
+        return examples
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith(SEQUENCE_PREFIX))
+    kinds = list(SEQUENCE_KINDS)
+    names.sort(key=lambda n: kinds.index(n[len(SEQUENCE_PREFIX):]) if n[len(SEQUENCE_PREFIX):] in kinds else len(kinds))
+    for name in names:
+        frames = []
+        while (folder / name / f"frame{len(frames) + 1}.png").exists():
+            frames.append(str(folder / name / f"frame{len(frames) + 1}.png"))
+        if frames:
+            next_frame = folder / name / "next.png"
+            examples[name] = SequenceExample(name, frames, str(next_frame) if next_frame.exists() else None)
+    return examples
+
+
+def sequence_preview(example: SequenceExample, tile: int = 48, gap: int = 4) -> Image.Image:
+    """The gallery thumbnail: the frames in a row, an arrow, then the true next frame."""
+    images = [Image.open(path) for path in example.frames]
+    images.append(Image.open(example.next_frame) if example.next_frame else Image.new("RGB", (tile, tile), (226, 232, 240)))
+    return viz.strip(images, tile=tile, gap=gap, arrows=[len(example.frames) - 1])
 
 
 def example_preview(example: Example, tile: int = 64, gap: int = 4) -> Image.Image:

@@ -2,14 +2,15 @@
 
 Each handler is a plain function or generator of widget values, so tests call them directly
 and app.py only wires them to components. The studio is split by concern: `examples` (one-click
-examples, pair rows), `models` (the loaded engine and the model selector), `presentation` (events ->
-output tuples), `report` (the finished run's metrics and plots); this module holds `Studio` and
-re-exports what app.py and the tests use. Inputs the user must change raise `gr.Error` with
-what to change (nothing else is touched, so the other inputs stay); things worth knowing but
-not fatal are `gr.Warning`. Each visitor's model is a model id in their session (gr.State) that every
-handler takes last; `Studio.engine_for(model)` gives its engine from the shared cache. The only model
-detail used here is the backbone's input-embedding table, for the per-token cosine distance
-curve (VSR paper Fig. 2).
+examples, pair rows), `sequence` (sequence mode: the prompt-kind switch, the frames gallery), `models`
+(the loaded engine and the model selector), `presentation` (events -> output tuples), `report` (the
+finished run's metrics and plots); this module holds `Studio` and re-exports what app.py and the tests
+use. Inputs the user must change raise `gr.Error` with what to change (nothing else is touched, so the
+other inputs stay); on the page, a refused sequence-mode run ends with that one line in the status
+instead (state "error"; again nothing else changes). Things worth knowing but not fatal are
+`gr.Warning`. Each visitor's model is a model id in their session (gr.State) that every handler takes
+last; `Studio.engine_for(model)` gives its engine from the shared cache. The only model detail used
+here is the backbone's input-embedding table, for the per-token cosine distance curve (VSR paper Fig. 2).
 """
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ import gradio as gr
 from demo_core.engine import EngineInputError
 from demo_core.images import ImageInputError, load_square
 
-from .examples import EXAMPLES_DIR, MAX_ROWS, Example, add_pair, example_preview, list_examples, pair_row_updates, remove_pair  # noqa: F401
+from .examples import (EXAMPLES_DIR, MAX_ROWS, Example, SequenceExample, add_pair, example_preview, list_examples,  # noqa: F401
+                       list_sequence_examples, pair_row_updates, remove_pair, sequence_preview)
 from .models import (DEFAULT_MODEL, DRAFT_MODES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
                      ModelOption, allowed_models, default_refiner, draft_mode_update, draft_modes, refiner_choices)
-from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView, compare_view, frame, present,  # noqa: F401
-                           stopped_status, timeline_view)
+from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView,  # noqa: F401
+                           compare_view, error_status, frame, present, stopped_status, timeline_view)
 from .report import finish_frame
+from .sequence import (PROMPT_KINDS, add_frames, clear_frames, clear_refusal, frame_paths, frames_gallery,  # noqa: F401
+                       move_earlier, move_later, prompt_kind_updates, remove_frame, select_frame)
 
 MAX_SEED = 2**31 - 1
 LIVE_MIN_FRAME_S = 0.04     # served progress frames at most 25 a second: a browser shows no more, each costs a send
@@ -56,12 +60,44 @@ class Studio(ModelHolder):
             raise gr.Error("Pick one of the examples.")
         return self.load_example(names[event.index], model)
 
+    def load_sequence_example(self, name: str, model: str | None = None):
+        """Fill the frames gallery and the true next frame with a sequence example: [gallery, selected, next frame]."""
+        examples = list_sequence_examples()
+        if name not in examples:
+            raise gr.Error(f"No sequence example {name!r}; choose one of: {', '.join(examples) or 'none installed'}.")
+        example = examples[name]
+        frames = example.frames[-self.engine_for(model).max_frames:]
+        if len(frames) < len(example.frames):
+            gr.Warning(f"This model holds {len(frames)} frames; the example's earliest frames were left out.")
+        return [gr.update(value=frames_gallery(frames), selected_index=None), None, example.next_frame]
+
+    def select_sequence_example(self, model: str | None = None, event: gr.SelectData = None):
+        """A click on a sequence example's thumbnail."""
+        names = list(list_sequence_examples())
+        if event is None or not (0 <= event.index < len(names)):
+            raise gr.Error("Pick one of the sequence examples.")
+        return self.load_sequence_example(names[event.index], model)
+
+    def add_frames(self, value, files, model: str | None = None):
+        """+ Add frames, with this visitor's model's frame limit."""
+        return add_frames(value, files, self.engine_for(model).max_frames)
+
     # -- generation -------------------------------------------------------------------------------
     def generate_from_widgets(self, *values):
-        """The Generate button: MAX_ROWS (input, answer) image pairs, then the other widgets (see generate())."""
+        """The Generate button: MAX_ROWS (input, answer) image pairs, then the other widgets (see generate()).
+
+        In sequence mode a refused run (too few or too many frames, frames of different sizes, an unreadable
+        file...) ends with its one line in the status (state "error") rather than a gr.Error pop-up."""
         images, rest = values[:2 * MAX_ROWS], values[2 * MAX_ROWS:]
         pairs = [(images[2 * i], images[2 * i + 1]) for i in range(MAX_ROWS)]
-        yield from self.generate(pairs, *rest)
+        run = self.generate(pairs, *rest)
+        if inspect.signature(self.generate).bind(pairs, *rest).arguments.get("prompt_kind") != "sequence":
+            yield from run
+            return
+        try:
+            yield from run
+        except gr.Error as error:
+            yield frame(status=error_status(error.message))
 
     def generate_endpoint(self):
         """The served generate event: generate_from_widgets as LIVE_OUTPUTS frames (see `live`), with a named
@@ -80,11 +116,20 @@ class Studio(ModelHolder):
 
     def generate(self, pairs, query, truth=None, refiners: str = "SCAN", scan_iterations=30, scan_cells=4,
                  temperature=None, top_p=None, top_k=None, seed=0, randomize_seed=False, candidates=1,
-                 canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined", model=None) -> Iterator[tuple]:
+                 canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined", prompt_kind="pairs",
+                 frames=None, next_frame=None, model=None) -> Iterator[tuple]:
         """Draft the answer token by token, then refine; yields output tuples (OUTPUTS order) as it goes.
 
         temperature / top_p / top_k left out (None): the model's own defaults (`Engine.sampling_defaults`).
+        `prompt_kind` "sequence": `frames` (the frames gallery's value, oldest first) instead of pairs and query; the
+        model writes the next frame, compared with `next_frame` (optional) instead of `truth`.
         `model` is the visitor's model id (their session state; None: the server's first model)."""
+        if prompt_kind not in (None, "pairs", "sequence"):
+            raise gr.Error(f"Unknown prompt kind {prompt_kind!r}; choose pairs or sequence.")
+        if prompt_kind == "sequence":
+            pairs, query, truth, frames = None, None, next_frame, frame_paths(frames)
+        else:
+            frames = None
         engine = self.engine_for(model)  # this visitor's model for the whole run, whatever others load meanwhile
         pairs = [(x, y) for x, y in (pairs or []) if x is not None or y is not None]
         filled = len(pairs)
@@ -109,20 +154,22 @@ class Studio(ModelHolder):
         seed = random.randint(0, MAX_SEED) if randomize_seed else _number(seed, "seed", 0, MAX_SEED, int)
         frame_seconds = _number(frame_ms, "live view pace", 0, 2000, float) / 1000.0
         truth_image = None
+        truth_name = "ground truth" if frames is None else "true next frame"
         if truth is not None:
             try:
-                truth_image = load_square(truth, engine.image_size, "ground truth")
+                truth_image = load_square(truth, engine.image_size, truth_name)
             except ImageInputError as error:
-                raise gr.Error(f"{error} Remove the ground truth or upload another image.")
+                raise gr.Error(f"{error} Remove the {truth_name} or upload another image.")
 
         started = time.perf_counter()
         # all model work goes through engine.stream (on a ZeroGPU Space it alone runs under @spaces.GPU)
-        stream = engine.stream(pairs, query, refine=refine, seed=seed, decode_scan_steps=True, **settings)
+        stream = engine.stream(pairs, query, frames=frames, refine=refine, seed=seed, decode_scan_steps=True, **settings)
         try:
-            first = next(stream)          # the engine validates pairs and query before its first event
+            first = next(stream)          # the engine validates the prompt before its first event
         except EngineInputError as error:
             raise gr.Error(str(error))
-        query_image = load_square(query, engine.image_size, "query")     # readable: the engine just checked it
+        # readable: the engine just checked it (a sequence's last frame is the canvas's backdrop, as a query's is)
+        query_image = load_square(query if frames is None else frames[-1], engine.image_size, "query")
         yield from present(engine, _chain(first, stream), refine, seed, query_image, truth_image, frame_seconds,
                            settings["scan_iterations"], started, finish_frame, draft_mode == "tensor", quality_score)
 

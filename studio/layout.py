@@ -14,8 +14,8 @@ HEADER = f"""
 <div class="rt-header">
   <h1>Retouch <span class="rt-sub">studio</span></h1>
   <p class="rt-lede">Show a few <b>before → after</b> pairs and a query: an autoregressive image model works out
-  the task <i>in context</i>, writes the answer token by token, scores every token, then repairs the weak ones
-  (SCAN) and refines all of them (VSR) — live.</p>
+  the task <i>in context</i> (or show a few frames of a sequence: it writes the next one), writes the answer
+  token by token, scores every token, then repairs the weak ones (SCAN) and refines all of them (VSR) — live.</p>
 </div>
 """
 
@@ -57,11 +57,13 @@ CSS = """
 .rt-bar { height: 6px; background: var(--border-color-primary); border-radius: 3px; overflow: hidden; }
 .rt-bar > div { height: 100%; background: linear-gradient(90deg, #6366f1, #22c55e); transition: width 0.15s linear; }
 .rt-message { margin-top: 5px; color: var(--body-text-color); }
+.rt-status[data-state="error"] .rt-message { color: #b91c1c; font-weight: 600; }
 .rt-legend { display: flex; flex-wrap: wrap; gap: 14px; font-size: 0.82rem; color: var(--body-text-color-subdued);
              margin: 2px 0 4px 0; }
 .rt-legend i { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 5px; vertical-align: -1px; }
 .rt-model { font-size: 0.85rem; color: var(--body-text-color-subdued); }
 .rt-examples .grid-wrap { min-height: 0 !important; }
+.rt-wide-thumbs .thumbnail-item { aspect-ratio: auto !important; height: 88px !important; }
 .rt-hint { font-size: 0.85rem; color: var(--body-text-color-subdued); margin-top: -4px; }
 #outputs label[data-testid="block-label"].float { position: static; margin-bottom: 4px; }
 footer { display: none !important; }
@@ -103,3 +105,5 @@ def status_html(stages: list[str], active: str | None, fraction: float, message:
 
 
 IDLE_STATUS = status_html(["draft"], None, 0.0, "Pick an example (or upload pairs and a query), then press Generate.", "idle")
+SEQUENCE_IDLE_STATUS = status_html(["draft"], None, 0.0, "Pick a sequence example (or add at least 2 frames), then press "
+                                   "Generate: the model writes the next frame.", "idle")

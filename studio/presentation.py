@@ -104,6 +104,11 @@ def stopped_status(status: str):
     return gr.skip()
 
 
+def error_status(message: str) -> str:
+    """The status line of a refused run: the one line that says what to change."""
+    return _status(["draft"], None, 0.0, message, "error")
+
+
 def _status(stages, active, fraction, message, state="running") -> str:
     return status_html(stages, active, fraction, message, state)
 

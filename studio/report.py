@@ -18,11 +18,13 @@ log = logging.getLogger("retouch.studio")
 def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, quality_source: str) -> tuple:
     grid = engine.grid
     final_name = list(result.stages)[-1]
+    # a sequential prompt's query is its last frame and its ground truth the true next frame
+    query_name, truth_name = ("last frame", "true next frame") if result.frames else ("query", "ground truth")
     images = dict(result.stages)
     if result.query is not None:
-        images["query"] = result.query
+        images[query_name] = result.query
     if truth_image is not None:
-        images["ground truth"] = truth_image
+        images[truth_name] = truth_image
     run = RunView(result=result, grid=grid, truth=truth_image, images=images)
 
     quality_final = None
@@ -73,12 +75,13 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
         metrics_rows.append(row)
     grid_images = dict(result.stages)
     if truth_image is not None:
-        grid_images["ground truth"] = truth_image
+        grid_images[truth_name] = truth_image
     sheet = viz.stage_grid(grid_images, captions)
 
     timings_rows = [[phase, round(seconds * 1000)] for phase, seconds in result.timings.items()]
     timings_rows.append(["whole run, incl. live view", round(elapsed * 1000)])
-    cosine_plot = viz.cosine_distance_figure(cosine_curves) if cosine_curves else None
+    cosine_plot = (viz.cosine_distance_figure(cosine_curves, title=f"Per-token cosine distance to the {truth_name}")
+                   if cosine_curves else None)
     quality_plot = None
     if history:
         quality_plot = viz.quality_figure([s.iteration + 1 for s in history], [_mean(s.quality) for s in history],
@@ -89,8 +92,9 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
         changed = [len(slide.changed) for slide in result.slides]
         window = max(len(slide.cells) for slide in result.slides)
         tensor_plot = gr.update(value=viz.revisions_figure(changed, window), visible=True)
-    metrics_note = ("Metrics compare each stage with the ground truth you gave." if truth_image is not None else
-                    "Add a ground-truth answer (the optional image under the query) to see PSNR, SSIM, LPIPS, "
+    metrics_note = (f"Metrics compare each stage with the {truth_name} you gave." if truth_image is not None else
+                    ("Add the true next frame (the optional image under the frames)" if result.frames else
+                     "Add a ground-truth answer (the optional image under the query)") + " to see PSNR, SSIM, LPIPS, "
                     "token accuracy and the per-token cosine-distance curve.")
     accepted = sum(sum(s.accepted) for s in history)
     message = (f"Done in {elapsed:.1f} s: {len(result.codes['draft'].flat)} tokens drafted"

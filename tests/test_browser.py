@@ -1,7 +1,9 @@
 """The studio in headless Debian Chromium (Playwright): what a person sees and clicks.
 
 Loads the page, clicks an example and Generate, watches the live canvas change, reaches the
-final image, opens the Quality and Timeline tabs, and stops a second run with Stop.
+final image, opens the Quality and Timeline tabs, and stops a second run with Stop. In sequence
+mode: clicks a sequence example, reorders a frame, generates the next frame, and removes frames
+until a run is refused with one status line.
 """
 import os
 from pathlib import Path
@@ -108,3 +110,62 @@ def test_example_generate_live_canvas_tabs_and_stop(page):
     page.wait_for_timeout(1500)
     assert status_state(page) == "stopped"                                  # the run did not finish after Stop
     assert len(page.evaluate("window.__frames")) <= frames_at_stop + 1      # and the canvas stopped changing
+
+
+def frame_names(page) -> list[str]:
+    """The frames gallery's images, by file name, in the order shown."""
+    return page.evaluate("[...document.querySelectorAll('#frames img')].map(img => decodeURIComponent(img.src).split('/').pop())")
+
+
+def test_sequence_mode_example_reorder_generate_and_refused_run(page, studio_url):
+    expect = playwright_api.expect
+    page.goto(studio_url)                                                   # a fresh page: pairs mode, nothing run
+    page.wait_for_selector("#generate")
+    page.locator("#prompt-kind label").filter(has_text="Sequence").click()
+    expect(page.locator("#sequence-inputs")).to_be_visible()
+    expect(page.locator("#pair-inputs")).to_be_hidden()
+    expect(page.locator("#status")).to_contain_text("next frame")
+
+    # one click on a sequence example fills the frames (oldest first) and the true next frame
+    page.locator("#sequence-examples img").first.click()
+    expect(page.locator("#frames img")).to_have_count(4)
+    expect(page.locator("#next-truth img")).to_be_visible()
+    assert frame_names(page) == ["frame1.png", "frame2.png", "frame3.png", "frame4.png"]
+
+    # frame 3 one place earlier, then back
+    page.locator("#frames img").nth(2).click()
+    page.click("#frame-earlier")
+    page.wait_for_function("() => decodeURIComponent(document.querySelectorAll('#frames img')[1].src).endsWith('frame3.png')")
+    assert frame_names(page) == ["frame1.png", "frame3.png", "frame2.png", "frame4.png"]
+    page.click("#frame-later")
+    page.wait_for_function("() => decodeURIComponent(document.querySelectorAll('#frames img')[2].src).endsWith('frame3.png')")
+
+    # generate the next frame: the live canvas changes, then the finished run's status
+    page.evaluate(WATCH_CANVAS)
+    page.click("#generate")
+    expect(page.locator('#status .rt-status[data-state="done"]')).to_be_attached(timeout=60_000)
+    expect(page.locator("#status")).to_contain_text("Done in")
+    assert len(page.evaluate("window.__frames")) >= 4, "the live canvas hardly changed"
+    assert page.evaluate("document.querySelector('#canvas img').naturalWidth") >= 320
+    page.get_by_role("tab", name="Metrics").click()
+    expect(page.get_by_text("true next frame you gave")).to_be_visible()
+    page.get_by_role("tab", name="Live").click()
+
+    # down to one frame: the run is refused with one line in the status; the other inputs stay
+    page.locator("#frames img").first.click()
+    for remaining in (3, 2, 1):
+        page.click("#frame-remove")
+        expect(page.locator("#frames img")).to_have_count(remaining)
+    page.click("#generate")
+    expect(page.locator('#status .rt-status[data-state="error"]')).to_be_attached()
+    expect(page.locator("#status")).to_contain_text("at least 2 frames")
+    expect(page.locator("#next-truth img")).to_be_visible()
+    expect(page.locator("#canvas img")).to_be_visible()                     # the last run's frame is still shown
+    page.click("#frames-clear")                                             # an edit: the red line gives way to the hint
+    expect(page.locator("#frames img")).to_have_count(0)
+    expect(page.locator('#status .rt-status[data-state="idle"]')).to_be_attached()
+
+    # pairs mode again: its inputs are back as they were
+    page.locator("#prompt-kind label").filter(has_text="Pairs").click()
+    expect(page.locator("#pair-inputs")).to_be_visible()
+    expect(page.locator("#sequence-inputs")).to_be_hidden()
