@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     from .photos import FetchError
 
     parser = argparse.ArgumentParser(prog="python -m demo_core eval-tokenizer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", type=Path, default=Path("runs/tokenizer16/export"), help="a tokenizer folder")
+    parser.add_argument("--tokenizer", type=Path, default=Path("checkpoints/retouch16/tokenizer"), help="a tokenizer folder")
     parser.add_argument("--per-kind", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sheet", type=Path, default=None, help="also write a reconstruction sheet (PNG)")

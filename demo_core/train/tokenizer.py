@@ -107,7 +107,7 @@ def main(argv=None):
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, default=RUNS / "tokenizer16")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "checkpoints" / "tokenizer16",
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "checkpoints" / "retouch16" / "tokenizer",
                         help="folder to export the tokenizer into (a bundle's tokenizer/; committed, so runs resume from it)")
     parser.add_argument("--report-per-kind", type=int, default=64, help="validation images per kind in the final report")
     parser.add_argument("--checkpoint-minutes", type=float, default=4.0)
