@@ -377,6 +377,7 @@ def main(argv=None):
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/backbone16 (family), runs/backbone (five)")
     parser.add_argument("--validate-every", type=int, default=500)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--log-every", type=int, default=25, help="steps between training-loss log lines")
     parser.add_argument("--pool", type=int, default=6000, help="five: pre-tokenized training crops (0: encode every batch afresh)")
     parser.add_argument("--episodes", type=int, default=4000, help="family: pre-tokenized task episodes (4 pairs each)")
     parser.add_argument("--sequences", type=int, default=1000, help="family: pre-tokenized frame sequences (5 frames each)")
@@ -457,6 +458,9 @@ def main(argv=None):
     model.to(device)
     forward, optimizer = accelerator.prepare(TrainingForward(model), optimizer)   # one process: unwrapped; several: DDP
     timer = Timer(elapsed)
+    if processes > 1:
+        logger.info(f"{processes} processes ({accelerator.distributed_type.name}, {accelerator.mixed_precision} mixed precision), "
+                    f"global batch {args.batch}: {args.batch // processes} per process")
     logger.info(f"backbone {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {vocab.size}, "
                 f"config {backbone_config_dict(config)}, args {vars(args)}")
     rng = np.random.default_rng(args.seed + step)            # a fresh data stream after every resume
@@ -567,7 +571,7 @@ def main(argv=None):
             context_loss = None if context_loss is None else mean_across(accelerator, context_loss)
         bar.update(1)
         bar.set_postfix(gen=f"{gen_loss.item():.3f}", q=f"{quality_loss.item():.3f}", acc=f"{gen_accuracy.item():.3f}")
-        if step % 25 == 0:
+        if step % args.log_every == 0:
             context_text = f" context {context_loss.item():.4f}" if context_loss is not None else ""
             logger.info(f"step {step} {batch.shape} gen {gen_loss.item():.4f} quality {quality_loss.item():.4f}{context_text} "
                         f"acc {gen_accuracy.item():.3f} lr {lr:.2e} tokens {ids.numel() * processes} elapsed {timer.elapsed / 60:.1f}m")

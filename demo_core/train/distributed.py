@@ -14,6 +14,7 @@ state and the step, so a run resumes with any process count.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -29,14 +30,24 @@ def accelerator_for(device: str | None = None, find_unused_parameters: bool = Fa
     Mixed precision comes from `accelerate launch --mixed_precision` / the config file, never from here.
     Device placement is the trainers' own (device_placement=False): a single process keeps the device it chose.
     """
-    cpu = device is not None and str(device).startswith("cpu")
-    return Accelerator(cpu=cpu, device_placement=False,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+    # without a GPU, accelerate only forms a process group (gloo) when told the processes run on the CPU
+    cpu = (device is not None and str(device).startswith("cpu")) or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, device_placement=False,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:     # every process would think itself the main one and write
+        raise SystemExit(f"launched as {launched} processes but accelerate formed {accelerator.num_processes}: "
+                         f"on a CPU-only machine launch with `accelerate launch --multi_gpu --num_processes {launched}` "
+                         f"(`--cpu` starts one process without mpirun)")
+    return accelerator
 
 
 def process_device(accelerator: Accelerator, chosen: str | torch.device) -> torch.device:
     """One process: the device the trainer chose itself (unchanged behaviour); several: each process's own."""
-    return torch.device(chosen) if accelerator.num_processes == 1 else accelerator.device
+    if accelerator.num_processes == 1:
+        return torch.device(chosen)
+    device = accelerator.device
+    return torch.device("cpu") if device.type == "cpu" else device      # gloo processes report "cpu:0"
 
 
 def per_process_batch(accelerator: Accelerator, global_batch: int, option: str = "--batch") -> int:
@@ -74,10 +85,7 @@ def sharded_map(accelerator: Accelerator, items: list, work) -> list:
         return list(work(list(items)))
     with accelerator.split_between_processes(list(items)) as mine:
         results = list(work(mine)) if len(mine) else []
-    return gather_object([results])          # one list per process, concatenated in process order
-
-def flatten(parts: list) -> list:
-    return [item for part in parts for item in part]
+    return gather_object(results)           # every process's list, concatenated in process order
 
 
 def mean_across(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from ..tokenizer import DEFAULT_PIXEL_RANGE
 from .curriculum import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, setup_logging, write_json  # noqa: F401  (setup_logging: for callers)
-from .distributed import accelerator_for, per_process_batch, process_logger, sharded_map, uneven_rows
+from .distributed import accelerator_for, per_process_batch, process_device, process_logger, sharded_map, uneven_rows
 
 LOSSES = ("cosine", "l2", "ce")
 CE_TEMPERATURE = 0.1            # --loss ce: softmax over cosine similarities to every code embedding / tau
@@ -433,7 +433,7 @@ def main(argv=None):
     logger = process_logger(accelerator, args.run_dir, "refiner")
     logger.info(f"python -m demo_core.train refiner {' '.join(argv)}"
                 + (f" ({accelerator.num_processes} processes)" if accelerator.num_processes > 1 else ""))
-    device = args.device if accelerator.num_processes == 1 else str(accelerator.device)   # one backbone copy per process
+    device = args.device if accelerator.num_processes == 1 else str(process_device(accelerator, None))  # a backbone per process
     bundle = load_for_training(args.bundle, args.revision, device, args.dtype)
     refiner, report = train_refiner(bundle, config, args.run_dir, logger, accelerator)
     if accelerator.num_processes > 1:
