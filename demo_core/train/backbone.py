@@ -42,8 +42,8 @@ from ..token_metrics import auroc
 from ..sequence import Vocab, answer_positions, interleave_answer
 from ..tasks import TASKS, ExampleSampler
 from .common import DEFAULT_BUNDLE, REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
-from .distributed import (accelerator_for, gather_rows, mean_across, per_process_batch, process_device, process_logger,
-                          process_seed, rows, sharded_map, unwrapped_state)
+from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_device,
+                          process_logger, process_seed, rows, sharded_map, unwrapped_state)
 
 NEGATIVE_RATIO = (0.0, 0.4)
 
@@ -563,9 +563,8 @@ def main(argv=None):
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if processes > 1:   # a signal to any process stops them all at the same step
-            if accelerator.reduce(torch.tensor([float(bool(stop))], device=device), "sum").item() > 0 and not stop:
-                stop.append(True)
+        if processes > 1 and any_process(accelerator, bool(stop)) and not stop:   # a signal to any process stops all
+            stop.append(True)
         if processes > 1:   # the logs: means over the processes' equal shards, the global batch's values
             gen_loss, quality_loss, gen_accuracy = (mean_across(accelerator, v) for v in (gen_loss, quality_loss, gen_accuracy))
             context_loss = None if context_loss is None else mean_across(accelerator, context_loss)
@@ -578,7 +577,7 @@ def main(argv=None):
         if step % args.validate_every == 0 or step == args.steps:
             validation = validate()
             logger.info(f"step {step} validation {json.dumps(validation)}")
-        if time.time() - last_save > args.checkpoint_minutes * 60 or step == args.steps:
+        if any_process(accelerator, time.time() - last_save > args.checkpoint_minutes * 60) or step == args.steps:
             checkpoint()
             last_save = time.time()
     bar.close()

@@ -95,6 +95,14 @@ def mean_across(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device), "mean")[0]
 
 
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process if `flag` is true on any (time-based checkpoints and exports decided together, so the
+    collective operations inside them never wait on a process that decided otherwise); one process: `flag`."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
+
+
 def process_seed(seed: int, step: int, process_index: int) -> int:
     """A per-process random stream re-derived from (seed, step, process index): resumes need no saved RNG state."""
     return (seed * 1_000_003 + step) * 1009 + process_index

@@ -44,7 +44,8 @@ from ..drafts.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_nois
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from .curriculum import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
-from .distributed import accelerator_for, mean_across, per_process_batch, process_device, process_logger, process_seed, rows
+from .distributed import (accelerator_for, any_process, mean_across, per_process_batch, process_device, process_logger,
+                          process_seed, rows)
 from .refiner import state_fingerprint
 
 VALIDATION_SEED = 1234
@@ -348,7 +349,7 @@ def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bu
             validation = {"step": step, **validation_set.evaluate(model, config.noise)}
             history.append({key: validation[key] for key in ("step", "loss", "draft_accuracy", "first_prediction_accuracy")})
             logger.info(f"step {step} validation {json.dumps(validation)}")
-        if time.time() - last_save > checkpoint_minutes * 60 or step == config.steps:
+        if any_process(accelerator, time.time() - last_save > checkpoint_minutes * 60) or step == config.steps:
             checkpoint()
             last_save = time.time()
     bar.close()
