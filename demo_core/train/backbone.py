@@ -43,7 +43,7 @@ from ..sequence import Vocab, answer_positions, interleave_answer
 from ..tasks import TASKS, ExampleSampler
 from .common import DEFAULT_BUNDLE, REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
 from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_device,
-                          process_logger, process_seed, rows, sharded_map, unwrapped_state)
+                          process_logger, process_seed, refuse_fsdp, rows, sharded_map, unwrapped_state)
 
 NEGATIVE_RATIO = (0.0, 0.4)
 
@@ -408,9 +408,7 @@ def main(argv=None):
 
     accelerator = accelerator_for()
     processes, main_process = accelerator.num_processes, accelerator.is_main_process
-    if accelerator.distributed_type.name == "FSDP":
-        raise SystemExit("the backbone trainer runs under DDP (configs/accelerate/ddp.yaml): its no-grad passes (teacher "
-                         "forcing, drafts, validation) read the full weights, which FSDP shards")
+    refuse_fsdp(accelerator, "backbone")
     per_process_batch(accelerator, args.batch)
     my_rows = rows(accelerator, args.batch)
     device = process_device(accelerator, "cpu")       # one process: the CPU, as ever; several: each its own device

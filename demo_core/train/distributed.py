@@ -42,6 +42,14 @@ def accelerator_for(device: str | None = None, find_unused_parameters: bool = Fa
     return accelerator
 
 
+def refuse_fsdp(accelerator: Accelerator, trainer: str) -> None:
+    """Trainers whose no-grad passes (drafts, noise, validation) call the unwrapped model need whole weights on
+    every process: DDP, not FSDP."""
+    if accelerator.distributed_type.name == "FSDP":
+        raise SystemExit(f"the {trainer} trainer runs under DDP (configs/accelerate/ddp.yaml): its no-grad passes read "
+                         f"the whole weights, which FSDP shards (FSDP: the refiner trainer, configs/accelerate/fsdp_lvm7b.yaml)")
+
+
 def process_device(accelerator: Accelerator, chosen: str | torch.device) -> torch.device:
     """One process: the device the trainer chose itself (unchanged behaviour); several: each process's own."""
     if accelerator.num_processes == 1:

@@ -46,7 +46,8 @@ from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from ..tokenizer import DEFAULT_PIXEL_RANGE
 from .curriculum import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, setup_logging, write_json  # noqa: F401  (setup_logging: for callers)
-from .distributed import accelerator_for, per_process_batch, process_device, process_logger, sharded_map, uneven_rows
+from .distributed import (accelerator_for, per_process_batch, process_device, process_logger, sharded_map, uneven_rows,
+                          unwrapped_state)
 
 LOSSES = ("cosine", "l2", "ce")
 CE_TEMPERATURE = 0.1            # --loss ce: softmax over cosine similarities to every code embedding / tau
@@ -357,6 +358,11 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
         logger.info(f"epoch {epoch + 1}: mean training loss {epoch_losses[-1]:.4f}")
     bar.close()
     timings["training"] = time.perf_counter() - start
+    if accelerator.distributed_type.name == "FSDP":   # sharded g_phi: validate and save a whole copy of its weights
+        whole = SelfRefiner.for_backbone(backbone, grid=bundle.tokenizer.grid, heads=config.heads, kind=config.kind,
+                                         with_query=config.with_query)
+        whole.load_state_dict(unwrapped_state(accelerator, model))
+        refiner = whole.to(device)
     refiner.eval()
     train_after = evaluate(refiner, bundle, train, config.loss)["loss"]
 

@@ -44,8 +44,8 @@ from ..drafts.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_nois
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from .curriculum import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
-from .distributed import (accelerator_for, any_process, mean_across, per_process_batch, process_device, process_logger,
-                          process_seed, rows)
+from .distributed import (accelerator_for, any_process, mean_across, per_process_batch, process_device,
+                          process_logger, process_seed, refuse_fsdp, rows)
 from .refiner import state_fingerprint
 
 VALIDATION_SEED = 1234
@@ -276,6 +276,7 @@ def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bu
     accelerator = accelerator or accelerator_for(str(next(backbone.parameters()).device))
     processes, main_process = accelerator.num_processes, accelerator.is_main_process
     per_process_batch(accelerator, config.batch)
+    refuse_fsdp(accelerator, "TensorAR")
     logger = logger or process_logger(accelerator, run_dir, part_name(config))
     backbone.eval().requires_grad_(False)
     backbone_hash = state_fingerprint(backbone)

@@ -36,7 +36,8 @@ from ..data import ImageSampler
 from ..local_vq import LocalVQModel
 from ..task_family import KINDS, TRAIN_KINDS, make_pair
 from .common import REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
-from .distributed import accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_logger, rows
+from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_logger,
+                          refuse_fsdp, rows)
 from .vq import EMAQuantizer, VQForward, forward, kmeans, optimise, pixel_losses  # noqa: F401
 
 IMAGE_SIZE = 64
@@ -130,6 +131,7 @@ def main(argv=None):
         return decoder_only(args, kind_weights)
 
     accelerator = accelerator_for("cpu")        # the tokenizer trains on CPUs (gloo between processes)
+    refuse_fsdp(accelerator, "tokenizer")
     processes, main_process = accelerator.num_processes, accelerator.is_main_process
     per_process_batch(accelerator, args.batch)
     lpips_rows = args.lpips_crops if processes == 1 else per_process_batch(accelerator, args.lpips_crops, "--lpips-crops")

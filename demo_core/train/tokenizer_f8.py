@@ -27,7 +27,8 @@ from ..tasks import TASKS, ExampleSampler
 from ..data import ImageSampler
 from ..metrics import psnr_batch
 from ..tokenizer import TokenizerConfig, VQTokenizer, build_vqmodel, tokenizer_config_dict
-from .distributed import accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_logger, rows
+from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_logger,
+                          refuse_fsdp, rows)
 from .vq import EMAQuantizer, VQForward, forward, kmeans, optimise, pixel_losses  # noqa: F401
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
 
@@ -99,6 +100,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     accelerator = accelerator_for("cpu")        # a CPU trainer (gloo between processes)
+    refuse_fsdp(accelerator, "tokenizer-f8")
     processes, main_process = accelerator.num_processes, accelerator.is_main_process
     per_process_batch(accelerator, args.batch)
     torch.manual_seed(args.seed)
