@@ -15,7 +15,7 @@ Training that refiner needs a GPU (drafting with the 7B backbone): one process,
     python -m demo_core.train refiner --bundle lvm-7b --device cuda --dtype bfloat16 --out runs/lvm-refiner
     HF_HUB_OFFLINE=0 RETOUCH_BUNDLE=lvm-7b RETOUCH_LVM_REFINER=runs/lvm-refiner python app.py
 or on several GPUs, drafting split between them (README "Training on several GPUs"):
-    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 -m demo_core.train refiner \
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 -m demo_core.train refiner
         --bundle lvm-7b --dtype float16 --batch 8 --out runs/lvm-refiner
 
 Revisions: the tokenizer is pinned, `LVM_VQ_REVISION` = e4b5f5f83d9588ed52b6d1b65b91262f9f2d804b

@@ -117,3 +117,13 @@ def test_batch_split_helpers():
         per_process_batch(Two(), 5)
     assert per_process_batch(Two(), 6) == 3 and uneven_rows(Two(), 5) == slice(3, 5) and uneven_rows(Two(), 1) == slice(1, 1)
     assert len({process_seed(0, step, index) for step in range(50) for index in range(4)}) == 200
+
+
+@pytest.mark.parametrize("name, kind", [("ddp.yaml", "MULTI_GPU"), ("fsdp_lvm7b.yaml", "FSDP")])
+def test_accelerate_config_files_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "configs" / "accelerate" / name))
+    assert config.distributed_type.name == kind and config.mixed_precision == "bf16" and not config.use_cpu
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
