@@ -516,7 +516,8 @@ def main(argv=None):
             previous_handlers[signum] = signal.signal(signum, lambda *_: stop.append(True))
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True, mininterval=30, disable=not main_process)
-    while step < args.steps and not stop:
+    halt = stop if processes == 1 else []       # several processes stop together, at a step they agreed on
+    while step < args.steps and not halt:
         lr = cosine_lr(step, args.steps, args.lr, args.warmup)
         if warm_from and step - warm_from < 100:
             lr *= (step - warm_from + 1) / 100
@@ -561,8 +562,8 @@ def main(argv=None):
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if processes > 1 and any_process(accelerator, bool(stop)) and not stop:   # a signal to any process stops all
-            stop.append(True)
+        if processes > 1 and any_process(accelerator, bool(stop)):   # a signal to any process stops them all
+            halt.append(True)
         if processes > 1:   # the logs: means over the processes' equal shards, the global batch's values
             gen_loss, quality_loss, gen_accuracy = (mean_across(accelerator, v) for v in (gen_loss, quality_loss, gen_accuracy))
             context_loss = None if context_loss is None else mean_across(accelerator, context_loss)
@@ -582,7 +583,7 @@ def main(argv=None):
     for signum, handler in previous_handlers.items():
         signal.signal(signum, handler)
     checkpoint()
-    logger.info("stopped by signal" if stop else "done")
+    logger.info("stopped by signal" if halt else "done")
     accelerator.wait_for_everyone()
 
 
