@@ -14,7 +14,9 @@ before the weights are downloaded, and the composition (MUSE VQGAN converted by 
 Training that refiner needs a GPU (drafting with the 7B backbone): one process,
     python -m demo_core.train refiner --bundle lvm-7b --device cuda --dtype bfloat16 --out runs/lvm-refiner
     HF_HUB_OFFLINE=0 RETOUCH_BUNDLE=lvm-7b RETOUCH_LVM_REFINER=runs/lvm-refiner python app.py
-(the trainer is single-process today; it does not shard drafting across GPUs with accelerate).
+or on several GPUs, drafting split between them (README "Training on several GPUs"):
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 -m demo_core.train refiner
+        --bundle lvm-7b --dtype float16 --batch 8 --out runs/lvm-refiner
 
 Revisions: the tokenizer is pinned, `LVM_VQ_REVISION` = e4b5f5f83d9588ed52b6d1b65b91262f9f2d804b
 (Emma02/vqvae_ckpts' main). The backbone is NOT: Emma02/LVM_ckpts' main was re-uploaded twice and

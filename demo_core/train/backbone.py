@@ -41,7 +41,9 @@ from ..drafts.scan_form import draft_scan
 from ..token_metrics import auroc
 from ..sequence import Vocab, answer_positions, interleave_answer
 from ..tasks import TASKS, ExampleSampler
-from .common import DEFAULT_BUNDLE, REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
+from .common import DEFAULT_BUNDLE, REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
+from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_device,
+                          process_logger, process_seed, refuse_fsdp, rows, sharded_map, unwrapped_state)
 
 NEGATIVE_RATIO = (0.0, 0.4)
 
@@ -181,21 +183,37 @@ def output_rows(shape: str, cells: int) -> torch.Tensor:
     return torch.cat([torch.arange(i * cells - 1, (i + 1) * cells - 1) for i in images]) if len(images) else torch.zeros(0, dtype=torch.long)
 
 
-def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_targets, tail: int,
-           quality_weights: torch.Tensor | None = None, context_rows: torch.Tensor | None = None):
-    """Generation and quality cross-entropies over the answer tail; `quality_weights` (B, N+R) weighs each
-    code token's quality term (a weighted mean; None: all 1). With `context_rows` (see output_rows) also the
-    plain next-token cross-entropy on the context's output images (LVM's own loss), returned as a fifth value."""
-    # an explicit mask + no cache: cell-aligned (non-consecutive) position ids must never be read as packed sequences
-    if context_rows is None:
-        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
-                       use_cache=False, logits_to_keep=tail).logits   # (B, tail, V)
-        context_loss = None
-    else:
+class TrainingForward(torch.nn.Module):
+    """The backbone's training forward as one module (what accelerate prepares: DDP sees every use of the weights).
+
+    (input_ids, position_ids, tail, context_rows) -> (logits of the last `tail` rows, logits of `context_rows` or None).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, tail: int, context_rows: torch.Tensor | None = None):
+        model = self.model
+        # an explicit mask + no cache: cell-aligned (non-consecutive) position ids must never be read as packed sequences
+        if context_rows is None:
+            return model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
+                         use_cache=False, logits_to_keep=tail).logits, None   # (B, tail, V)
         hidden = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
                              use_cache=False).last_hidden_state
-        logits = model.lm_head(hidden[:, -tail:])
-        context_logits = model.lm_head(hidden[:, context_rows])[..., : vocab.codebook_size]
+        return model.lm_head(hidden[:, -tail:]), model.lm_head(hidden[:, context_rows])
+
+
+def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_targets, tail: int,
+           quality_weights: torch.Tensor | None = None, context_rows: torch.Tensor | None = None, forward=None):
+    """Generation and quality cross-entropies over the answer tail; `quality_weights` (B, N+R) weighs each
+    code token's quality term (a weighted mean; None: all 1). With `context_rows` (see output_rows) also the
+    plain next-token cross-entropy on the context's output images (LVM's own loss), returned as a fifth value.
+    `forward`: the prepared TrainingForward to call (default: `model`'s own, unwrapped)."""
+    logits, context_logits = (forward or TrainingForward(model))(input_ids, position_ids, tail, context_rows)
+    context_loss = None
+    if context_rows is not None:
+        context_logits = context_logits[..., : vocab.codebook_size]
         context_targets = input_ids[:, context_rows + 1]
         context_loss = F.cross_entropy(context_logits.reshape(-1, vocab.codebook_size).float(), context_targets.reshape(-1))
     at_logits = logits[:, 0::2, : vocab.codebook_size]
@@ -217,6 +235,9 @@ def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_ta
 def model_drafts(model, vocab: Vocab, context: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Free-running drafts of every context (raster, the production sampler, KV-cached): codes (B, N) and the
     quality head's scores for them (B, N): p(<good>) alone, the part of the engine's score training shapes."""
+    device = next(model.parameters()).device
+    if generator is not None and generator.device != device:    # a GPU backbone: a stream of its own, seeded from this one
+        generator = torch.Generator(device=device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
     states = []
     for _ in draft_scan(model, vocab, context, SamplingConfig(top_p=0.9), generator, state_out=states, score="head"):
         pass
@@ -224,15 +245,28 @@ def model_drafts(model, vocab: Vocab, context: torch.Tensor, generator) -> tuple
 
 
 @torch.no_grad()
-def teacher_forcing_codes(model, vocab: Vocab, context, answer, generator) -> torch.Tensor:
-    """Sample every cell from the model's teacher-forced prediction (raster, clean answer): SCAN's third negative."""
+def teacher_forcing_codes(model, vocab: Vocab, context, answer, generator, accelerator=None) -> torch.Tensor:
+    """Sample every cell from the model's teacher-forced prediction (raster, clean answer): SCAN's third negative.
+
+    With an `accelerator` over several processes each process runs its rows of the batch; the logits are
+    gathered once and every process samples the whole batch from the same generator (the same codes everywhere)."""
     batch, cells = answer.shape
-    order = torch.arange(cells)[None].repeat(batch, 1)
+    split = accelerator is not None and accelerator.num_processes > 1
+    if split:
+        context, answer = context[rows(accelerator, batch)], answer[rows(accelerator, batch)]
+    share = answer.shape[0]
+    order = torch.arange(cells)[None].repeat(share, 1)
     tail = interleave_answer(vocab, order, answer)
     input_ids = torch.cat([context, tail], 1)
-    positions = torch.cat([torch.arange(context.shape[1])[None].repeat(batch, 1), answer_positions(context.shape[1], order)], 1)
+    positions = torch.cat([torch.arange(context.shape[1])[None].repeat(share, 1), answer_positions(context.shape[1], order)], 1)
+    device = next(model.parameters()).device
+    input_ids, positions = input_ids.to(device), positions.to(device)
     logits = model(input_ids=input_ids, position_ids=positions, attention_mask=torch.ones_like(input_ids), use_cache=False,
                    logits_to_keep=tail.shape[1]).logits[:, 0::2, : vocab.codebook_size]
+    if split:
+        logits = gather_rows(accelerator, logits.float()).cpu()
+    elif device.type != "cpu":
+        logits = logits.cpu()                   # sampled from the CPU generator
     # the production sampler (top-p 0.9), so these negatives look like the errors real drafts make
     codes = sample_from_logits(logits.reshape(-1, vocab.codebook_size), SamplingConfig(top_p=0.9), generator)
     return codes.view(batch, cells)
@@ -250,6 +284,7 @@ class ValidationSet:
         negatives), and on the drafted groups' free-running drafts: token accuracy and the AUROC of the draft's own
         scores, per label."""
         model.eval()
+        device = next(model.parameters()).device      # batches are built on the CPU, run on the model's device
         generator = torch.Generator().manual_seed(0)
         correct: dict[str, list] = {}
         per_group: dict[str, float] = {}
@@ -268,14 +303,15 @@ class ValidationSet:
                 ids, pos, gen_t, q_t, tail = build_batch(vocab, context[start:start + 16], answer[start:start + 16], None,
                                                          generator, max_refine=0, negative_ratio=(0.0, 0.0),
                                                          random_order_share=0.0)
+                ids, pos = ids.to(device), pos.to(device)
                 logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False,
                                logits_to_keep=tail).logits
-                hits += (logits[:, 0::2, : vocab.codebook_size].argmax(-1) == gen_t).float().mean(1).tolist()
+                hits += (logits[:, 0::2, : vocab.codebook_size].argmax(-1).cpu() == gen_t).float().mean(1).tolist()
                 tf = teacher_forcing_codes(model, vocab, context[start:start + 16], answer[start:start + 16], generator)
                 ids, pos, gen_t, q_t, tail = build_batch(vocab, context[start:start + 16], answer[start:start + 16], tf,
                                                          generator, max_refine=8, negative_ratio=(0.25, 0.25))
-                _, _, _, q_logits = losses(model, vocab, ids, pos, gen_t, q_t, tail)
-                quality_scores.append(torch.softmax(q_logits.float(), -1)[..., 1].flatten().numpy())
+                _, _, _, q_logits = losses(model, vocab, ids.to(device), pos.to(device), gen_t.to(device), q_t.to(device), tail)
+                quality_scores.append(torch.softmax(q_logits.float(), -1)[..., 1].flatten().cpu().numpy())
                 quality_labels.append(q_t.flatten().numpy())
             per_group[group.name] = float(np.mean(hits))
             if group.labels:
@@ -341,6 +377,7 @@ def main(argv=None):
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/backbone16 (family), runs/backbone (five)")
     parser.add_argument("--validate-every", type=int, default=500)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--log-every", type=int, default=25, help="steps between training-loss log lines")
     parser.add_argument("--pool", type=int, default=6000, help="five: pre-tokenized training crops (0: encode every batch afresh)")
     parser.add_argument("--episodes", type=int, default=4000, help="family: pre-tokenized task episodes (4 pairs each)")
     parser.add_argument("--sequences", type=int, default=1000, help="family: pre-tokenized frame sequences (5 frames each)")
@@ -369,8 +406,15 @@ def main(argv=None):
         raise SystemExit(f"{args.bundle} has no tokenizer/ folder: the backbone trains on a bundle's tokenizer "
                          f"(second generation: python -m demo_core.train tokenizer)")
 
+    accelerator = accelerator_for()
+    processes, main_process = accelerator.num_processes, accelerator.is_main_process
+    refuse_fsdp(accelerator, "backbone")
+    per_process_batch(accelerator, args.batch)
+    my_rows = rows(accelerator, args.batch)
+    device = process_device(accelerator, "cpu")       # one process: the CPU, as ever; several: each its own device
+
     torch.manual_seed(args.seed)
-    logger = setup_logging(args.run_dir, "backbone")
+    logger = process_logger(accelerator, args.run_dir, "backbone")
     tokenizer = load_tokenizer(args.bundle)
     fingerprint = tokenizer_fingerprint(args.bundle)
     vocab = Vocab(tokenizer.codebook_size, tokenizer.grid ** 2)
@@ -409,7 +453,12 @@ def main(argv=None):
         logger.info(f"resumed from exported weights at step {step} (optimizer restarted, 100-step re-warm-up)")
     if not history or history[-1]["command"] != command:
         history.append({"command": command, "from_step": step, "to_step": step})
+    model.to(device)
+    forward, optimizer = accelerator.prepare(TrainingForward(model), optimizer)   # one process: unwrapped; several: DDP
     timer = Timer(elapsed)
+    if processes > 1:
+        logger.info(f"{processes} processes ({accelerator.distributed_type.name}, {accelerator.mixed_precision} mixed precision), "
+                    f"global batch {args.batch}: {args.batch // processes} per process")
     logger.info(f"backbone {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {vocab.size}, "
                 f"config {backbone_config_dict(config)}, args {vars(args)}")
     rng = np.random.default_rng(args.seed + step)            # a fresh data stream after every resume
@@ -419,8 +468,10 @@ def main(argv=None):
         from ..task_family import KINDS
         from .episodes import FRAMES_PER_EPISODE, EpisodePool
 
-        pool = EpisodePool(tokenizer, args.episodes, args.sequences, args.seed,
-                           args.run_dir / f"episodes-{fingerprint}-{args.images}-{args.seed}.pt", pool=args.images, logger=logger)
+        with accelerator.main_process_first():    # the main process encodes and caches the pool, the others read it
+            pool = EpisodePool(tokenizer, args.episodes, args.sequences, args.seed,
+                               args.run_dir / f"episodes-{fingerprint}-{args.images}-{args.seed}.pt", pool=args.images,
+                               logger=logger)
         curriculum = FamilyCurriculum(pool, k_weights, task_weights, args.sequence_share)
         validation_set = ValidationSet(validation_groups(tokenizer, pool=args.images))
         tasks, name = list(KINDS), "retouch-16"
@@ -428,25 +479,35 @@ def main(argv=None):
     else:
         from .five_tasks import FiveTaskCurriculum, TokenPool, validation_groups
 
-        pool = TokenPool(tokenizer, args.pool, args.seed, args.run_dir / f"pool-{fingerprint}-{args.pool}-{args.seed}.pt",
-                         logger) if args.pool else None
+        with accelerator.main_process_first():
+            pool = TokenPool(tokenizer, args.pool, args.seed, args.run_dir / f"pool-{fingerprint}-{args.pool}-{args.seed}.pt",
+                             logger) if args.pool else None
         sampler = ExampleSampler("train", tokenizer.image_size, args.seed + step)
         curriculum = FiveTaskCurriculum(pool, tokenizer, sampler, k_weights, task_weights)
         validation_set = ValidationSet(validation_groups(tokenizer))
         tasks, name, extra = list(TASKS), "retouch-tiny", None
     validation = None
+
+    def validate():       # the main process validates (the same numbers as one process); the others wait for it
+        result = validation_set.evaluate(model, vocab) if main_process else None
+        accelerator.wait_for_everyone()
+        return result
+
     if step and step < args.steps:     # a resumed run: where it starts from, on the same yardstick as its later validations
-        validation = validation_set.evaluate(model, vocab)
+        validation = validate()
         logger.info(f"step {step} validation {json.dumps(validation)}")
     last_save = time.time()
 
-    def checkpoint():
+    def checkpoint():       # the unwrapped weights and optimizer state, and the step: resumable with any process count
         history[-1]["to_step"] = step
-        save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "step": step, "elapsed": timer.elapsed, "codes_sha256_16": fingerprint,
-                                          "history": history})
-        export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer, history,
-               tasks=tasks, name=name, extra=extra)
+        accelerator.wait_for_everyone()
+        if main_process:
+            save_checkpoint(checkpoint_path, {"model": unwrapped_state(accelerator, model), "optimizer": optimizer.state_dict(),
+                                              "step": step, "elapsed": timer.elapsed, "codes_sha256_16": fingerprint,
+                                              "history": history})
+            export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer, history,
+                   tasks=tasks, name=name, extra=extra)
+        accelerator.wait_for_everyone()
 
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, export, exit
     previous_handlers = {}
@@ -454,57 +515,76 @@ def main(argv=None):
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous_handlers[signum] = signal.signal(signum, lambda *_: stop.append(True))
     model.train()
-    bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True, mininterval=30)
-    while step < args.steps and not stop:
+    bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True, mininterval=30, disable=not main_process)
+    halt = stop if processes == 1 else []       # several processes stop together, at a step they agreed on
+    while step < args.steps and not halt:
         lr = cosine_lr(step, args.steps, args.lr, args.warmup)
         if warm_from and step - warm_from < 100:
             lr *= (step - warm_from + 1) / 100
         set_lr(optimizer, lr)
         batch = curriculum.batch(args.batch, rng)
         context, answer = batch.context, batch.answer
+        # every process draws the same global batch (and the same random choices below); each trains on its rows
         model.eval()
-        tf_codes = teacher_forcing_codes(model, vocab, context, answer, generator)
+        tf_codes = teacher_forcing_codes(model, vocab, context, answer, generator, accelerator)
         drafts = None
         drafted = torch.rand(args.batch, generator=generator) < args.draft_negatives
         if drafted.any():
             drafts = torch.full_like(answer, -1)
-            drafts[drafted] = model_drafts(model, vocab, context[drafted], generator)[0]
+            if processes == 1:
+                drafts[drafted] = model_drafts(model, vocab, context[drafted], generator)[0]
+            else:           # the drafted examples split between the processes, each from its own stream, gathered once
+                draft_generator = torch.Generator(device=device).manual_seed(process_seed(args.seed, step, accelerator.process_index))
+                indices = drafted.nonzero()[:, 0].tolist()
+                drafts[drafted] = torch.stack(sharded_map(accelerator, indices, lambda mine: list(
+                    model_drafts(model, vocab, context[mine], draft_generator)[0])))
         model.train()
         ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf_codes, generator, args.max_refine, drafts=drafts)
         quality_weights = None
         if drafts is not None and args.draft_quality != 1.0:
             quality_weights = torch.ones(q_t.shape)
             quality_weights[drafted, : answer.shape[1]] = args.draft_quality   # the draft segment; refinements keep 1
+        if processes > 1:   # this process's rows of the global batch
+            ids, pos, gen_t, q_t = (t[my_rows].to(device) for t in (ids, pos, gen_t, q_t))
+            quality_weights = None if quality_weights is None else quality_weights[my_rows].to(device)
         context_loss = None
         if args.context_loss > 0:
             gen_loss, quality_loss, gen_accuracy, _, context_loss = losses(
-                model, vocab, ids, pos, gen_t, q_t, tail, quality_weights, output_rows(batch.shape, vocab.cells))
+                model, vocab, ids, pos, gen_t, q_t, tail, quality_weights, output_rows(batch.shape, vocab.cells).to(device),
+                forward=forward)
             loss = gen_loss + quality_loss + args.context_loss * context_loss
         else:
-            gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail, quality_weights)
+            gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail, quality_weights,
+                                                             forward=forward)
             loss = gen_loss + quality_loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
+        if processes > 1 and any_process(accelerator, bool(stop)):   # a signal to any process stops them all
+            halt.append(True)
+        if processes > 1:   # the logs: means over the processes' equal shards, the global batch's values
+            gen_loss, quality_loss, gen_accuracy = (mean_across(accelerator, v) for v in (gen_loss, quality_loss, gen_accuracy))
+            context_loss = None if context_loss is None else mean_across(accelerator, context_loss)
         bar.update(1)
         bar.set_postfix(gen=f"{gen_loss.item():.3f}", q=f"{quality_loss.item():.3f}", acc=f"{gen_accuracy.item():.3f}")
-        if step % 25 == 0:
+        if step % args.log_every == 0:
             context_text = f" context {context_loss.item():.4f}" if context_loss is not None else ""
             logger.info(f"step {step} {batch.shape} gen {gen_loss.item():.4f} quality {quality_loss.item():.4f}{context_text} "
-                        f"acc {gen_accuracy.item():.3f} lr {lr:.2e} tokens {ids.numel()} elapsed {timer.elapsed / 60:.1f}m")
+                        f"acc {gen_accuracy.item():.3f} lr {lr:.2e} tokens {ids.numel() * processes} elapsed {timer.elapsed / 60:.1f}m")
         if step % args.validate_every == 0 or step == args.steps:
-            validation = validation_set.evaluate(model, vocab)
+            validation = validate()
             logger.info(f"step {step} validation {json.dumps(validation)}")
-        if time.time() - last_save > args.checkpoint_minutes * 60 or step == args.steps:
+        if any_process(accelerator, time.time() - last_save > args.checkpoint_minutes * 60) or step == args.steps:
             checkpoint()
             last_save = time.time()
     bar.close()
     for signum, handler in previous_handlers.items():
         signal.signal(signum, handler)
     checkpoint()
-    logger.info("stopped by signal" if stop else "done")
+    logger.info("stopped by signal" if halt else "done")
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ from ..refiners.self_refine import KINDS, SelfRefiner, code_embeddings, cosine_d
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from ..tokenizer import DEFAULT_PIXEL_RANGE
 from .curriculum import encode_examples
-from .common import DEFAULT_BUNDLE, RUNS, setup_logging, write_json
+from .common import DEFAULT_BUNDLE, RUNS, setup_logging, write_json  # noqa: F401  (setup_logging: for callers)
+from .distributed import (accelerator_for, per_process_batch, process_device, process_logger, sharded_map, uneven_rows,
+                          unwrapped_state)
 
 LOSSES = ("cosine", "l2", "ce")
 CE_TEMPERATURE = 0.1            # --loss ce: softmax over cosine similarities to every code embedding / tau
@@ -132,8 +134,15 @@ def draft_example(bundle, example, sampling: SamplingConfig, generator) -> tuple
     return context[-cells:], answer[0].cpu(), draft[0].cpu(), time.perf_counter() - start
 
 
-def load_or_make_drafts(bundle, recipe: DraftRecipe, count: int, run_dir: Path, logger, save_every: int = 50) -> dict:
-    """The first `count` drafts of `recipe`: read from the cache, drafting (and caching) only what is missing."""
+def load_or_make_drafts(bundle, recipe: DraftRecipe, count: int, run_dir: Path, logger, save_every: int = 50,
+                        accelerator=None) -> dict:
+    """The first `count` drafts of `recipe`: read from the cache, drafting (and caching) only what is missing.
+
+    Under several processes the missing drafts are split between them (split_between_processes, each example
+    drafted from its own (seed, index) generator, so the drafts are the same whatever the process count) and
+    gathered once per block of `save_every` per process; only the main process writes the cache."""
+    accelerator = accelerator or accelerator_for(str(next(bundle.backbone.parameters()).device))
+    main = accelerator.is_main_process
     path = run_dir / f"drafts-{recipe.split}-{recipe.key()}.pt"
     cache = {"recipe": json.dumps(asdict(recipe)), "tasks": [], "pairs": [], "query": [], "answer": [], "draft": [],
              "draft_seconds": []}
@@ -141,6 +150,7 @@ def load_or_make_drafts(bundle, recipe: DraftRecipe, count: int, run_dir: Path, 
         stored = torch.load(path, map_location="cpu", weights_only=True)     # our own file: lists and tensors only
         cache.update(tasks=stored["tasks"], pairs=stored["pairs"], draft_seconds=stored["draft_seconds"].tolist(),
                      **{key: list(stored[key].unbind(0)) for key in ("query", "answer", "draft")})
+    accelerator.wait_for_everyone()             # every process has read the same cache before the main one rewrites it
     have = len(cache["tasks"])
     logger.info(f"{recipe.split} drafts: {min(have, count)} of {count} cached in {path.name}")
 
@@ -151,21 +161,35 @@ def load_or_make_drafts(bundle, recipe: DraftRecipe, count: int, run_dir: Path, 
         os.replace(tmp, path)
 
     if have < count:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
         sampling = SamplingConfig(*recipe.sampling)
         device = next(bundle.backbone.parameters()).device
-        for index in tqdm(range(have, count), desc=f"drafting ({recipe.split})", dynamic_ncols=True):
-            example = recipe.example(index)
-            generator = torch.Generator(device=device).manual_seed(recipe.example_seed(index))
-            query, answer, draft, seconds = draft_example(bundle, example, sampling, generator)
-            cache["draft_seconds"].append(seconds)
-            cache["tasks"].append(example.task)
-            cache["pairs"].append(len(example.pairs))
-            for key, value in (("query", query), ("answer", answer), ("draft", draft)):
-                cache[key].append(value)
-            if (index + 1) % save_every == 0:
+        bar = tqdm(total=count - have, desc=f"drafting ({recipe.split})", dynamic_ncols=True, disable=not main)
+
+        def draft_indices(indices):
+            out = []
+            for index in indices:
+                example = recipe.example(index)
+                generator = torch.Generator(device=device).manual_seed(recipe.example_seed(index))
+                query, answer, draft, seconds = draft_example(bundle, example, sampling, generator)
+                out.append((example.task, len(example.pairs), query, answer, draft, seconds))
+                bar.update(accelerator.num_processes)
+            return out
+
+        block = save_every * accelerator.num_processes
+        for start in range(have, count, block):
+            for task, pairs, query, answer, draft, seconds in sharded_map(accelerator, range(start, min(count, start + block)),
+                                                                           draft_indices):
+                cache["draft_seconds"].append(seconds)
+                cache["tasks"].append(task)
+                cache["pairs"].append(pairs)
+                for key, value in (("query", query), ("answer", answer), ("draft", draft)):
+                    cache[key].append(value)
+            if main:
                 save()
-        save()
+        bar.close()
+        accelerator.wait_for_everyone()
     return {"tasks": cache["tasks"][:count], "pairs": cache["pairs"][:count],
             **{key: torch.stack(cache[key][:count]) for key in ("query", "answer", "draft")},
             "draft_seconds": torch.tensor(cache["draft_seconds"][:count], dtype=torch.float64)}
@@ -186,12 +210,13 @@ def refiner_loss(refined: torch.Tensor, target: torch.Tensor, loss: str, table: 
     return (refined.float() - target.float()).pow(2).sum(-1).mean()
 
 
-def refine_batch(refiner: SelfRefiner, table: torch.Tensor, drafts: dict, index: torch.Tensor):
-    """e' = g_phi(f_embed(draft)) and e* = f_embed(answer) for the examples `index`: (B, N, D) each."""
+def refine_batch(refiner: SelfRefiner, table: torch.Tensor, drafts: dict, index: torch.Tensor, forward=None):
+    """e' = g_phi(f_embed(draft)) and e* = f_embed(answer) for the examples `index`: (B, N, D) each.
+    `forward`: the module to call (g_phi as accelerate prepared it; default g_phi itself)."""
     device = table.device
     embeddings = table[drafts["draft"][index].to(device)]
     query = table[drafts["query"][index].to(device)] if refiner.with_query else None
-    return refiner(embeddings, query), table[drafts["answer"][index].to(device)]
+    return (forward or refiner)(embeddings, query), table[drafts["answer"][index].to(device)]
 
 
 @torch.no_grad()
@@ -255,16 +280,22 @@ def refine_overhead(refiner: SelfRefiner, bundle, drafts: dict, repeats: int = 2
     return {"self_refine_seconds": seconds, "draft_seconds": draft_seconds, "ratio": seconds / draft_seconds}
 
 
-def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None) -> tuple[SelfRefiner, dict]:
-    """Draft, train g_phi on the frozen backbone, validate. Returns (g_phi, report for training.json)."""
+def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None, accelerator=None) -> tuple[SelfRefiner, dict]:
+    """Draft, train g_phi on the frozen backbone, validate. Returns (g_phi, report for training.json).
+
+    Under P processes (`accelerate launch`): drafting is split between them, `config.batch` is the global batch
+    (each process refines its rows of it, DDP averages the gradients) and every process ends with the same g_phi."""
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
     if min(config.drafts, config.val_drafts, config.epochs, config.batch) < 1:
         raise ValueError("drafts, val_drafts, epochs and batch must each be at least 1")
-    logger = logger or setup_logging(run_dir, "refiner")
     backbone, vocab = bundle.backbone, bundle.vocab
-    backbone.eval().requires_grad_(False)                       # frozen: Algorithm 1 updates g_phi only
     device = next(backbone.parameters()).device
+    accelerator = accelerator or accelerator_for(str(device))
+    processes = accelerator.num_processes
+    per_process_batch(accelerator, config.batch)
+    logger = logger or process_logger(accelerator, run_dir, "refiner")
+    backbone.eval().requires_grad_(False)                       # frozen: Algorithm 1 updates g_phi only
     backbone_hash = state_fingerprint(backbone)
     tasks = tuple(task for task in bundle.info.get("tasks", ()) if task in TASKS) or CORE_TASKS
     recipe = dict(image_size=bundle.tokenizer.image_size, tasks=tasks, pairs_range=(1, max(1, min(3, bundle.max_pairs))),
@@ -274,8 +305,10 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
                   dtype=str(next(backbone.parameters()).dtype), pixel_range=tuple(bundle.tokenizer.pixel_range))
     timings = {}
     start = time.perf_counter()
-    train = load_or_make_drafts(bundle, DraftRecipe("train", config.seed, **recipe), config.drafts, run_dir, logger)
-    validation = load_or_make_drafts(bundle, DraftRecipe("val", VALIDATION_SEED, **recipe), config.val_drafts, run_dir, logger)
+    train = load_or_make_drafts(bundle, DraftRecipe("train", config.seed, **recipe), config.drafts, run_dir, logger,
+                                accelerator=accelerator)
+    validation = load_or_make_drafts(bundle, DraftRecipe("val", VALIDATION_SEED, **recipe), config.val_drafts, run_dir, logger,
+                                     accelerator=accelerator)
     timings["drafting"] = time.perf_counter() - start
 
     torch.manual_seed(config.seed)
@@ -288,6 +321,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     optimizer = torch.optim.AdamW(refiner.parameters(), lr=config.lr)
     backbone_parameters = {id(p) for p in backbone.parameters()}
     assert not any(id(p) in backbone_parameters for group in optimizer.param_groups for p in group["params"])
+    model, optimizer = accelerator.prepare(refiner, optimizer)   # one process: g_phi itself; several: DDP around it
 
     train_before = evaluate(refiner, bundle, train, config.loss)["loss"]
     start = time.perf_counter()
@@ -295,15 +329,26 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     steps_per_epoch = math.ceil(len(train["tasks"]) / config.batch)
     epoch_losses = []
     refiner.train()
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc="g_phi", dynamic_ncols=True)
+    bar = tqdm(total=config.epochs * steps_per_epoch, desc="g_phi", dynamic_ncols=True, disable=not accelerator.is_main_process)
     for epoch in range(config.epochs):
         total = 0.0
         for step, index in enumerate(torch.randperm(len(train["tasks"]), generator=order).split(config.batch)):
-            refined, target = refine_batch(refiner, table, train, index)
-            loss = refiner_loss(refined, target, config.loss, table, train["answer"][index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if processes == 1:
+                refined, target = refine_batch(refiner, table, train, index, model)
+                loss = refiner_loss(refined, target, config.loss, table, train["answer"][index])
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                optimizer.step()
+            else:       # this process's rows of the global batch, weighted so DDP's mean is the global batch's gradient
+                mine = index[uneven_rows(accelerator, len(index))]     # a short last batch may leave a process none
+                weight = len(mine) * processes / len(index)
+                mine = mine if len(mine) else index[:1]                # weight 0: it still joins the gradient reduction
+                refined, target = refine_batch(refiner, table, train, mine, model)
+                local = refiner_loss(refined, target, config.loss, table, train["answer"][mine])
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(local * weight)
+                optimizer.step()
+                loss = accelerator.reduce(local.detach() * weight, "mean")     # the global batch's loss
             total += loss.item() * len(index)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
@@ -313,6 +358,11 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
         logger.info(f"epoch {epoch + 1}: mean training loss {epoch_losses[-1]:.4f}")
     bar.close()
     timings["training"] = time.perf_counter() - start
+    if accelerator.distributed_type.name == "FSDP":   # sharded g_phi: validate and save a whole copy of its weights
+        whole = SelfRefiner.for_backbone(backbone, grid=bundle.tokenizer.grid, heads=config.heads, kind=config.kind,
+                                         with_query=config.with_query)
+        whole.load_state_dict(unwrapped_state(accelerator, model))
+        refiner = whole.to(device)
     refiner.eval()
     train_after = evaluate(refiner, bundle, train, config.loss)["loss"]
 
@@ -384,11 +434,20 @@ def main(argv=None):
     if args.out is None and not local:
         parser.error(f"{args.bundle} is not a local bundle folder: give --out for the trained g_phi")
     started = datetime.now(timezone.utc)
-    logger = setup_logging(args.run_dir, "refiner")
-    logger.info(f"python -m demo_core.train refiner {' '.join(argv)}")
-    bundle = load_for_training(args.bundle, args.revision, args.device, args.dtype)
-    refiner, report = train_refiner(bundle, config, args.run_dir, logger)
+    accelerator = accelerator_for(args.device)
+    per_process_batch(accelerator, config.batch)
+    logger = process_logger(accelerator, args.run_dir, "refiner")
+    logger.info(f"python -m demo_core.train refiner {' '.join(argv)}"
+                + (f" ({accelerator.num_processes} processes)" if accelerator.num_processes > 1 else ""))
+    device = args.device if accelerator.num_processes == 1 else str(process_device(accelerator, None))  # a backbone per process
+    bundle = load_for_training(args.bundle, args.revision, device, args.dtype)
+    refiner, report = train_refiner(bundle, config, args.run_dir, logger, accelerator)
+    if accelerator.num_processes > 1:
+        report["processes"] = accelerator.num_processes
 
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:         # only the main process writes g_phi and the bundle
+        return 0
     folder = Path(args.bundle).expanduser().resolve() if local else None
     out = (args.out or folder / "refiner").expanduser().resolve()
     refiner.cpu().save_pretrained(out)

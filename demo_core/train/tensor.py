@@ -43,7 +43,9 @@ from ..drafts.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_nois
                                draft_tensor, parameter_count, self_draft_windows, teacher_forced_logits)
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from .curriculum import encode_examples
-from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
+from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
+from .distributed import (accelerator_for, any_process, mean_across, per_process_batch, process_device,
+                          process_logger, process_seed, refuse_fsdp, rows)
 from .refiner import state_fingerprint
 
 VALIDATION_SEED = 1234
@@ -199,20 +201,41 @@ def make_optimizer(adapter: TensorAdapter, config: TensorTrainConfig) -> torch.o
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
 
 
+class TensorLoss(torch.nn.Module):
+    """tensor_loss as one module: what accelerate prepares, so DDP sees the adapter's every use inside the backbone."""
+
+    def __init__(self, model: TensorAR):
+        super().__init__()
+        self.model = model
+
+    def forward(self, context, windows, valid, targets, weights=None):
+        return tensor_loss(self.model, context, windows, valid, targets, weights)
+
+
 def train_step(model: TensorAR, optimizer, context, answer, generator, lr: float | None = None, noise: str = "self",
-               top_p: float = 0.9, weights: str = "front") -> dict:
-    """One optimizer step on a batch of (context, answer) codes; returns the scalar logs."""
+               top_p: float = 0.9, weights: str = "front", accelerator=None, forward=None) -> dict:
+    """One optimizer step on a batch of (context, answer) codes; returns the scalar logs.
+
+    With an `accelerator` (and `forward`, the TensorLoss it prepared): this process's rows of the global batch,
+    the gradients averaged by DDP, the logs averaged over the processes."""
     if lr is not None:
         set_lr(optimizer, lr)
     model.backbone.requires_grad_(False)          # frozen: gradients flow through it to the adapter, never into it
     model.adapter.train()
-    loss, per_slot, accuracy = tensor_loss(model, *build_batch(model, context, answer, generator, noise, top_p),
-                                           slot_weights(model.k, weights))
+    loss, per_slot, accuracy = (forward or TensorLoss(model))(*build_batch(model, context, answer, generator, noise, top_p),
+                                                              slot_weights(model.k, weights))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.adapter.parameters(), 1.0)
+    if accelerator is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.adapter.parameters(), 1.0)
+    else:
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.adapter.parameters(), 1.0)
     optimizer.step()
     model.adapter.eval()
+    if accelerator is not None and accelerator.num_processes > 1:
+        loss, per_slot, accuracy = (mean_across(accelerator, v) if v.dim() == 0 else
+                                    torch.stack([mean_across(accelerator, x) for x in v]) for v in (loss, per_slot, accuracy))
     return {"loss": loss.item(), "slot_loss": per_slot.tolist(), "slot_accuracy": accuracy.tolist()}
 
 
@@ -238,15 +261,23 @@ def export(model: TensorAR, out: Path, bundle_folder: Path | None, config: Tenso
 
 
 def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bundle_folder: Path | None = None,
-                 validate_every: int = 250, checkpoint_minutes: float = 5.0, command: str = "", logger=None) -> dict:
-    """Train (or resume) the adapter for `config.steps` total steps; returns the last validation."""
+                 validate_every: int = 250, checkpoint_minutes: float = 5.0, command: str = "", logger=None,
+                 accelerator=None) -> dict:
+    """Train (or resume) the adapter for `config.steps` total steps; returns the last validation.
+
+    Under P processes `config.batch` is the global batch: every process samples the same examples (from the step)
+    and encodes, noises (self drafts: its own stream from (seed, step, process)) and trains on its rows of them."""
     if config.schedule not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {config.schedule!r}; choose from {', '.join(SCHEDULES)}")
     if bundle.sequence_format != "scan":
         raise ValueError("TensorAR trains on the default bundle layout (tokenizer + backbone); this bundle is "
                          f"{bundle.sequence_format!r}")
-    logger = logger or setup_logging(run_dir, part_name(config))
     backbone, tokenizer, vocab = bundle.backbone, bundle.tokenizer, bundle.vocab
+    accelerator = accelerator or accelerator_for(str(next(backbone.parameters()).device))
+    processes, main_process = accelerator.num_processes, accelerator.is_main_process
+    per_process_batch(accelerator, config.batch)
+    refuse_fsdp(accelerator, "TensorAR")
+    logger = logger or process_logger(accelerator, run_dir, part_name(config))
     backbone.eval().requires_grad_(False)
     backbone_hash = state_fingerprint(backbone)
     tasks = tuple(t for t in bundle.info.get("tasks", ()) if t in TASKS) or CORE_TASKS
@@ -281,21 +312,33 @@ def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bu
     validation_set = TensorValidation(tokenizer, tasks, config.val_examples, max_pairs=max_k)
     last_save = time.time()
 
-    def checkpoint():
-        save_checkpoint(checkpoint_path, {"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                          "elapsed": timer.elapsed, "history": history, "validation": validation,
-                                          "backbone_sha256": backbone_hash, "adapter_config": dict(adapter._hub_mixin_config),
-                                          "config": asdict(config)})
-        export(model, out, bundle_folder, config, step, timer.elapsed, validation, backbone_hash, command, history)
+    forward, optimizer = accelerator.prepare(TensorLoss(model), optimizer)   # one process: as is; several: DDP
+
+    def checkpoint():       # main process only: the unwrapped adapter, its optimizer state and the step
+        accelerator.wait_for_everyone()
+        if main_process:
+            save_checkpoint(checkpoint_path, {"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                              "elapsed": timer.elapsed, "history": history, "validation": validation,
+                                              "backbone_sha256": backbone_hash, "adapter_config": dict(adapter._hub_mixin_config),
+                                              "config": asdict(config)})
+            export(model, out, bundle_folder, config, step, timer.elapsed, validation, backbone_hash, command, history)
+        accelerator.wait_for_everyone()
 
     device = next(backbone.parameters()).device
-    bar = tqdm(total=config.steps, initial=step, desc=part_name(config), dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, desc=part_name(config), dynamic_ncols=True, disable=not main_process)
     while step < config.steps:
         lr = cosine_lr(step, config.steps, config.lr, config.warmup)
         pairs = int(sampler.rng.integers(1, max_k + 1))
-        context, answer = encode_examples(tokenizer, [sampler.sample(k=pairs) for _ in range(config.batch)])
-        logs = train_step(model, optimizer, context.to(device), answer.to(device), generator, lr, config.noise,
-                          config.noise_top_p, config.slot_weights)
+        examples = [sampler.sample(k=pairs) for _ in range(config.batch)]      # the global batch, on every process
+        if processes == 1:
+            context, answer = encode_examples(tokenizer, examples)
+            logs = train_step(model, optimizer, context.to(device), answer.to(device), generator, lr, config.noise,
+                              config.noise_top_p, config.slot_weights, accelerator, forward)
+        else:               # this process's rows; their noise from a stream of its own, re-derived from the step
+            context, answer = encode_examples(tokenizer, examples[rows(accelerator, config.batch)])
+            own = torch.Generator().manual_seed(process_seed(config.seed, step, accelerator.process_index))
+            logs = train_step(model, optimizer, context.to(device), answer.to(device), own, lr, config.noise,
+                              config.noise_top_p, config.slot_weights, accelerator, forward)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.3f}", acc0=f"{logs['slot_accuracy'][0]:.3f}")
@@ -303,11 +346,11 @@ def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bu
             logger.info(f"step {step} K {pairs} loss {logs['loss']:.4f} slots "
                         f"{' '.join(f'{v:.3f}' for v in logs['slot_loss'])} acc "
                         f"{' '.join(f'{v:.3f}' for v in logs['slot_accuracy'])} lr {lr:.2e} elapsed {timer.elapsed / 60:.1f}m")
-        if step % validate_every == 0 or step == config.steps:
+        if step % validate_every == 0 or step == config.steps:      # every process: the same numbers, all in step
             validation = {"step": step, **validation_set.evaluate(model, config.noise)}
             history.append({key: validation[key] for key in ("step", "loss", "draft_accuracy", "first_prediction_accuracy")})
             logger.info(f"step {step} validation {json.dumps(validation)}")
-        if time.time() - last_save > checkpoint_minutes * 60 or step == config.steps:
+        if any_process(accelerator, time.time() - last_save > checkpoint_minutes * 60) or step == config.steps:
             checkpoint()
             last_save = time.time()
     bar.close()
@@ -353,12 +396,15 @@ def main(argv=None):
     from ..bundle import load_bundle
     from ..engine import choose_device
 
-    device, _ = choose_device(args.device)
-    logger = setup_logging(run_dir, folder_name)
+    accelerator = accelerator_for(args.device)
+    per_process_batch(accelerator, config.batch)
+    device = choose_device(args.device)[0] if accelerator.num_processes == 1 else process_device(accelerator, None)
+    logger = process_logger(accelerator, run_dir, folder_name)
     command = "python -m demo_core.train tensor " + " ".join(argv)
     logger.info(command)
     bundle = load_bundle(bundle_folder, device=device, dtype=torch.float32)
-    train_tensor(bundle, config, run_dir, out, bundle_folder, args.validate_every, args.checkpoint_minutes, command, logger)
+    train_tensor(bundle, config, run_dir, out, bundle_folder, args.validate_every, args.checkpoint_minutes, command, logger,
+                 accelerator)
     return 0
 
 

@@ -35,8 +35,10 @@ from tqdm import tqdm
 from ..data import ImageSampler
 from ..local_vq import LocalVQModel
 from ..task_family import KINDS, TRAIN_KINDS, make_pair
-from .common import REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
-from .vq import EMAQuantizer, forward, kmeans, optimise, pixel_losses
+from .common import REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
+from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_logger,
+                          refuse_fsdp, rows)
+from .vq import EMAQuantizer, VQForward, forward, kmeans, optimise, pixel_losses  # noqa: F401
 
 IMAGE_SIZE = 64
 PHOTO_SHARE = 0.35            # plain photos; the rest is one side of a task pair (answers twice as often as inputs)
@@ -128,8 +130,14 @@ def main(argv=None):
     if args.decoder_only:
         return decoder_only(args, kind_weights)
 
+    accelerator = accelerator_for("cpu")        # the tokenizer trains on CPUs (gloo between processes)
+    refuse_fsdp(accelerator, "tokenizer")
+    processes, main_process = accelerator.num_processes, accelerator.is_main_process
+    per_process_batch(accelerator, args.batch)
+    lpips_rows = args.lpips_crops if processes == 1 else per_process_batch(accelerator, args.lpips_crops, "--lpips-crops")
+    my_rows = rows(accelerator, args.batch)
     torch.manual_seed(args.seed)
-    logger = setup_logging(args.run_dir, "tokenizer16")
+    logger = process_logger(accelerator, args.run_dir, "tokenizer16")
     vq = LocalVQModel(sample_size=IMAGE_SIZE, latent_channels=args.latent, num_vq_embeddings=args.codes)
     vq.codebook.weight.requires_grad_(False)                 # EMA-updated, not by gradient
     params = [p for p in vq.parameters() if p.requires_grad]
@@ -162,6 +170,14 @@ def main(argv=None):
         logger.info(f"resumed from the export in {args.out} at step {step} (optimizer and EMA counts restarted, "
                     f"100-step re-warm-up)")
     sampler = ViewSampler("train", args.seed + step, kind_weights=kind_weights)   # a fresh data stream after every resume
+
+    def shared(ema):        # several processes: the EMA codebook statistics summed over all of them (the global batch)
+        if ema is not None and processes > 1:
+            ema.reduce = lambda tensor: accelerator.reduce(tensor, "sum")
+        return ema
+
+    ema = shared(ema)
+    model, optimizer = accelerator.prepare(VQForward(vq), optimizer)   # one process: as is; several: DDP
     timer = Timer(previous)
     logger.info(f"tokenizer16 {sum(p.numel() for p in vq.parameters()) / 1e6:.2f}M params, config {dict(vq.config)}, "
                 f"args {vars(args)}")
@@ -172,12 +188,14 @@ def main(argv=None):
         perceptual = lpips_model("vgg")
 
     def checkpoint():
-        save_checkpoint(checkpoint_path, {"model": vq.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "ema": ema.state_dict() if ema else None, "step": step,
-                                          "elapsed": timer.elapsed, "config": dict(vq.config)})
+        if main_process:
+            save_checkpoint(checkpoint_path, {"model": vq.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "ema": ema.state_dict() if ema else None, "step": step,
+                                              "elapsed": timer.elapsed, "config": dict(vq.config)})
+        accelerator.wait_for_everyone()
 
     last_save = last_export = time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="tokenizer16", dynamic_ncols=True, disable=args.export_only)
+    bar = tqdm(total=args.steps, initial=step, desc="tokenizer16", dynamic_ncols=True, disable=args.export_only or not main_process)
     vq.train()
     while step < args.steps and not args.export_only:
         if ema is None and step >= args.warmup_ae:
@@ -185,21 +203,27 @@ def main(argv=None):
                 flats = [vq.encode(to_pixels(sampler.batch(64, IMAGE_SIZE))).latents.permute(0, 2, 3, 1).reshape(-1, args.latent)
                          for _ in range(3)]
             centres = kmeans(torch.cat(flats), args.codes, 15, generator)
-            ema = EMAQuantizer(vq.codebook)
+            ema = shared(EMAQuantizer(vq.codebook))
             ema.reset(centres)
             logger.info(f"step {step}: codebook initialised by k-means on {sum(len(f) for f in flats)} encoder outputs")
         lr = cosine_lr(step, args.steps, args.lr, warmup=200)
         if rewarm_from is not None and step - rewarm_from < 100:
             lr *= (step - rewarm_from + 1) / 100
         set_lr(optimizer, lr)
-        pixels = to_pixels(sampler.batch(args.batch, args.crop, per_view=args.crops_per_view))
-        reconstruction, commit, indices, flat = forward(vq, pixels, ema, train=True)
+        crops = sampler.batch(args.batch, args.crop, per_view=args.crops_per_view)      # the global batch, everywhere
+        pixels = to_pixels(crops if processes == 1 else crops[my_rows])                 # this process's rows
+        reconstruction, commit, indices, flat = model(pixels, ema, True)
         l1, mse, psnr = pixel_losses(reconstruction, pixels)
-        lp = (perceptual(reconstruction[:args.lpips_crops], pixels[:args.lpips_crops]).mean()
+        lp = (perceptual(reconstruction[:lpips_rows], pixels[:lpips_rows]).mean()
               if perceptual is not None else torch.zeros(()))
         loss = l1 + mse + args.lpips * lp + 0.25 * commit
-        optimise(loss, params, optimizer)
+        optimise(loss, params, optimizer, accelerator=accelerator)
         step += 1
+        if processes > 1:   # restarts draw from every process's latents (the same picks everywhere); logs: global means
+            if ema is not None and step % 100 == 0:
+                flat = gather_rows(accelerator, flat.detach())
+            loss, l1, lp, commit, mse = (mean_across(accelerator, v) for v in (loss, l1, lp, commit, mse))
+            psnr = 10 * np.log10(4.0 / max(mse.item(), 1e-10))
         restarted = ema.restart_dead(flat, threshold=0.01, generator=generator) if ema is not None and step % 100 == 0 else 0
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
@@ -208,17 +232,32 @@ def main(argv=None):
             logger.info(f"step {step} loss {loss.item():.4f} l1 {l1.item():.4f} psnr {psnr:.2f} lpips {lp.item():.4f} "
                         f"commit {commit.item():.5f} codes_alive {alive} restarted {restarted} "
                         f"lr {optimizer.param_groups[0]['lr']:.2e} elapsed {timer.elapsed / 60:.1f}m")
-        if time.time() - last_save > args.checkpoint_minutes * 60:
+        if any_process(accelerator, time.time() - last_save > args.checkpoint_minutes * 60):
             checkpoint()
             last_save = time.time()
-        if ema is not None and time.time() - last_export > args.export_every * 60:
-            export(vq, args, step, timer.elapsed, logger, quick=True)
+        if ema is not None and any_process(accelerator, time.time() - last_export > args.export_every * 60):
+            if main_process:
+                export(vq, args, step, timer.elapsed, logger, quick=True)
+            accelerator.wait_for_everyone()
             vq.train()
             last_export = time.time()
     bar.close()
     if not args.export_only:
         checkpoint()
-    export(vq, args, step, timer.elapsed, logger)
+    if main_process:
+        export(vq, args, step, timer.elapsed, logger)
+    accelerator.wait_for_everyone()
+
+
+class Decode(torch.nn.Module):
+    """The decoder's training forward as one module (what accelerate prepares for the decoder-only fine-tune)."""
+
+    def __init__(self, vq):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.vq.decode(quantized, force_not_quantize=True).sample
 
 
 def decoder_only(args, kind_weights: dict[str, float]) -> None:
@@ -226,7 +265,11 @@ def decoder_only(args, kind_weights: dict[str, float]) -> None:
     import json
 
     run_dir = args.run_dir.with_name(args.run_dir.name + "-decoder")
-    logger = setup_logging(run_dir, "tokenizer16-decoder")
+    accelerator = accelerator_for("cpu")
+    processes, main_process = accelerator.num_processes, accelerator.is_main_process
+    per_process_batch(accelerator, args.batch)
+    lpips_rows = args.lpips_crops if processes == 1 else per_process_batch(accelerator, args.lpips_crops, "--lpips-crops")
+    logger = process_logger(accelerator, run_dir, "tokenizer16-decoder")
     if not (args.out / "training.json").exists():
         raise SystemExit(f"--decoder-only fine-tunes an exported tokenizer, and {args.out} has none: train it first")
     info = json.loads((args.out / "training.json").read_text())
@@ -255,12 +298,18 @@ def decoder_only(args, kind_weights: dict[str, float]) -> None:
 
         perceptual = lpips_model("vgg")
     logger.info(f"decoder-only fine-tune of {args.out} (base step {base_step}), args {vars(args)}")
+    decode, optimizer = accelerator.prepare(Decode(vq), optimizer)     # one process: as is; several: DDP
 
     def checkpoint():
-        save_checkpoint(checkpoint_path, {"decoder": vq.decoder.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "step": step, "elapsed": timer.elapsed})
+        if main_process:
+            save_checkpoint(checkpoint_path, {"decoder": vq.decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "step": step, "elapsed": timer.elapsed})
+        accelerator.wait_for_everyone()
 
     def write(quick: bool):
+        if not main_process:
+            accelerator.wait_for_everyone()
+            return
         for name, tensor in vq.state_dict().items():          # the codes must not have moved
             if name in frozen and not torch.equal(frozen[name], tensor):
                 raise RuntimeError(f"decoder-only fine-tune changed {name}")
@@ -268,34 +317,40 @@ def decoder_only(args, kind_weights: dict[str, float]) -> None:
                extra={"base_step": base_step, "base_minutes": base_minutes, "decoder_steps": step,
                       "decoder_minutes": round(timer.elapsed / 60, 1)})
         vq.train()
+        accelerator.wait_for_everyone()
 
     last_save = last_export = time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="tokenizer16-decoder", dynamic_ncols=True, mininterval=30)
+    bar = tqdm(total=args.steps, initial=step, desc="tokenizer16-decoder", dynamic_ncols=True, mininterval=30,
+               disable=not main_process)
     vq.train()
     vq.encoder.eval()
     while step < args.steps:
         set_lr(optimizer, cosine_lr(step, args.steps, args.lr, warmup=50))
-        pixels = to_pixels(sampler.batch(args.batch, args.crop, per_view=args.crops_per_view))
+        crops = sampler.batch(args.batch, args.crop, per_view=args.crops_per_view)      # the global batch, everywhere
+        pixels = to_pixels(crops if processes == 1 else crops[rows(accelerator, args.batch)])
         with torch.no_grad():
             latents = vq.encode(pixels).latents
             batch, dim, height, width = latents.shape
             codes, _ = ema.quantize(latents.permute(0, 2, 3, 1).reshape(-1, dim), train=False)
             quantized = codes.view(batch, height, width, dim).permute(0, 3, 1, 2)
-        reconstruction = vq.decode(quantized, force_not_quantize=True).sample
+        reconstruction = decode(quantized)
         l1, mse, psnr = pixel_losses(reconstruction, pixels)
-        lp = (perceptual(reconstruction[:args.lpips_crops], pixels[:args.lpips_crops]).mean()
+        lp = (perceptual(reconstruction[:lpips_rows], pixels[:lpips_rows]).mean()
               if perceptual is not None else torch.zeros(()))
         loss = l1 + mse + args.lpips * lp
-        optimise(loss, params, optimizer)
+        optimise(loss, params, optimizer, accelerator=accelerator)
         step += 1
+        if processes > 1:   # the logs: global means
+            loss, l1, lp, mse = (mean_across(accelerator, v) for v in (loss, l1, lp, mse))
+            psnr = 10 * np.log10(4.0 / max(mse.item(), 1e-10))
         bar.update(1)
         if step % 50 == 0:
             logger.info(f"decoder step {step} loss {loss.item():.4f} l1 {l1.item():.4f} psnr {psnr:.2f} "
                         f"lpips {lp.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} elapsed {timer.elapsed / 60:.1f}m")
-        if time.time() - last_save > args.checkpoint_minutes * 60:
+        if any_process(accelerator, time.time() - last_save > args.checkpoint_minutes * 60):
             checkpoint()
             last_save = time.time()
-        if time.time() - last_export > args.export_every * 60:
+        if any_process(accelerator, time.time() - last_export > args.export_every * 60):
             write(quick=True)
             vq.encoder.eval()
             last_export = time.time()

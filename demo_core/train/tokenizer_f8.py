@@ -27,8 +27,10 @@ from ..tasks import TASKS, ExampleSampler
 from ..data import ImageSampler
 from ..metrics import psnr_batch
 from ..tokenizer import TokenizerConfig, VQTokenizer, build_vqmodel, tokenizer_config_dict
-from .vq import EMAQuantizer, forward, kmeans, optimise, pixel_losses
-from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json
+from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_logger,
+                          refuse_fsdp, rows)
+from .vq import EMAQuantizer, VQForward, forward, kmeans, optimise, pixel_losses  # noqa: F401
+from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
 
 KINDS = ("photo",) + tuple(f"{name}:{side}" for name in TASKS for side in ("x", "y") if not (side == "x" and TASKS[name].photo_input))
 
@@ -97,8 +99,12 @@ def main(argv=None):
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and validate, no training")
     args = parser.parse_args(argv)
 
+    accelerator = accelerator_for("cpu")        # a CPU trainer (gloo between processes)
+    refuse_fsdp(accelerator, "tokenizer-f8")
+    processes, main_process = accelerator.num_processes, accelerator.is_main_process
+    per_process_batch(accelerator, args.batch)
     torch.manual_seed(args.seed)
-    logger = setup_logging(args.run_dir, "tokenizer")
+    logger = process_logger(accelerator, args.run_dir, "tokenizer")
     config = TokenizerConfig(block_out_channels=tuple(int(c) for c in args.channels.split(",")),
                              latent_channels=args.latent, num_vq_embeddings=args.codes)
     vq = build_vqmodel(config)
@@ -120,17 +126,26 @@ def main(argv=None):
         step, timer_prev = state["step"], state["elapsed"]
         sampler = ViewSampler("train", config.image_size, args.seed + step)  # fresh data stream after resume
         logger.info(f"resumed at step {step} ({timer_prev / 60:.1f} min trained)")
+    def shared(ema):        # several processes: the EMA codebook statistics summed over all of them (the global batch)
+        if ema is not None and processes > 1:
+            ema.reduce = lambda tensor: accelerator.reduce(tensor, "sum")
+        return ema
+
+    ema = shared(ema)
+    model, optimizer = accelerator.prepare(VQForward(vq), optimizer)   # one process: as is; several: DDP
     timer = Timer(timer_prev)
     n_params = sum(p.numel() for p in vq.parameters())
     logger.info(f"tokenizer {n_params / 1e6:.2f}M params, config {tokenizer_config_dict(config)}, args {vars(args)}")
 
     def checkpoint():
-        save_checkpoint(checkpoint_path, {"model": vq.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "ema": ema.state_dict() if ema else None, "step": step,
-                                          "elapsed": timer.elapsed, "config": tokenizer_config_dict(config)})
+        if main_process:
+            save_checkpoint(checkpoint_path, {"model": vq.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "ema": ema.state_dict() if ema else None, "step": step,
+                                              "elapsed": timer.elapsed, "config": tokenizer_config_dict(config)})
+        accelerator.wait_for_everyone()
 
     last_save = time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="tokenizer", dynamic_ncols=True, disable=args.export_only)
+    bar = tqdm(total=args.steps, initial=step, desc="tokenizer", dynamic_ncols=True, disable=args.export_only or not main_process)
     vq.train()
     while step < args.steps and not args.export_only:
         if ema is None and step >= args.warmup_ae:
@@ -140,16 +155,22 @@ def main(argv=None):
                          for _ in range(10)]
                 vq.train()
             centres = kmeans(torch.cat(flats), config.num_vq_embeddings, 20, generator)
-            ema = EMAQuantizer(vq.quantize.embedding)
+            ema = shared(EMAQuantizer(vq.quantize.embedding))
             ema.reset(centres)
             logger.info(f"step {step}: codebook initialised by k-means on {sum(len(f) for f in flats)} encoder outputs")
         set_lr(optimizer, cosine_lr(step, args.steps, args.lr, warmup=100))
-        pixels = to_pixels(sampler.batch(args.batch))
-        reconstruction, commit, indices, flat = forward(vq, pixels, ema, train=True)
+        crops = sampler.batch(args.batch)                  # the global batch, on every process
+        pixels = to_pixels(crops if processes == 1 else crops[rows(accelerator, args.batch)])
+        reconstruction, commit, indices, flat = model(pixels, ema, True)
         l1, mse, psnr = pixel_losses(reconstruction, pixels)
         loss = l1 + mse + 0.25 * commit
-        optimise(loss, params, optimizer)
+        optimise(loss, params, optimizer, accelerator=accelerator)
         step += 1
+        if processes > 1:   # restarts draw from every process's latents (the same picks everywhere); logs: global means
+            if ema is not None and step % 50 == 0:
+                flat = gather_rows(accelerator, flat.detach())
+            loss, l1, commit, mse = (mean_across(accelerator, v) for v in (loss, l1, commit, mse))
+            psnr = 10 * np.log10(4.0 / max(mse.item(), 1e-10))
         restarted = ema.restart_dead(flat, threshold=0.03, generator=generator) if ema is not None and step % 50 == 0 else 0
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
@@ -158,13 +179,15 @@ def main(argv=None):
             logger.info(f"step {step} loss {loss.item():.4f} l1 {l1.item():.4f} psnr {psnr:.2f} commit {commit.item():.4f} "
                         f"codes_alive {used} restarted {restarted} lr {optimizer.param_groups[0]['lr']:.2e} "
                         f"elapsed {timer.elapsed / 60:.1f}m")
-        if time.time() - last_save > args.checkpoint_minutes * 60:
+        if any_process(accelerator, time.time() - last_save > args.checkpoint_minutes * 60):
             checkpoint()
             last_save = time.time()
     bar.close()
     if not args.export_only:
         checkpoint()
-    export(vq, config, args, step, timer.elapsed, logger)
+    if main_process:
+        export(vq, config, args, step, timer.elapsed, logger)
+    accelerator.wait_for_everyone()
 
 
 def export(vq, config: TokenizerConfig, args, step: int, elapsed: float, logger) -> None:

@@ -31,6 +31,7 @@ class EMAQuantizer:
         codes, dim = embedding.weight.shape
         self.cluster_size = torch.ones(codes)
         self.embed_sum = embedding.weight.detach().clone()
+        self.reduce = None          # several processes: sums a tensor over them, so every codebook sees the global batch
 
     def state_dict(self) -> dict:
         return {"cluster_size": self.cluster_size, "embed_sum": self.embed_sum}
@@ -52,8 +53,11 @@ class EMAQuantizer:
         if train:
             with torch.no_grad():
                 onehot = F.one_hot(indices, len(codebook)).float()
-                self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-                self.embed_sum.mul_(self.decay).add_(onehot.T @ flat.detach(), alpha=1 - self.decay)
+                counts, sums = onehot.sum(0), onehot.T @ flat.detach()
+                if self.reduce is not None:
+                    counts, sums = self.reduce(counts), self.reduce(sums)
+                self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+                self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
                 total = self.cluster_size.sum()
                 smoothed = (self.cluster_size + self.eps) / (total + len(codebook) * self.eps) * total
                 self.embedding.weight.data.copy_(self.embed_sum / smoothed[:, None])
@@ -70,6 +74,17 @@ class EMAQuantizer:
             self.embed_sum[dead] = picks
             self.cluster_size[dead] = 1.0
         return count
+
+
+class VQForward(torch.nn.Module):
+    """`forward` below as one module: what accelerate prepares, so DDP sees the encoder and decoder used together."""
+
+    def __init__(self, vq):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, pixels: torch.Tensor, ema: "EMAQuantizer | None", train: bool):
+        return forward(self.vq, pixels, ema, train)
 
 
 def forward(vq, pixels: torch.Tensor, ema: EMAQuantizer | None, train: bool):
@@ -95,9 +110,13 @@ def pixel_losses(reconstruction: torch.Tensor, pixels: torch.Tensor) -> tuple[to
     return (reconstruction - pixels).abs().mean(), mse, psnr
 
 
-def optimise(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, clip: float = 1.0) -> None:
-    """One step: zero the gradients, backpropagate, clip the global norm, update."""
+def optimise(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, clip: float = 1.0, accelerator=None) -> None:
+    """One step: zero the gradients, backpropagate (through accelerate's when given), clip the global norm, update."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
+    if accelerator is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, clip)
     optimizer.step()
