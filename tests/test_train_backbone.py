@@ -135,6 +135,8 @@ def test_family_trainer_trains_on_episodes_and_sequences_and_resumes(tmp_path):
     assert "solarize@heldout-kind" in validation["per_task"] and "sequence:pan" in validation["draft_accuracy"]
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["name"] == "retouch-16" and "solarize" in manifest["tasks"] and manifest["max_frames"] == 4
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(bundle / "backbone" / "model.safetensors").values()} == {torch.float16}   # half the bytes
     trainer.main([*args[:1], "6", *args[2:]])                               # resumes from the checkpoint
     assert json.loads((bundle / "backbone" / "training.json").read_text())["step"] == 6
     with pytest.raises(SystemExit, match="held-out kind"):

@@ -330,14 +330,17 @@ class ValidationSet:
 
 def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int, elapsed: float, args, validation: dict | None,
            fingerprint: str, tokenizer=None, history: list | None = None, tasks=tuple(TASKS), name: str = "retouch-tiny",
-           extra: dict | None = None) -> None:
+           extra: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
     """Write backbone/ (+ training.json) and (re)write bundle.json, keeping parts other trainers listed.
 
-    `history`: one entry per run that trained these weights (command, first and last step), oldest first."""
+    `history`: one entry per run that trained these weights (command, first and last step), oldest first.
+    `dtype`: the stored weights' type (float16 halves the bundle; the engine loads them as float32)."""
+    import copy
+
     from ..bundle import manifest
 
     out = bundle / "backbone"
-    model.save_pretrained(out, safe_serialization=True)
+    (model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)).save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         manifest_path = bundle / "bundle.json"
         old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -493,7 +496,7 @@ def main(argv=None):
         accelerator.wait_for_everyone()
         return result
 
-    if step and step < args.steps:     # a resumed run: where it starts from, on the same yardstick as its later validations
+    if step >= args.validate_every and step < args.steps:   # a resumed run: where it starts from, on its later yardstick
         validation = validate()
         logger.info(f"step {step} validation {json.dumps(validation)}")
     last_save = time.time()
@@ -506,7 +509,7 @@ def main(argv=None):
                                               "step": step, "elapsed": timer.elapsed, "codes_sha256_16": fingerprint,
                                               "history": history})
             export(model, vocab, config, args.bundle, step, timer.elapsed, args, validation, fingerprint, tokenizer, history,
-                   tasks=tasks, name=name, extra=extra)
+                   tasks=tasks, name=name, extra=extra, dtype=torch.float16 if family else torch.float32)
         accelerator.wait_for_everyone()
 
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, export, exit
