@@ -28,6 +28,7 @@ from .examples import (EXAMPLES_DIR, MAX_ROWS, Example, SequenceExample, add_pai
                        list_sequence_examples, pair_row_updates, remove_pair, sequence_preview)
 from .models import (DEFAULT_MODEL, DRAFT_MODES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
                      ModelOption, allowed_models, default_refiner, draft_mode_update, draft_modes, refiner_choices)
+from .prefetch import batches
 from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView,  # noqa: F401
                            compare_view, error_status, frame, present, stopped_status, timeline_view)
 from .report import finish_frame
@@ -103,7 +104,7 @@ class Studio(ModelHolder):
         """The served generate event: generate_from_widgets as LIVE_OUTPUTS frames (see `live`), with a named
         signature, so the /generate API lists real parameter names."""
         def generate(*values):
-            yield from live(self.generate_from_widgets(*values), min_interval=LIVE_MIN_FRAME_S)
+            yield from live(self.generate_from_widgets(*values), min_interval=LIVE_MIN_FRAME_S, threaded=True)
 
         keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
         pair_parameters = [inspect.Parameter(f"pair{number}_{side}", keyword, **({} if number == 1 else {"default": None}))
@@ -174,25 +175,33 @@ class Studio(ModelHolder):
                            settings["scan_iterations"], started, finish_frame, draft_mode == "tensor", quality_score)
 
 
-def live(frames: Iterator[tuple], min_interval: float = 0.0) -> Iterator[tuple]:
+def live(frames: Iterator[tuple], min_interval: float = 0.0, threaded: bool = False) -> Iterator[tuple]:
     """OUTPUTS frames -> LIVE_OUTPUTS frames: canvas, status and seed as plain values every frame; every other
     view's latest value is kept and handed to the finished run's RunView (`report`) for the report event.
 
     A progress-only frame (canvas and status) that comes less than `min_interval` seconds after the last one
     sent is dropped: the next frame replaces it anyway. The first frame, frames with other views and the
-    finished run's frame are always sent."""
+    finished run's frame are always sent. `threaded`: the frames are produced in their own thread
+    (studio/prefetch.py), so sending a frame never holds the engine up; frames produced while one was being
+    sent are folded into the next one sent (their views kept, their picture replaced by the newest)."""
     pending: dict = {}
     seed = gr.skip()
     last_sent = None
-    for output in frames:
-        values = dict(zip(OUTPUTS, output))
-        changed = {name: values[name] for name in REPORT_OUTPUTS if not _is_skip(values[name])}
-        pending.update(changed)
-        if not _is_skip(values["seed"]):
-            seed = values["seed"]
-        run = values["run_state"]
-        if isinstance(run, RunView):
-            run.report = dict(pending)
+    groups = batches(frames) if threaded else ([output] for output in frames)
+    for group in groups:
+        changed, run = False, gr.skip()
+        for output in group:
+            values = dict(zip(OUTPUTS, output))
+            views = {name: values[name] for name in REPORT_OUTPUTS if not _is_skip(values[name])}
+            pending.update(views)
+            changed = changed or bool(views)
+            if not _is_skip(values["seed"]):
+                seed = values["seed"]
+            if isinstance(values["run_state"], RunView):
+                run = values["run_state"]
+                run.report = dict(pending)
+            elif not _is_skip(values["run_state"]):
+                run = values["run_state"]
         now = time.perf_counter()
         if (last_sent is not None and not changed and _is_skip(run) and now - last_sent < min_interval):
             continue

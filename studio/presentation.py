@@ -125,6 +125,14 @@ def _bands_note(score_range: tuple[float, float]) -> str:
             + " (quarters of this run's score range, the same for both maps).")
 
 
+LIVE_SIDE = 192     # live canvas frames: the browser enlarges them (CSS pixelated), a quarter of the pixels to
+                    # draw, encode and send of the 384-pixel stage images; token squares look the same
+
+
+def _live_scale(image) -> int:
+    return viz.display_scale(image.width, LIVE_SIDE)
+
+
 def present(engine, events, refine, seed, query_image, truth_image, frame_seconds, scan_iterations, started,
             finish: Callable, tensor_draft=False, quality_score="combined") -> Iterator[tuple]:
     """Engine events -> output tuples, with the live canvas paced to at most one frame per frame_seconds; the
@@ -155,7 +163,7 @@ def present(engine, events, refine, seed, query_image, truth_image, frame_second
                 if event.sequence_format == "lvm":
                     quality_source = "the model's probability of each sampled token: LVM has no quality head"
                 blank = np.zeros((grid, grid), dtype=bool)
-                yield frame(canvas=viz.canvas_view(query_image, blank),
+                yield frame(canvas=viz.canvas_view(query_image, blank, scale=_live_scale(query_image)),
                             status=_status(stages, "draft", 0.0, f"Drafting: 0 of {total} tokens…"),
                             seed=seed, quality_draft=None, quality_final=None, quality_note="",
                             timeline_slider=gr.update(visible=False, value=0, maximum=1), timeline_image=None,
@@ -166,7 +174,7 @@ def present(engine, events, refine, seed, query_image, truth_image, frame_second
             elif isinstance(event, WindowSlid):      # TensorAR: predicted cells show, the window stays boxed
                 if event.canvas is not None:
                     total = event.final.size
-                    view = viz.canvas_view(event.canvas, event.codes >= 0, current_cell=event.cells[0],
+                    view = viz.canvas_view(event.canvas, event.codes >= 0, scale=_live_scale(event.canvas), current_cell=event.cells[0],
                                            window_cells=event.cells[1:], final=event.final, revisions=event.revisions)
                     yield paced(frame(canvas=view, status=_status(
                         stages, "draft", (event.step + 1) / total,
@@ -175,7 +183,7 @@ def present(engine, events, refine, seed, query_image, truth_image, frame_second
                         f"their number counts how often each was predicted)")))
             elif isinstance(event, TokensWritten):
                 if event.canvas is not None and not tensor_draft:   # TensorAR's frames came with WindowSlid
-                    view = viz.canvas_view(event.canvas, event.written, current_cell=event.cell)
+                    view = viz.canvas_view(event.canvas, event.written, scale=_live_scale(event.canvas), current_cell=event.cell)
                     written = int(event.written.sum())
                     yield paced(frame(canvas=view, status=_status(stages, "draft", written / event.written.size,
                                                                   f"Drafting: {written} of {event.written.size} tokens written")))
@@ -184,7 +192,7 @@ def present(engine, events, refine, seed, query_image, truth_image, frame_second
                 note = (f"Draft: mean quality {_mean(event.quality):.3f}"
                         + (f" (best of {len(event.candidates)} candidates)" if len(event.candidates) > 1 else ""))
                 next_stage = refine[0] if refine else None
-                yield paced(frame(canvas=viz.upscale(event.image),
+                yield paced(frame(canvas=viz.upscale(event.image, _live_scale(event.image)),
                                   status=_status(stages, next_stage or "draft", 0.0 if next_stage else 1.0,
                                                  note + (f"; refining with {viz.stage_title(next_stage)}…"
                                                          if next_stage else "."),
@@ -192,7 +200,7 @@ def present(engine, events, refine, seed, query_image, truth_image, frame_second
                                   quality_draft=_annotated(event.image, event.quality, viz.quality_range(event.quality))))
             elif isinstance(event, ScanStep):
                 kept = sum(event.accepted)
-                view = viz.patch_boxes(event.image, event.cells, event.accepted, grid) if event.image is not None else gr.skip()
+                view = viz.patch_boxes(event.image, event.cells, event.accepted, grid, scale=_live_scale(event.image)) if event.image is not None else gr.skip()
                 yield paced(frame(canvas=view, status=_status(
                     stages, "scan", (event.iteration + 1) / max(1, scan_iterations),
                     f"SCAN iteration {event.iteration + 1}: regenerated {len(event.cells)} low-quality tokens, "
@@ -203,7 +211,7 @@ def present(engine, events, refine, seed, query_image, truth_image, frame_second
                 message = f"{viz.stage_title(event.stage)} done: changed {len(event.changed_cells)} tokens"
                 if following:
                     message += f"; refining with {viz.stage_title(following)}…"
-                outputs = dict(canvas=viz.upscale(event.image),
+                outputs = dict(canvas=viz.upscale(event.image, _live_scale(event.image)),
                                status=_status(stages, following or event.stage, 0.0 if following else 1.0, message))
                 if event.stage.startswith("vsr"):
                     outputs["vsr_image"] = gr.update(value=viz.changed_cells_view(event.image, event.changed_cells, grid),

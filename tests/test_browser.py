@@ -79,7 +79,8 @@ def test_example_generate_live_canvas_tabs_and_stop(page):
     assert len(frames) >= 4, f"the live canvas changed only {len(frames)} times"   # >= 3 changes, then the final image
     final = page.locator("#canvas img")
     expect(final).to_be_visible()
-    assert page.evaluate("document.querySelector('#canvas img').naturalWidth") >= 320
+    assert page.evaluate("document.querySelector('#canvas img').naturalWidth") >= 192     # sent at 3x or more
+    assert page.evaluate("document.querySelector('#canvas img').getBoundingClientRect().width") >= 320   # shown large
     expect(page.locator("#status")).to_contain_text("Done in")
 
     page.get_by_role("tab", name="Quality").click()
@@ -146,7 +147,8 @@ def test_sequence_mode_example_reorder_generate_and_refused_run(page, studio_url
     expect(page.locator('#status .rt-status[data-state="done"]')).to_be_attached(timeout=60_000)
     expect(page.locator("#status")).to_contain_text("Done in")
     assert len(page.evaluate("window.__frames")) >= 4, "the live canvas hardly changed"
-    assert page.evaluate("document.querySelector('#canvas img').naturalWidth") >= 320
+    assert page.evaluate("document.querySelector('#canvas img').naturalWidth") >= 192     # sent at 3x or more
+    assert page.evaluate("document.querySelector('#canvas img').getBoundingClientRect().width") >= 320   # shown large
     page.get_by_role("tab", name="Metrics").click()
     expect(page.get_by_text("true next frame you gave")).to_be_visible()
     page.get_by_role("tab", name="Live").click()
