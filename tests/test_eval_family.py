@@ -38,12 +38,15 @@ def test_eval_runs_family_specs_splits_and_following(tmp_path):
     bundle = build_tiny_bundle(tmp_path / "b")
     out = tmp_path / "eval"
     assert eval_cli.main(["--bundle", str(bundle), "--n", "1", "--tasks", "inpaint:fill=black,edges_canny", "--pairs", "1",
-                          "--following", "1", "--split", "heldout", "--out", str(out)]) == 0
+                          "--following", "1", "--split", "heldout", "--sequences", "1", "--frames", "2", "--out", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
     assert set(report["table"]) == {"inpaint:fill=black", "edges_canny"} and report["split"] == "heldout"
     assert "edge_f1" in report["table"]["edges_canny"]["draft"] and "sobel_baseline_f1" in report["table"]["edges_canny"]
     assert set(report["following"]) == {"val", "heldout"} and "solarize" in report["following"]["heldout"]["per_kind"]
     assert "Task following" in (out / "results.md").read_text()
+    sequences = report["sequences"]["table"]
+    assert set(sequences) == {"pan", "zoom", "cutout", "brightness"} and {"identity", "ceiling", "draft", "+SCAN"} <= set(sequences["pan"])
+    assert "last frame repeated" in (out / "results.md").read_text()
     assert eval_cli.main(["--bundle", str(bundle), "--tasks", "inpaint:colour=red", "--out", str(out)]) == 1
 
 

@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--split", choices=("val", "heldout"), default="val",
                         help="family tasks: training parameter values (val) or held-out ones (heldout); photos are "
                              "held out either way")
+    parser.add_argument("--sequences", type=int, default=0,
+                        help="sequences per kind (pan, zoom, cutout, brightness) for the sequential-prompt rows (0: skip)")
+    parser.add_argument("--frames", type=int, default=3, help="context frames of those sequences")
     parser.add_argument("--following", type=int, default=0,
                         help="family bundles: query photos for the task-following check, on both splits (0: skip)")
     parser.add_argument("--n", type=int, default=8, help="examples per task (FID needs >= 10)")
@@ -111,6 +114,10 @@ def main(argv=None) -> int:
 
             report["following"] = {split: task_following(engine, args.following, args.pairs, args.seed, split, settings,
                                                          args.pool, run_draft) for split in ("val", "heldout")}
+        if args.sequences:
+            from .sequences import evaluate_sequences
+
+            report["sequences"] = evaluate_sequences(engine, args.sequences, args.frames, args.seed, settings, args.pool)
     except FetchError as error:
         print(f"error: {error}")
         return 1

@@ -62,6 +62,10 @@ def markdown(report: dict) -> str:
                       f"held-out photos): draft nearest to the demonstrated kind's target in {following['share'] * 100:.0f}% of "
                       f"{following['n'] * len(following['per_kind'])} cases ("
                       + ", ".join(f"{k} {v * 100:.0f}%" for k, v in following["per_kind"].items()) + ")"]
+    if report.get("sequences"):
+        from .sequences import markdown as sequence_markdown
+
+        lines += sequence_markdown(report["sequences"])
     if report.get("scan_ablation"):
         lines += ["", "| SCAN T | c | PSNR | token acc | s/image |", "|---|---|---|---|---|"]
         lines += [f"| {r['T']} | {r['c']} | {r['psnr']:.2f} | {r['token_acc']:.3f} | {r['seconds']:.2f} |" for r in report["scan_ablation"]]
