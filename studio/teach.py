@@ -10,6 +10,7 @@ zip to a temp file and hands it over through Gradio's file output. Every bad upl
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import zipfile
@@ -124,7 +125,11 @@ def export(taught: Taught | None):
     """Download: the adapter folder (adapter.safetensors + config.json) as a zip in a temp file."""
     if not isinstance(taught, Taught):
         raise gr.Error("Teach a task first: there is no adapter to download yet.")
-    folder = Path(tempfile.mkdtemp(prefix="retouch-adapter-", dir=os.environ.get("GRADIO_TEMP_DIR")))
+    parent = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir())
+    for old in parent.glob("retouch-adapter-*"):           # earlier downloads: kept an hour, then removed
+        if old.is_dir() and time.time() - old.stat().st_mtime > STATE_SECONDS:
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix="retouch-adapter-", dir=parent))
     taught.adapter.save(folder / "adapter")
     archive = folder / "retouch-adapter.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
