@@ -28,6 +28,7 @@ from .formats import sequence_format
 from .images import ImageInputError, load_square, open_image, to_square
 from .refiners.self_refine import self_refine
 from .sequence import context_tokens, frames_context
+from .teach.adapter import AdapterError, TaskAdapter, applied
 
 REFINERS = ("scan", "vsr")
 STAGE_ALIASES = {"self": "vsr"}       # VSR's old stage name, still accepted on input
@@ -263,8 +264,6 @@ class Engine:
         """EngineInputError (one line) unless `adapter` is None or was taught on this engine's backbone."""
         if adapter is None:
             return
-        from .teach.adapter import AdapterError, TaskAdapter
-
         if not isinstance(adapter, TaskAdapter):
             raise EngineInputError(f"adapter must be a TaskAdapter (teach.adapter), not {type(adapter).__name__}.")
         if self.format.name != "scan":
@@ -277,8 +276,6 @@ class Engine:
     def _with_adapter(self, events: Iterator[Event], adapter) -> Iterator[Event]:
         """`events`, each step computed with `adapter` applied (None: the plain backbone) under the backbone's lock;
         nothing is applied while the consumer holds an event, so other runs interleave safely."""
-        from .teach.adapter import applied
-
         while True:
             with applied(self.model, adapter):
                 try:
