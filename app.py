@@ -240,9 +240,11 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                         teach_status = gr.HTML(TEACH_IDLE, elem_id="teach-status")
                         loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=220,
                                                 elem_id="teach-loss")
-                        with gr.Row(equal_height=True):
-                            export_button = gr.Button("Download adapter (.zip)", size="sm", elem_id="teach-export")
-                            adapter_file = gr.File(label="Adapter", interactive=False, elem_id="teach-file", height=80)
+                        with gr.Row():
+                            export_button = gr.Button("Download adapter (.zip)", size="sm", elem_id="teach-export",
+                                                      scale=1)
+                            adapter_file = gr.File(label="Adapter", interactive=False, elem_id="teach-file", height=60,
+                                                   scale=2)
 
         components = dict(canvas=canvas, status=status, seed=seed, quality_draft=quality_draft, quality_final=quality_final,
                           quality_note=quality_note, timeline_slider=timeline_slider, timeline_image=timeline_image,

@@ -169,6 +169,8 @@ class Studio(ModelHolder):
                 raise gr.Error(f"{error} Remove the {truth_name} or upload another image.")
 
         adapter = adapter_for_run(use_adapter, taught)
+        if adapter is not None:
+            gr.Info(f"This run uses your taught adapter ({taught.summary()}).")
 
         started = time.perf_counter()
         # all model work goes through engine.stream (on a ZeroGPU Space it alone runs under @spaces.GPU)

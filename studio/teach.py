@@ -79,9 +79,11 @@ def preview(files):
 
 
 def loss_frame(losses: list):
+    """The loss plot's data: (step, loss) per step, numeric even when empty (the plot takes its axis types from it)."""
     import pandas as pd
 
-    return pd.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
+    frame = pd.DataFrame({"step": [step for step, _ in losses], "loss": [loss for _, loss in losses]})
+    return frame.astype({"step": "int64", "loss": "float64"})
 
 
 def run_teach(engine, model, files, steps):
