@@ -182,8 +182,13 @@ def test_a_plain_run_interleaved_with_an_adapter_run_sees_the_backbone(engine, p
 def test_a_run_in_another_thread_waits_for_the_adapter_lock(engine, pairs):
     adapter = new_adapter(engine)
     entered = threading.Event()
+
+    def plain_step():
+        with applied(engine.model, None):
+            entered.set()
+
     with applied(engine.model, adapter):
-        thread = threading.Thread(target=lambda: (applied(engine.model, None).__enter__(), entered.set()))
+        thread = threading.Thread(target=plain_step)
         thread.start()
         thread.join(0.3)
         assert not entered.is_set()            # blocked while the adapter is in force
@@ -318,3 +323,22 @@ def test_cli_teach_bad_input_is_one_error_line(bundle, tmp_path, capsys, case, m
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "ad").exists()
+
+
+def test_the_fingerprint_follows_the_weights_not_their_float_type(engine):
+    import copy
+
+    model = engine.model
+    half = copy.deepcopy(model).to(torch.float16)
+    assert backbone_fingerprint(half) == backbone_fingerprint(model)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.lm_head.weight[0, 0] += 1.0
+    assert backbone_fingerprint(changed) != backbone_fingerprint(model)
+
+
+def test_a_model_that_has_run_with_an_adapter_can_still_be_deep_copied(engine, pairs):
+    import copy
+
+    engine.run(pairs[:1], pairs[1][0], refine=(), adapter=new_adapter(engine))
+    copy.deepcopy(engine.model)          # e.g. the backbone trainer's float16 export copies the model

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import threading
+import weakref
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -61,15 +62,19 @@ class AdapterConfig:
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (16 hex) over the backbone's state dict (names, shapes, dtypes, bytes), cached until a weight changes."""
+    """SHA-256 (16 hex) over the backbone's state dict (names, shapes, values), cached until a weight changes.
+
+    Floating-point values are hashed rounded to float16, so the same bundle loaded in float32 (CPU) or float16 (a
+    GPU) gives the same fingerprint and an adapter taught on one runs on the other."""
     signature = tuple((name, p.data_ptr(), p._version) for name, p in model.state_dict(keep_vars=True).items())
     cached = getattr(model, "_retouch_fingerprint", None)
     if cached is not None and cached[0] == signature:
         return cached[1]
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        tensor = tensor.detach().cpu()
+        tensor = (tensor.to(torch.float16) if tensor.is_floating_point() else tensor).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     value = digest.hexdigest()[:16]
     object.__setattr__(model, "_retouch_fingerprint", (signature, value))
@@ -194,17 +199,16 @@ class TaskAdapter(nn.Module):
 # -- applying it -----------------------------------------------------------------------------------------
 
 def _model_lock(model: nn.Module) -> threading.RLock:
-    lock = getattr(model, "_retouch_adapter_lock", None)
-    if lock is None:
-        with _CREATE_LOCK:
-            lock = getattr(model, "_retouch_adapter_lock", None)
-            if lock is None:
-                lock = threading.RLock()
-                object.__setattr__(model, "_retouch_adapter_lock", lock)    # not a submodule, no state_dict entry
+    """The model's adapter lock (kept beside the model, not on it: a deepcopy of the model must not copy a lock)."""
+    with _CREATE_LOCK:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
     return lock
 
 
 _CREATE_LOCK = threading.Lock()
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 
 
 def _hook(lora: LoRA, module, args, output):
