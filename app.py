@@ -22,6 +22,8 @@ from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS,
                              move_later, prompt_kind_updates, refiner_choices, remove_frame, remove_pair, report, select_frame,
                              sequence_preview, stopped_status, timeline_view)
 from studio.layout import CSS, HEADER, IDLE_STATUS, TITLE, legend, theme  # noqa: E402
+from studio.teach import (DEFAULT_STEPS, MAX_STEPS, STATE_SECONDS, TEACH_IDLE, export as export_adapter,  # noqa: E402
+                          loss_frame, preview as preview_pairs, stopped as teach_stopped)
 
 MAX_FILE_SIZE = "10mb"            # uploads above this are refused by the server before any handler runs
 DEFAULT_PAIRS = 2                 # pair rows shown at start
@@ -72,6 +74,7 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
         max_pairs = gr.State(engine.max_pairs)
         model_state = gr.State(studio.default_model)     # this visitor's model id (others keep theirs)
         selected_frame = gr.State(None)                  # the frame clicked last in the frames gallery (remove / move)
+        taught_state = gr.State(None, time_to_live=STATE_SECONDS)   # this visitor's taught adapter (studio.teach.Taught)
 
         prompt_kind = gr.Radio(PROMPT_KINDS, value="pairs", label="Prompt", elem_id="prompt-kind",
                                info="pairs: the model infers a task from input → answer pairs; "
@@ -128,6 +131,9 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                         clear_frames_button = gr.Button("Clear", elem_id="frames-clear", **small)
                     gr.Markdown("**True next frame** (optional) — adds metrics and a comparison with what the model wrote.")
                     next_truth = image_input("True next frame", height=170, elem_id="next-truth")
+                use_adapter = gr.Checkbox(False, label="use taught adapter", elem_id="use-adapter",
+                                          info="run with the task you taught in the Teach tab (this run only; "
+                                               "untick for the model as it is)")
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
@@ -214,6 +220,31 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                         cosine_plot = gr.Plot(label="Per-token cosine distance (VSR Fig. 2)", format="png", show_label=False)
                         quality_plot = gr.Plot(label="SCAN progress", format="png", show_label=False)
                         timings_table = gr.Dataframe(headers=TIMING_COLUMNS, interactive=False, label="Timings")
+                    with gr.Tab("Teach", id="teach-tab", elem_id="teach-tab"):
+                        gr.Markdown("**Teach it a new task** from your own pairs: image files named `NAME_input.png` and "
+                                    "`NAME_answer.png` (any image type), or a zip of them, 2 to 50 pairs. A small LoRA "
+                                    "adapter is trained for a couple of minutes; the model itself never changes, and the "
+                                    "adapter stays in your session only.", elem_classes="rt-hint")
+                        teach_files = gr.File(label="Pairs (several files or a zip)", file_count="multiple",
+                                              file_types=["image", ".zip"], elem_id="teach-files", height=120)
+                        teach_grid = gr.Gallery(label="Your pairs (input, answer)", columns=8, height=200, format="png",
+                                                allow_preview=False, object_fit="contain", interactive=False,
+                                                elem_id="teach-pairs", elem_classes="rt-pixelated")
+                        teach_steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Step budget",
+                                                info="each step trains on 4 leave-one-out examples; the default is "
+                                                     "about two minutes for 20 pairs on two CPU cores",
+                                                elem_id="teach-steps")
+                        with gr.Row():
+                            teach_button = gr.Button("Teach", variant="primary", elem_id="teach", scale=3)
+                            teach_stop = gr.Button("Stop", variant="stop", elem_id="teach-stop", scale=1)
+                        teach_status = gr.HTML(TEACH_IDLE, elem_id="teach-status")
+                        loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=220,
+                                                elem_id="teach-loss")
+                        with gr.Row():
+                            export_button = gr.Button("Download adapter (.zip)", size="sm", elem_id="teach-export",
+                                                      scale=1)
+                            adapter_file = gr.File(label="Adapter", interactive=False, elem_id="teach-file", height=60,
+                                                   scale=2)
 
         components = dict(canvas=canvas, status=status, seed=seed, quality_draft=quality_draft, quality_final=quality_final,
                           quality_note=quality_note, timeline_slider=timeline_slider, timeline_image=timeline_image,
@@ -251,7 +282,7 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
             studio.generate_endpoint(),
             [*pair_images, query, truth, refiners, scan_iterations, scan_cells, temperature, top_p, top_k, seed,
              randomize, candidates, canvas_every, frame_ms, draft_mode, quality_score, prompt_kind, frames, next_truth,
-             model_state],
+             use_adapter, taught_state, model_state],
             live_outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
             show_progress_on=[status])
         # the finished run's other views, once (a stopped or refused run leaves them as they were)
@@ -259,6 +290,14 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                            show_progress="hidden")
         # cancel first, then mark the status: a frame still in flight from the cancelled run cannot overwrite it
         stop_button.click(None, None, None, cancels=[generation], queue=False).then(stopped_status, [status], [status], **cheap)
+
+        # teaching: the same queue as generation (one model run at a time); Stop keeps the adapter taught so far
+        teach_files.change(preview_pairs, [teach_files], [teach_grid, teach_status], **cheap)
+        teaching = teach_button.click(studio.teach, [teach_files, teach_steps, model_state], [teach_status, loss_plot, taught_state],
+                                      api_name="teach", concurrency_limit=1, concurrency_id="model", show_progress="hidden")
+        teach_stop.click(None, None, None, cancels=[teaching], queue=False).then(
+            teach_stopped, [teach_status, taught_state], [teach_status], **cheap)
+        export_button.click(export_adapter, [taught_state], [adapter_file], **cheap)
 
         timeline_slider.input(timeline_view, [timeline_slider, run_state], [timeline_image, timeline_text],
                               api_name="timeline", concurrency_limit=None, trigger_mode="always_last", show_progress="hidden")

@@ -22,6 +22,7 @@ _EXPORTS = {
     "Result": "events", "Event": "events", "GenerationStarted": "events", "TokensWritten": "events",
     "WindowSlid": "events", "DraftDone": "events", "ScanStep": "events", "StageDone": "events", "Finished": "events",
     "ImageInputError": "images",
+    "TaskAdapter": "teach.adapter", "AdapterError": "teach.adapter", "TeachConfig": "teach.trainer",
 }
 
 __all__ = ["__version__", *_EXPORTS]

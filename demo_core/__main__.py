@@ -2,6 +2,7 @@
 
     python -m demo_core reconstruct IMAGE --out OUT.png       (installed: retouch reconstruct ...)
     python -m demo_core generate --pair X Y [--pair X Y ...] --query Q --refine scan,vsr --seed 0 --out OUT.png
+    python -m demo_core teach a_input.png a_answer.png b_input.png b_answer.png ... --out ADAPTER [--steps N]
     python -m demo_core train {tokenizer,backbone,refiner,tensor} [...]
     python -m demo_core eval [...]       python -m demo_core bench [...]
     python -m demo_core export --out DIR python -m demo_core space --out DIR
@@ -20,6 +21,7 @@ from pathlib import Path
 SUBCOMMANDS = {
     "reconstruct": ("demo_core.cli", "reconstruct_main", "encode and decode an image through the tokenizer; prints PSNR/SSIM"),
     "generate": ("demo_core.cli", "generate_main", "answer a query from demonstration pairs, then refine"),
+    "teach": ("demo_core.teach.cli", "main", "teach the backbone a new task from your pair files (a small LoRA adapter)"),
     "train": ("demo_core.train.__main__", "main", "train a part: tokenizer, backbone, refiner, tensor"),
     "eval": ("demo_core.eval", "main", "quality table per task and stage on the validation split"),
     "eval-tokenizer": ("demo_core.eval_tokenizer", "main", "tokenizer round trips, code stability, identity and ceiling"),

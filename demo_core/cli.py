@@ -80,6 +80,8 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--revision", default=None, help="Hub revision of --bundle (a commit sha pins it)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--bundle", default=None, help="bundle folder, Hub id or lvm-7b (default: embedded retouch-tiny)")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="a taught adapter folder (python -m demo_core teach ... --out ADAPTER) for this run")
     parser.add_argument("--out", type=Path, default=Path("out.png"))
     parser.add_argument("--heatmap", action="store_true", help="also write OUT.quality.png (per-token quality of the final image)")
     parser.add_argument("--stages", action="store_true", help="also write OUT.<stage>.png for every stage")
@@ -94,21 +96,23 @@ def generate_main(argv=None) -> int:
     refine = tuple(s.strip() for s in args.refine.split(",") if s.strip() and s.strip() != "none")
     from .bundle import BundleError
     from .engine import EngineInputError, load_engine
+    from .teach.adapter import AdapterError, TaskAdapter
 
     try:
         engine = load_engine(args.bundle, revision=args.revision, device=args.device)
+        adapter = TaskAdapter.load(args.adapter, engine.model) if args.adapter is not None else None
         sampling = {name: value for name, value in (("temperature", args.temperature), ("top_p", args.top_p),
                                                     ("top_k", args.top_k), ("scan_temperature", args.scan_temperature))
                     if value is not None}
         options = dict(refine=refine, seed=args.seed, **sampling, candidates=args.candidates,
                        scan_iterations=args.scan_iterations, scan_cells=args.scan_cells, quality_score=args.quality_score,
-                       draft_mode=args.draft_mode)
+                       draft_mode=args.draft_mode, adapter=adapter)
         truth = _load_truth(args, engine.image_size) if args.truth else None
         if args.frames is not None:
             result = engine.run(frames=list(args.frames), **options)
         else:
             result = engine.run([tuple(p) for p in args.pair], args.query, **options)
-    except (BundleError, EngineInputError) as error:
+    except (BundleError, EngineInputError, AdapterError) as error:
         return _fail(str(error))
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)

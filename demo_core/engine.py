@@ -28,6 +28,7 @@ from .formats import sequence_format
 from .images import ImageInputError, load_square, open_image, to_square
 from .refiners.self_refine import self_refine
 from .sequence import context_tokens, frames_context
+from .teach.adapter import AdapterError, TaskAdapter, applied
 
 REFINERS = ("scan", "vsr")
 STAGE_ALIASES = {"self": "vsr"}       # VSR's old stage name, still accepted on input
@@ -222,7 +223,7 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------------
     def stream(self, pairs: Sequence | None = None, query=None, refine: Sequence[str] = ("scan",), seed: int = 0, *,
-               frames: Sequence | None = None, **settings) -> Iterator[Event]:
+               frames: Sequence | None = None, adapter=None, **settings) -> Iterator[Event]:
         """Generate, then refine: yields typed events (events.py), last `Finished(result)`.
 
         Two prompt kinds (LVM's): pairs + query (analogy), or frames (sequential), not both.
@@ -236,6 +237,9 @@ class Engine:
                 where no cell is written yet, `Result.query` is it: the "repeat the last frame" baseline).
             refine: stages after the draft, in order: "scan" and/or "vsr" (the old name "self" is accepted).
             seed: the seed of the run's one `torch.Generator`; same seed, same image.
+            adapter: a taught `teach.adapter.TaskAdapter` for this run only (None: the backbone as it is). It must
+                have been taught on this backbone (else EngineInputError); it is applied around each step of the run
+                under the backbone's adapter lock and removed before every yield, so no other run ever sees it.
             **settings: any other `RunSettings` field (draft_mode, temperature, top_p, top_k, candidates,
                 scan_iterations, scan_cells, quality_score, canvas_every, decode_scan_steps).
 
@@ -252,11 +256,36 @@ class Engine:
             ...         show(event.canvas)
         """
         settings = self.settings(refine, seed, settings)
+        self.check_adapter(adapter)
         prompt = self.prepare_prompt(pairs, query, frames)
-        yield from self._stream(prompt, settings)
+        yield from self._with_adapter(self._stream(prompt, settings), adapter)
+
+    def check_adapter(self, adapter) -> None:
+        """EngineInputError (one line) unless `adapter` is None or was taught on this engine's backbone."""
+        if adapter is None:
+            return
+        if not isinstance(adapter, TaskAdapter):
+            raise EngineInputError(f"adapter must be a TaskAdapter (teach.adapter), not {type(adapter).__name__}.")
+        if self.format.name != "scan":
+            raise EngineInputError("Taught adapters work with SCAN-form backbones only (this model is LVM format).")
+        try:
+            adapter.check(self.model)
+        except AdapterError as error:
+            raise EngineInputError(f"Cannot use the adapter: {error}.") from error
+
+    def _with_adapter(self, events: Iterator[Event], adapter) -> Iterator[Event]:
+        """`events`, each step computed with `adapter` applied (None: the plain backbone) under the backbone's lock;
+        nothing is applied while the consumer holds an event, so other runs interleave safely."""
+        while True:
+            with applied(self.model, adapter):
+                try:
+                    event = next(events)
+                except StopIteration:
+                    return
+            yield event
 
     def run(self, pairs: Sequence | None = None, query=None, refine: Sequence[str] = ("scan",), seed: int = 0, *,
-            frames: Sequence | None = None, **settings) -> Result:
+            frames: Sequence | None = None, adapter=None, **settings) -> Result:
         """`stream()` to the end, decoding no canvases on the way.
 
         Args: as `stream` (canvas_every and decode_scan_steps default to off here).
@@ -275,7 +304,7 @@ class Engine:
         settings.setdefault("canvas_every", 0)
         settings.setdefault("decode_scan_steps", False)
         result = None
-        for event in self.stream(pairs, query, refine=refine, seed=seed, frames=frames, **settings):
+        for event in self.stream(pairs, query, refine=refine, seed=seed, frames=frames, adapter=adapter, **settings):
             if isinstance(event, Finished):
                 result = event.result
         if result is None:

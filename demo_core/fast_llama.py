@@ -21,6 +21,9 @@ oneDNN bf16 kernels) make a step ~2x faster here (`python -m demo_core bench` re
 model's own float32 weights are untouched (training, VSR and transformers' path use them).
 RETOUCH_FAST_DTYPE=float32 (or bfloat16) overrides the choice; the test suite pins float32 so
 its comparisons with transformers stay exact, and checks the bfloat16 path separately.
+
+A taught task adapter (`teach/adapter.py`, LoRA) in force on the model adds its deltas to the fused
+projections (unmerged: the fused weights stay the backbone's own).
 """
 from __future__ import annotations
 
@@ -294,19 +297,36 @@ class FastLlama:
         q_size = self.heads * self.head_dim
         half = self.head_dim // 2
         layers, (norm, head) = self.weights
-        for (norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down), layer_cache in zip(layers, cache.layers, strict=True):
+        adapter = getattr(self.model, "_retouch_adapter", None)      # a taught LoRA in force (teach/adapter.py), or None
+        kv_size = self.kv_heads * self.head_dim
+        for index, ((norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down), layer_cache) in enumerate(
+                zip(layers, cache.layers, strict=True)):
             h = F.rms_norm(x, (x.shape[-1],), norm_in, self.eps)
-            qkv = F.linear(h, w_qkv).view(batch, length, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            qkv = F.linear(h, w_qkv)
+            if adapter is not None:
+                qkv = qkv + adapter.delta(index, ("q_proj", "k_proj", "v_proj"), (q_size, kv_size, kv_size), h)
+            qkv = qkv.view(batch, length, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
             qk, v = qkv[:, : self.heads + self.kv_heads], qkv[:, self.heads + self.kv_heads:]
             qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], -1) * sin      # rotary on q and k at once
             q, k = qk.split([self.heads, self.kv_heads], dim=1)
             keys, values = layer_cache.update(k, v)
             attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                                       enable_gqa=self.kv_heads != self.heads)
-            x = x + F.linear(attended.transpose(1, 2).reshape(batch, length, q_size), w_o)
+            attended = attended.transpose(1, 2).reshape(batch, length, q_size)
+            out = F.linear(attended, w_o)
+            if adapter is not None:
+                out = out + adapter.delta(index, ("o_proj",), (x.shape[-1],), attended)
+            x = x + out
             h = F.rms_norm(x, (x.shape[-1],), norm_post, self.eps)
-            gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w_down)
+            gate_up = F.linear(h, w_gate_up)
+            if adapter is not None:
+                gate_up = gate_up + adapter.delta(index, ("gate_proj", "up_proj"), (w_down.shape[1],) * 2, h)
+            gate, up = gate_up.chunk(2, dim=-1)
+            inner_act = F.silu(gate) * up
+            out = F.linear(inner_act, w_down)
+            if adapter is not None:
+                out = out + adapter.delta(index, ("down_proj",), (x.shape[-1],), inner_act)
+            x = x + out
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = F.linear(F.rms_norm(x, (x.shape[-1],), norm, inner.norm.variance_epsilon), head)

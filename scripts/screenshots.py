@@ -9,6 +9,7 @@ written next frame) and sequence_compare.png (every stage beside the true next f
 
     python -m scripts.screenshots [--bundle FOLDER] [--example colorization] [--out docs/screenshots]
     python -m scripts.screenshots --shots sequence [--sequence-example sequence-cutout]
+    python -m scripts.screenshots --shots teach        # the Teach tab after 12 steps on 8 solarize pairs
 
 The model is RETOUCH_BUNDLE / --bundle, else the embedded default.
 """
@@ -146,13 +147,42 @@ def sequence_shots(page, url: str, out: Path, timeout_ms: int, example: str) -> 
     return shots
 
 
+def teach_shots(page, url: str, out: Path, timeout_ms: int, steps: int = 12) -> list[Path]:
+    """The Teach tab: 8 solarize pairs (training photos) uploaded, taught for `steps` steps, the loss plot."""
+    import numpy as np
+
+    from demo_core.data import ImageSampler
+    from demo_core.images import float_to_pil
+    from demo_core.task_family import make_pair
+
+    folder = Path(tempfile.mkdtemp(prefix="retouch-teach-shots-"))
+    sampler, rng = ImageSampler("train", 64, 0, pool="builtin"), np.random.default_rng(0)
+    files = []
+    for number in range(8):
+        for side, image in zip(("input", "answer"), make_pair(sampler.sample(), "solarize", {"threshold": 0.5}, rng)):
+            files.append(str(folder / f"photo{number}_{side}.png"))
+            float_to_pil(image).save(files[-1])
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    page.get_by_role("tab", name="Teach").click()
+    page.locator("#teach-files input[type=file]").set_input_files(files)
+    page.wait_for_function("() => document.querySelectorAll('#teach-pairs img').length == 16")
+    set_number(page, "teach-steps", steps)
+    page.click("#teach")
+    page.wait_for_selector('#teach-status .rt-status[data-state="done"]', state="attached", timeout=timeout_ms)
+    page.wait_for_timeout(900)
+    shot = out / "teach.png"
+    page.locator("#outputs").screenshot(path=shot)
+    return [shot]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=os.environ.get("RETOUCH_BUNDLE"), help="bundle folder (default: embedded)")
     parser.add_argument("--example", default=None, help="task of the example to run (default: the first)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for a generation")
-    parser.add_argument("--shots", choices=("all", "pairs", "sequence"), default="all",
+    parser.add_argument("--shots", choices=("all", "pairs", "sequence", "teach"), default="all",
                         help="which shots to take (pairs: the analogy prompt's; sequence: sequence mode's)")
     parser.add_argument("--sequence-example", default="sequence-cutout", help="the sequence example to run")
     args = parser.parse_args(argv)
@@ -194,6 +224,8 @@ def main(argv=None) -> int:
                 written += shots
             if args.shots in ("all", "sequence"):
                 written += sequence_shots(page, url, args.out, timeout_ms, args.sequence_example)
+            if args.shots in ("all", "teach"):
+                written += teach_shots(page, url, args.out, timeout_ms)
             browser.close()
     finally:
         demo.close()

@@ -32,6 +32,7 @@ from .prefetch import batches
 from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView,  # noqa: F401
                            compare_view, error_status, frame, present, stopped_status, timeline_view)
 from .report import finish_frame
+from .teach import Taught, adapter_for_run, run_teach  # noqa: F401
 from .sequence import (PROMPT_KINDS, add_frames, clear_frames, clear_refusal, frame_paths, frames_gallery,  # noqa: F401
                        move_earlier, move_later, prompt_kind_updates, remove_frame, select_frame)
 
@@ -83,6 +84,11 @@ class Studio(ModelHolder):
         """+ Add frames, with this visitor's model's frame limit."""
         return add_frames(value, files, self.engine_for(model).max_frames)
 
+    # -- teaching ---------------------------------------------------------------------------------
+    def teach(self, files, steps, model: str | None = None):
+        """The Teach button: (status, loss plot, taught state) after every step (studio.teach.run_teach)."""
+        yield from run_teach(self.engine_for(model), model, files, steps)
+
     # -- generation -------------------------------------------------------------------------------
     def generate_from_widgets(self, *values):
         """The Generate button: MAX_ROWS (input, answer) image pairs, then the other widgets (see generate()).
@@ -118,13 +124,14 @@ class Studio(ModelHolder):
     def generate(self, pairs, query, truth=None, refiners: str = "SCAN", scan_iterations=30, scan_cells=4,
                  temperature=None, top_p=None, top_k=None, seed=0, randomize_seed=False, candidates=1,
                  canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined", prompt_kind="pairs",
-                 frames=None, next_frame=None, model=None) -> Iterator[tuple]:
+                 frames=None, next_frame=None, use_adapter=False, taught=None, model=None) -> Iterator[tuple]:
         """Draft the answer token by token, then refine; yields output tuples (OUTPUTS order) as it goes.
 
         temperature / top_p / top_k left out (None): the model's own defaults (`Engine.sampling_defaults`).
         `prompt_kind` "sequence": `frames` (the frames gallery's value, oldest first) instead of pairs and query; the
         model writes the next frame, compared with `next_frame` (optional) instead of `truth`.
-        `model` is the visitor's model id (their session state; None: the server's first model)."""
+        `use_adapter`: run with the visitor's taught adapter (`taught`, their session's `studio.teach.Taught`), for
+        this run only. `model` is the visitor's model id (their session state; None: the server's first model)."""
         if prompt_kind not in (None, "pairs", "sequence"):
             raise gr.Error(f"Unknown prompt kind {prompt_kind!r}; choose pairs or sequence.")
         if prompt_kind == "sequence":
@@ -162,9 +169,14 @@ class Studio(ModelHolder):
             except ImageInputError as error:
                 raise gr.Error(f"{error} Remove the {truth_name} or upload another image.")
 
+        adapter = adapter_for_run(use_adapter, taught)
+        if adapter is not None:
+            gr.Info(f"This run uses your taught adapter ({taught.summary()}).")
+
         started = time.perf_counter()
         # all model work goes through engine.stream (on a ZeroGPU Space it alone runs under @spaces.GPU)
-        stream = engine.stream(pairs, query, frames=frames, refine=refine, seed=seed, decode_scan_steps=True, **settings)
+        stream = engine.stream(pairs, query, frames=frames, refine=refine, seed=seed, decode_scan_steps=True,
+                               adapter=adapter, **settings)
         try:
             first = next(stream)          # the engine validates the prompt before its first event
         except EngineInputError as error:

@@ -171,3 +171,61 @@ def test_sequence_mode_example_reorder_generate_and_refused_run(page, studio_url
     page.locator("#prompt-kind label").filter(has_text="Pairs").click()
     expect(page.locator("#pair-inputs")).to_be_visible()
     expect(page.locator("#sequence-inputs")).to_be_hidden()
+
+
+# records every data-state the status line takes (a fast run can pass "running" between two polls)
+WATCH_STATUS = """(selector) => {
+  window.__states = [];
+  const root = document.querySelector(selector);
+  new MutationObserver(() => {
+    const line = root.querySelector('.rt-status');
+    if (line) window.__states.push(line.getAttribute('data-state'));
+  }).observe(root, {subtree: true, childList: true, attributes: true});
+}"""
+
+
+def test_teach_tab_upload_train_generate_with_and_without_and_export(page, studio_url, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    expect = playwright_api.expect
+    rng = np.random.default_rng(0)
+    files = []
+    for name in ("one", "two", "three"):
+        x = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        for side, image in (("input", x), ("answer", 255 - x)):
+            files.append(str(tmp_path / f"{name}_{side}.png"))
+            Image.fromarray(image).save(files[-1])
+    page.goto(studio_url)
+    page.wait_for_selector("#generate")
+    page.locator("#examples img").first.click()                             # the generation inputs, kept throughout
+    expect(page.locator("#query img")).to_be_visible()
+
+    page.get_by_role("tab", name="Teach").click()
+    page.locator("#teach-files input[type=file]").set_input_files(files)
+    expect(page.locator("#teach-pairs img")).to_have_count(6)                 # the pairs as a grid
+    expect(page.locator("#teach-status")).to_contain_text("3 pairs ready")
+    steps = page.locator("#teach-steps input[type=number]")
+    steps.fill("2")
+    steps.press("Enter")
+    page.evaluate(WATCH_STATUS, "#teach-status")
+    page.click("#teach")
+    expect(page.locator('#teach-status .rt-status[data-state="done"]')).to_be_attached(timeout=90_000)
+    expect(page.locator("#teach-status")).to_contain_text("taught 2 of 2 steps on 3 pairs")
+    assert "running" in page.evaluate("window.__states")                     # the progress bar moved on the way
+    expect(page.locator("#teach-loss")).to_be_visible()
+
+    page.get_by_role("tab", name="Live").click()
+    for use in (False, True):                                                # without, then with the adapter
+        if use:
+            page.locator("#use-adapter input[type=checkbox]").check()
+        page.evaluate(WATCH_STATUS, "#status")
+        page.click("#generate")
+        page.wait_for_function("window.__states.includes('done')", timeout=60_000)
+        expect(page.locator("#status")).to_contain_text("Done in")
+        expect(page.locator("#canvas img")).to_be_visible()
+    expect(page.locator("#query img")).to_be_visible()                       # the other inputs stayed
+
+    page.get_by_role("tab", name="Teach").click()
+    page.click("#teach-export")
+    expect(page.locator('#teach-file a[href$="retouch-adapter.zip"]')).to_be_attached(timeout=30_000)

@@ -513,3 +513,67 @@ def test_server_address_follows_gradio_then_retouch_names():
     for bad in ("http", "0", "70000"):
         with pytest.raises(ValueError, match="GRADIO_SERVER_PORT"):
             app.server_address({"GRADIO_SERVER_PORT": bad})
+
+
+# ---------------------------------------------------------------------------------------------
+# the Teach tab (issue 21)
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teach-pairs")
+    rng = np.random.default_rng(5)
+    paths = []
+    for name in ("a", "b", "c"):
+        x = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        for side, image in (("input", x), ("answer", 255 - x)):
+            paths.append(str(folder / f"{name}_{side}.png"))
+            Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+def test_teach_streams_the_loss_then_generation_uses_the_adapter_or_not(studio, images, pair_files):
+    from studio.teach import Taught, export, preview, stopped
+
+    grid, status = preview(pair_files)
+    assert len(grid) == 6 and grid[0][1] == "a · input" and "3 pairs ready" in status
+    frames = list(studio.teach(pair_files, 3))
+    assert len(frames) == 5                                            # encoding, one per step, done
+    status, plot, taught = frames[-1]
+    assert 'data-state="done"' in status and list(plot["step"]) == [1, 2, 3]
+    assert isinstance(taught, Taught) and taught.steps == 3 and taught.adapter.num_bytes() < 2 * 2**20
+    assert isinstance(frames[1][2], Taught)                           # the state holds the adapter from the first step
+    assert 'data-state="stopped"' in stopped(frames[2][0], taught) and "kept" in stopped(frames[2][0], taught)
+    assert not is_set(stopped(status, taught))                         # nothing to stop once done
+    options = dict(temperature=0.0)
+    plain = run(studio, images, **options)[-1]
+    taught_run = run(studio, images, use_adapter=True, taught=taught, **options)[-1]
+    plain_again = run(studio, images, use_adapter=False, taught=taught, **options)[-1]
+    assert 'data-state="done"' in taught_run["status"]
+    assert plain["run_state"].result.codes["scan"].tolist() == plain_again["run_state"].result.codes["scan"].tolist()
+    archive = export(taught)
+    import zipfile
+
+    assert sorted(zipfile.ZipFile(archive).namelist()) == ["adapter/adapter.safetensors", "adapter/config.json"]
+
+
+def test_teach_refuses_bad_uploads_with_one_line(studio, images, pair_files, tmp_path):
+    from studio.teach import export, preview
+
+    with pytest.raises(gr.Error, match="has no answer"):
+        list(studio.teach(pair_files[:3], 2))
+    with pytest.raises(gr.Error, match="at least 2"):
+        list(studio.teach(pair_files[:2], 2))
+    text = tmp_path / "d_input.png"
+    text.write_text("no image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "d_answer.png")
+    with pytest.raises(gr.Error, match="not an image"):
+        list(studio.teach([*pair_files, str(text), str(tmp_path / "d_answer.png")], 2))
+    _, status = preview(pair_files[:3])
+    assert 'data-state="error"' in status and "has no answer" in status
+    with pytest.raises(gr.Error, match="steps must be between"):
+        list(studio.teach(pair_files, 0))
+    with pytest.raises(gr.Error, match="Nothing taught yet"):
+        run(studio, images, use_adapter=True, taught=None)
+    with pytest.raises(gr.Error, match="Teach a task first"):
+        export(None)

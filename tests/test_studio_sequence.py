@@ -53,13 +53,13 @@ def is_set(value) -> bool:
 
 def widgets(frames, next_frame=None, prompt_kind="sequence", query=None, truth=None, pairs=()):
     """The Generate button's values in app.py's order: pair images, query, truth, settings, prompt kind, frames,
-    true next frame, model."""
+    true next frame, use taught adapter, taught adapter, model."""
     images = [None] * (2 * MAX_ROWS)
     for index, (x, y) in enumerate(pairs):
         images[2 * index:2 * index + 2] = [x, y]
     settings = ["SCAN", FAST["scan_iterations"], FAST["scan_cells"], None, None, None, 0, False, 1,
                 FAST["canvas_every"], FAST["frame_ms"], "ar", "combined"]
-    return [*images, query, truth, *settings, prompt_kind, frames, next_frame, None]
+    return [*images, query, truth, *settings, prompt_kind, frames, next_frame, False, None, None]
 
 
 def gallery_value(paths):
