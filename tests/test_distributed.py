@@ -127,3 +127,37 @@ def test_accelerate_config_files_load(name, kind):
     assert config.distributed_type.name == kind and config.mixed_precision == "bf16" and not config.use_cpu
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_teach_two_processes_match_one(tmp_path):
+    """The teach CLI under `accelerate launch`: each process trains on its rows of the same global batch and the
+    adapter's gradients are averaged, so both processes and one process end with the same adapter."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from demo_core.teach import cli as teach_cli
+
+    bundle = build_tiny_bundle(tmp_path / "b")
+    rng = np.random.default_rng(0)
+    files = []
+    for index in range(4):
+        x = (rng.uniform(0, 1, (16, 16, 3)) * 255).astype(np.uint8)
+        for side, image in (("input", x), ("answer", 255 - x)):
+            path = tmp_path / f"p{index}_{side}.png"
+            Image.fromarray(image).save(path)
+            files.append(str(path))
+    args = [*files, "--steps", "3", "--batch", "4", "--bundle", str(bundle), "--device", "cpu"]
+    assert teach_cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
+           "ACCELERATE_CONFIG_FILE": os.devnull}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "demo_core", "teach", *args, "--out", str(tmp_path / "two")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "2 processes: global batch 4, 2 per process" in result.stdout, result.stdout[-2000:]
+    one, two = (load_file(tmp_path / name / "adapter.safetensors") for name in ("one", "two"))
+    assert one.keys() == two.keys() and any(t.abs().sum() > 0 for name, t in one.items() if ".B" in name or "B" in name)
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=TOLERANCE, atol=1e-6), name

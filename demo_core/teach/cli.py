@@ -55,9 +55,27 @@ def main(argv=None) -> int:
                 print(f"step {record.step}/{record.steps} loss {record.loss:.4f} (generation {record.generation_loss:.4f}, "
                       f"quality {record.quality_loss:.4f}) {record.seconds:.1f} s", flush=True)
 
+        import os
+
+        accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:        # under `accelerate launch`: one process per device
+            from ..train.distributed import accelerator_for
+
+            accelerator = accelerator_for(args.device)
+        main_process = accelerator is None or accelerator.is_main_process
+        if accelerator is not None and main_process:
+            print(f"{accelerator.num_processes} processes: global batch {args.batch}, "
+                  f"{args.batch // accelerator.num_processes} per process", flush=True)
+        if not main_process:
+            progress = None                                      # noqa: F811  one process prints
         loss_before = pairs_loss(engine, None, [(p.input, p.answer) for p in pairs])
-        adapter = teach(engine, [(p.input, p.answer) for p in pairs], config, progress=progress)
+        adapter = teach(engine, [(p.input, p.answer) for p in pairs], config, progress=progress if main_process else None,
+                        accelerator=accelerator)
         loss_after = pairs_loss(engine, adapter, [(p.input, p.answer) for p in pairs])
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if not main_process:
+            return 0
         adapter.save(args.out)
     except (PairFilesError, AdapterError, BundleError, EngineInputError) as error:
         return _fail(str(error))

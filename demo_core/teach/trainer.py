@@ -105,9 +105,13 @@ def new_adapter(engine, config: TeachConfig | None = None) -> TaskAdapter:
 
 
 def teach_steps(engine, pairs: Sequence, adapter: TaskAdapter, config: TeachConfig | None = None,
-                codes: torch.Tensor | None = None) -> Iterator[TeachStep]:
+                codes: torch.Tensor | None = None, accelerator=None) -> Iterator[TeachStep]:
     """Train `adapter` in place on `pairs`, yielding a TeachStep after every optimiser step (stop by not asking
-    for more). The adapter is applied only inside each step, under the backbone's lock (never across a yield)."""
+    for more). The adapter is applied only inside each step, under the backbone's lock (never across a yield).
+
+    `accelerator` (train/distributed.py; `accelerate launch` of the teach CLI): every process builds the same
+    global batch and trains on its rows; the adapter's gradients are averaged across processes (accelerate's
+    reduce), so every process takes the same step and the result equals one process on the whole batch."""
     from ..train.backbone import build_batch, losses, teacher_forcing_codes
     from ..train.common import cosine_lr, set_lr
 
@@ -122,6 +126,12 @@ def teach_steps(engine, pairs: Sequence, adapter: TaskAdapter, config: TeachConf
     generator = torch.Generator().manual_seed(config.seed)
     params = list(adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    shard = None
+    if accelerator is not None and accelerator.num_processes > 1:
+        from ..train.distributed import per_process_batch, rows
+
+        per_process_batch(accelerator, config.batch_size)
+        shard = rows(accelerator, config.batch_size)
     adapter.train()
     started = time.perf_counter()
     try:
@@ -132,11 +142,20 @@ def teach_steps(engine, pairs: Sequence, adapter: TaskAdapter, config: TeachConf
             with applied(model, adapter):
                 tf_codes = teacher_forcing_codes(model, vocab, context, answer, generator)   # SCAN's third negative
                 ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf_codes, generator, config.max_refine)
+                if shard is not None:                 # this process's rows of the global batch
+                    ids, pos, gen_t, q_t = ids[shard], pos[shard], gen_t[shard], q_t[shard]
                 gen_loss, quality_loss, accuracy, _ = losses(model, vocab, ids.to(device), pos.to(device),
                                                              gen_t.to(device), q_t.to(device), tail)
                 loss = gen_loss + quality_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward(inputs=params)          # the adapter's gradients only
+                if shard is not None:
+                    for param in params:              # equal shards: the mean of the shards' gradients is the batch's
+                        param.grad = accelerator.reduce(param.grad.contiguous(), reduction="mean")
+                    loss = accelerator.reduce(loss.detach(), reduction="mean")
+                    gen_loss = accelerator.reduce(gen_loss.detach(), reduction="mean")
+                    quality_loss = accelerator.reduce(quality_loss.detach(), reduction="mean")
+                    accuracy = accelerator.reduce(accuracy.detach(), reduction="mean")
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
             yield TeachStep(step + 1, config.steps, loss.item(), gen_loss.item(), quality_loss.item(), accuracy.item(),
@@ -147,14 +166,15 @@ def teach_steps(engine, pairs: Sequence, adapter: TaskAdapter, config: TeachConf
 
 
 def teach(engine, pairs: Sequence, config: TeachConfig | None = None, progress: Callable[[TeachStep], None] | None = None,
-          stop: Callable[[], bool] | None = None, adapter: TaskAdapter | None = None) -> TaskAdapter:
-    """Teach a new adapter (or continue `adapter`) on `pairs`; `progress(step)` after every step, `stop()` ends early.
+          stop: Callable[[], bool] | None = None, adapter: TaskAdapter | None = None, accelerator=None) -> TaskAdapter:
+    """Teach a new adapter (or continue `adapter`) on `pairs`; `progress(step)` after every step, `stop()` ends early
+    (with several processes every one must stop at the same step: only the CLI runs that way, without `stop`).
 
     Returns the adapter, with what was taught recorded in its config's `info`."""
     config = config or TeachConfig()
     adapter = adapter or new_adapter(engine, config)
     last = None
-    for record in teach_steps(engine, pairs, adapter, config):
+    for record in teach_steps(engine, pairs, adapter, config, accelerator=accelerator):
         last = record
         if progress is not None:
             progress(record)
