@@ -259,6 +259,21 @@ HELDOUT_KINDS = ("solarize",)
 TRAIN_KINDS = tuple(name for name in KINDS if name not in HELDOUT_KINDS)
 
 
+def parse_kind_weights(text: str, option: str) -> dict[str, float]:
+    """'edges_canny=3,posterize=2' -> {'edges_canny': 3.0, 'posterize': 2.0} over the training kinds (kinds not
+    named weigh 1). ValueError, naming `option`, for an unknown or held-out kind or a weight that is not a number."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, value = item.partition("=")
+        if kind not in TRAIN_KINDS:
+            raise ValueError(f"{option}: unknown or held-out kind {kind!r}; training kinds are {', '.join(TRAIN_KINDS)}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"{option}: {value.strip()!r} is not a number; e.g. 'edges_canny=2,inpaint=2'") from None
+    return weights
+
+
 def get_kind(name: str) -> Kind:
     if name not in KINDS:
         raise ValueError(f"unknown task kind {name!r}; choose from {', '.join(KINDS)}")

@@ -68,7 +68,7 @@ def test_an_untrained_adapter_is_the_backbone_exactly(engine):
     ids = torch.randint(0, engine.vocab.codebook_size, (2, 40))
     positions = torch.arange(40)[None].repeat(2, 1)
     adapter = new_adapter(engine, TeachConfig(rank=4))
-    assert all(bool((lora.B == 0).all()) for layer in adapter.layers for lora in layer.values())
+    assert all(bool((lora.up == 0).all()) for layer in adapter.layers for lora in layer.values())
     plain_fast = logits(model, ids, positions)
     plain_hf = model(input_ids=ids, position_ids=positions).logits
     with applied(model, adapter):
@@ -90,7 +90,7 @@ def pairs_of(engine):
 def test_a_trained_adapter_changes_the_fast_path_and_transformers_alike(engine, pairs):
     model = engine.model
     adapter = trained(engine, pairs)
-    assert any(bool((lora.B != 0).any()) for layer in adapter.layers for lora in layer.values())
+    assert any(bool((lora.up != 0).any()) for layer in adapter.layers for lora in layer.values())
     ids = torch.randint(0, engine.vocab.codebook_size, (1, 30))
     positions = torch.arange(30)[None]
     plain = logits(model, ids, positions)

@@ -50,9 +50,8 @@ def _typed(text: str, like):
 
 
 def validate_spec(spec: str) -> None:
-    if not is_family(spec) and spec not in TASKS:
-        parse_spec(spec)              # raises the message naming both kinds of task
-    elif is_family(spec):
+    """A five-task name passes; anything else must parse as a family spec (the error names both kinds of task)."""
+    if spec not in TASKS:
         parse_spec(spec)
 
 
@@ -63,10 +62,6 @@ class SpecSampler:
         self.kind, self.fixed = parse_spec(spec)
         self.family = FamilySampler("heldout" if split == "heldout" else "val", size, seed, kinds=[self.kind], pool=pool)
         self.split = split
-
-    @property
-    def images(self):
-        return self.family.images
 
     def sample(self, task: str | None = None, k: int | None = None, source=None) -> FamilyExample:
         params = {**get_kind(self.kind).draw(self.family.rng, "heldout" if self.split == "heldout" else "train"), **self.fixed}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import threading
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -29,8 +28,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..drafts.tensor_adapter import LoRA
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -85,22 +85,8 @@ def _projection(layer: nn.Module, target: str) -> nn.Linear:
     return getattr(layer.self_attn if target in ATTENTION_TARGETS else layer.mlp, target)
 
 
-class LoRA(nn.Module):
-    """delta(x) = B A x * alpha / r; B starts at zero, so delta starts at exactly 0."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.scale = alpha / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B) * self.scale
-
-
 class TaskAdapter(nn.Module):
-    """LoRA (A, B) on the chosen projections of every layer of one backbone shape. Float32 always."""
+    """LoRA (down, up: drafts/tensor_adapter.LoRA) on the chosen projections of every layer of one backbone shape. Float32 always."""
 
     def __init__(self, config: AdapterConfig):
         super().__init__()
@@ -212,7 +198,7 @@ _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKe
 
 
 def _hook(lora: LoRA, module, args, output):
-    return output + lora(args[0].to(lora.B.dtype)).to(output.dtype)
+    return output + lora(args[0].to(lora.up.dtype)).to(output.dtype)
 
 
 def active_adapter(model: nn.Module) -> TaskAdapter | None:

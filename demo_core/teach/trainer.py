@@ -6,7 +6,7 @@ Examples are leave-one-out in-context prompts built from the pairs alone: each p
 task is unchanged for any flip-equivariant edit). The loss is the backbone trainer's own SCAN-form loss
 (`train.backbone.build_batch` + `losses`: generation at every <at_n>, quality at every code with SCAN's
 negatives and a refinement segment), so the adapter also keeps the quality head calibrated on the new
-task. AdamW on the adapter's A and B only; `backward(inputs=...)` never touches the backbone's gradients,
+task. AdamW on the adapter's down and up projections only; `backward(inputs=...)` never touches the backbone's gradients,
 and its weights are never written (tests hash them).
 
     adapter = teach(engine, pairs, TeachConfig(steps=200), progress=print)

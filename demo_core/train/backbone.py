@@ -61,14 +61,12 @@ def parse_task_weights(text: str) -> np.ndarray:
 
 def parse_family_weights(text: str) -> dict[str, float]:
     """'edges_canny=2,inpaint=2' -> {kind: weight} over the task family's training kinds (unnamed kinds weigh 1)."""
-    from ..task_family import TRAIN_KINDS
+    from ..task_family import parse_kind_weights
 
-    weights = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in TRAIN_KINDS:
-            raise SystemExit(f"--task-weights: unknown or held-out kind {name!r}; training kinds are {', '.join(TRAIN_KINDS)}")
-        weights[name] = _number(value, "--task-weights", "'edges_canny=2,inpaint=2'")
+    try:
+        weights = parse_kind_weights(text, "--task-weights")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     _normalised(list(weights.values()) or [1.0], "--task-weights", "'edges_canny=2,inpaint=2'")
     return weights
 

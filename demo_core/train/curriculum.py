@@ -86,16 +86,9 @@ def validation_groups(tokenizer, per_kind: int = 2, core_per_kind: int = 4, sequ
         return tokenizer.encode(np.stack(images).astype(np.float32)).view(len(images), cells)
 
     def pair_group(name, sampler, kinds, k, draft, suffix="", count=per_kind):
-        labels, images = [], []
-        for kind in kinds:
-            for _ in range(count):
-                example = sampler.sample(kind=kind, k=k)
-                for x, y in example.pairs:
-                    images += [x, y]
-                images += [example.query, example.answer]
-                labels.append(kind + suffix)
-        codes = encode(images).view(len(labels), 2 * k + 2, cells)
-        return Group(name, labels, codes[:, :-1].reshape(len(labels), -1).long(), codes[:, -1].long(), draft)
+        examples = [sampler.sample(kind=kind, k=k) for kind in kinds for _ in range(count)]
+        context, answer = encode_examples(tokenizer, examples)
+        return Group(name, [e.kind + suffix for e in examples], context.long(), answer.long(), draft)
 
     groups = []
     val = FamilySampler("val", tokenizer.image_size, seed, pool=pool)

@@ -111,6 +111,14 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
 
 
+def share_ema(accelerator: Accelerator, ema):
+    """Several processes: an EMAQuantizer's codebook statistics summed over all of them (the global batch), so every
+    process's codebook moves the same; one process, or no EMA yet: as is. Returns `ema`."""
+    if ema is not None and accelerator.num_processes > 1:
+        ema.reduce = lambda tensor: accelerator.reduce(tensor, "sum")
+    return ema
+
+
 def process_seed(seed: int, step: int, process_index: int) -> int:
     """A per-process random stream re-derived from (seed, step, process index): resumes need no saved RNG state."""
     return (seed * 1_000_003 + step) * 1009 + process_index

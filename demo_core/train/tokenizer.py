@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from ..data import ImageSampler
 from ..local_vq import LocalVQModel
-from ..task_family import KINDS, TRAIN_KINDS, make_pair
+from ..task_family import KINDS, TRAIN_KINDS, make_pair, parse_kind_weights
 from .common import REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
 from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_logger,
-                          refuse_fsdp, rows)
+                          refuse_fsdp, rows, share_ema)
 from .vq import EMAQuantizer, VQForward, forward, kmeans, optimise, pixel_losses  # noqa: F401
 
 IMAGE_SIZE = 64
@@ -84,17 +84,6 @@ def to_pixels(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
 
 
-def parse_kind_weights(text: str) -> dict[str, float]:
-    """'edges_canny=3,posterize=2' -> {'edges_canny': 3.0, 'posterize': 2.0} (kinds not named weigh 1)."""
-    weights = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        kind, _, value = item.partition("=")
-        if kind not in TRAIN_KINDS:
-            raise ValueError(f"--kind-weights: unknown or held-out kind {kind!r}; training kinds: {', '.join(TRAIN_KINDS)}")
-        weights[kind] = float(value or 1.0)
-    return weights
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m demo_core.train tokenizer", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12000, help="total optimisation steps")
@@ -124,7 +113,7 @@ def main(argv=None):
     if args.crop % 4 or not 8 <= args.crop <= IMAGE_SIZE:
         parser.error(f"--crop must be a multiple of 4 between 8 and {IMAGE_SIZE}, got {args.crop}")
     try:
-        kind_weights = parse_kind_weights(args.kind_weights)
+        kind_weights = parse_kind_weights(args.kind_weights, "--kind-weights")
     except ValueError as error:
         parser.error(str(error))
     if args.decoder_only:
@@ -171,12 +160,7 @@ def main(argv=None):
                     f"100-step re-warm-up)")
     sampler = ViewSampler("train", args.seed + step, kind_weights=kind_weights)   # a fresh data stream after every resume
 
-    def shared(ema):        # several processes: the EMA codebook statistics summed over all of them (the global batch)
-        if ema is not None and processes > 1:
-            ema.reduce = lambda tensor: accelerator.reduce(tensor, "sum")
-        return ema
-
-    ema = shared(ema)
+    ema = share_ema(accelerator, ema)
     model, optimizer = accelerator.prepare(VQForward(vq), optimizer)   # one process: as is; several: DDP
     timer = Timer(previous)
     logger.info(f"tokenizer16 {sum(p.numel() for p in vq.parameters()) / 1e6:.2f}M params, config {dict(vq.config)}, "
@@ -203,7 +187,7 @@ def main(argv=None):
                 flats = [vq.encode(to_pixels(sampler.batch(64, IMAGE_SIZE))).latents.permute(0, 2, 3, 1).reshape(-1, args.latent)
                          for _ in range(3)]
             centres = kmeans(torch.cat(flats), args.codes, 15, generator)
-            ema = shared(EMAQuantizer(vq.codebook))
+            ema = share_ema(accelerator, EMAQuantizer(vq.codebook))
             ema.reset(centres)
             logger.info(f"step {step}: codebook initialised by k-means on {sum(len(f) for f in flats)} encoder outputs")
         lr = cosine_lr(step, args.steps, args.lr, warmup=200)

@@ -28,7 +28,7 @@ from ..data import ImageSampler
 from ..metrics import psnr_batch
 from ..tokenizer import TokenizerConfig, VQTokenizer, build_vqmodel, tokenizer_config_dict
 from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_logger,
-                          refuse_fsdp, rows)
+                          refuse_fsdp, rows, share_ema)
 from .vq import EMAQuantizer, VQForward, forward, kmeans, optimise, pixel_losses  # noqa: F401
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
 
@@ -126,12 +126,7 @@ def main(argv=None):
         step, timer_prev = state["step"], state["elapsed"]
         sampler = ViewSampler("train", config.image_size, args.seed + step)  # fresh data stream after resume
         logger.info(f"resumed at step {step} ({timer_prev / 60:.1f} min trained)")
-    def shared(ema):        # several processes: the EMA codebook statistics summed over all of them (the global batch)
-        if ema is not None and processes > 1:
-            ema.reduce = lambda tensor: accelerator.reduce(tensor, "sum")
-        return ema
-
-    ema = shared(ema)
+    ema = share_ema(accelerator, ema)
     model, optimizer = accelerator.prepare(VQForward(vq), optimizer)   # one process: as is; several: DDP
     timer = Timer(timer_prev)
     n_params = sum(p.numel() for p in vq.parameters())
@@ -155,7 +150,7 @@ def main(argv=None):
                          for _ in range(10)]
                 vq.train()
             centres = kmeans(torch.cat(flats), config.num_vq_embeddings, 20, generator)
-            ema = shared(EMAQuantizer(vq.quantize.embedding))
+            ema = share_ema(accelerator, EMAQuantizer(vq.quantize.embedding))
             ema.reset(centres)
             logger.info(f"step {step}: codebook initialised by k-means on {sum(len(f) for f in flats)} encoder outputs")
         set_lr(optimizer, cosine_lr(step, args.steps, args.lr, warmup=100))
