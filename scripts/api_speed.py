@@ -1,14 +1,18 @@
 """Where a served generation's time goes: the engine alone vs the studio's handler vs the HTTP API.
 
-Serves app.py's page in this process (a free port on 127.0.0.1), then runs the default colorization
-example with the studio's default settings, unpaced (frame_ms=0), in three ways, interleaved run by run
-so all three share the machine's momentary speed:
+Serves app.py's page (a free port on 127.0.0.1), then runs the default colorization example with the
+studio's default settings, unpaced (frame_ms=0), in three ways, interleaved run by run so all three share
+the machine's momentary speed:
 
     engine   engine.stream(...) to Finished, the same settings the studio passes (request -> final image)
     handler  Studio.generate(...) exhausted in this process (presentation, metrics, plots; no HTTP)
     api      gradio_client submit to /generate and wait for the job (HTTP, queue, encoding, files)
 
-    python -m scripts.api_speed [--runs 5] [--bundle FOLDER] [--out docs/results/api_speed.json]
+    python -m scripts.api_speed [--runs 5] [--bundle FOLDER] [--server process|thread] [--out docs/results/api_speed.json]
+
+--server process (the default) runs the server as its own process (`python app.py`), as a deployment does, so the
+client (the visitor's browser, here gradio_client: it reads every frame and downloads its image) does not share the
+server's interpreter; "thread" serves it inside this process (the handler row is then measured on the server's engine).
 
 Prints medians and the API / engine ratio (issue 18's aim: <= 1.5).
 """
@@ -30,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle", default=os.environ.get("RETOUCH_BUNDLE"))
     parser.add_argument("--example", default="colorization")
     parser.add_argument("--refiners", default=None, help="studio refiner label (default: the model's default)")
+    parser.add_argument("--server", choices=("process", "thread"), default="process")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="retouch-api-speed-"))
@@ -48,7 +53,11 @@ def main(argv=None) -> int:
     settings = dict(scan_iterations=30, scan_cells=4, canvas_every=4, seed=0)
     demo = app.build_demo(engine, "embedded default" if not args.bundle else args.bundle)
     studio = demo.studio
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_options())
+    server = None
+    if args.server == "thread":
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_options())
+    else:
+        server, url = _serve(args.bundle)
     rows = []
     try:
         client = Client(url, verbose=False)
@@ -92,9 +101,14 @@ def main(argv=None) -> int:
                   f"then the report {report_s * 1000:.0f} ms",
                   file=sys.stderr)
     finally:
-        demo.close()
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        else:
+            demo.close()
     median = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     report = dict(runs=args.runs, example=args.example, refiners=refiners, settings=settings, threads=_threads(),
+                  server=args.server, cpu=_cpu(),
                   median=median, ratio_api_to_engine=median["api_s"] / median["engine_s"],
                   ratio_api_final_image_to_engine=median["api_final_s"] / median["engine_s"],
                   per_api_frame_ms=(median["api_s"] - median["engine_s"]) * 1000 / max(1, median["api_frames"]), rows=rows)
@@ -106,6 +120,42 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _serve(bundle):
+    """`python app.py` on a free port, in its own process; (process, url) once it answers."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
+    if bundle:
+        env["RETOUCH_BUNDLE"] = str(bundle)
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen([sys.executable, str(root / "app.py")], cwd=root, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the studio server exited with code {server.returncode} before answering")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return server, url
+        except OSError:
+            time.sleep(0.5)
+    server.terminate()
+    raise SystemExit("the studio server did not answer within 180 s")
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def _threads() -> int:

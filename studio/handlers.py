@@ -14,6 +14,7 @@ here is the backbone's input-embedding table, for the per-token cosine distance 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 import time
@@ -183,8 +184,13 @@ class Studio(ModelHolder):
             raise gr.Error(str(error))
         # readable: the engine just checked it (a sequence's last frame is the canvas's backdrop, as a query's is)
         query_image = load_square(query if frames is None else frames[-1], engine.image_size, "query")
+        finish = finish_frame
+        if adapter is not None:      # the before/after compares with the same run (prompt, settings, seed) untaught
+            plain = {name: value for name, value in settings.items() if name != "canvas_every"}
+            finish = functools.partial(finish_frame, untaught=lambda: engine.run(
+                pairs, query, frames=frames, refine=refine, seed=seed, **plain))
         yield from present(engine, _chain(first, stream), refine, seed, query_image, truth_image, frame_seconds,
-                           settings["scan_iterations"], started, finish_frame, draft_mode == "tensor", quality_score)
+                           settings["scan_iterations"], started, finish, draft_mode == "tensor", quality_score)
 
 
 def live(frames: Iterator[tuple], min_interval: float = 0.0, threaded: bool = False) -> Iterator[tuple]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import gradio as gr
 import numpy as np
@@ -15,8 +16,16 @@ from .presentation import RunView, _annotated, _bands_note, _mean, _status, fram
 log = logging.getLogger("retouch.studio")
 
 
-def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, quality_source: str) -> tuple:
+UNTAUGHT = "without adapter"
+
+
+def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, quality_source: str,
+                 untaught: Callable[[], Result] | None = None) -> tuple:
+    """The finished run's output tuple. `untaught`: for a run with a taught adapter, a callable that runs the same
+    prompt, settings and seed without it; its final image joins the comparisons as "without adapter", and the
+    before/after then shows without → with the adapter."""
     grid = engine.grid
+    baseline = untaught() if untaught is not None else None
     final_name = list(result.stages)[-1]
     # a sequential prompt's query is its last frame and its ground truth the true next frame
     query_name, truth_name = ("last frame", "true next frame") if result.frames else ("query", "ground truth")
@@ -25,6 +34,8 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
         images[query_name] = result.query
     if truth_image is not None:
         images[truth_name] = truth_image
+    if baseline is not None:
+        images[UNTAUGHT] = baseline.final
     run = RunView(result=result, grid=grid, truth=truth_image, images=images)
 
     quality_final = None
@@ -53,10 +64,13 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
     metrics_rows, cosine_curves = [], {}
     truth_codes = _truth_codes(engine, truth_image) if truth_image is not None else None
     lpips_ok = True
-    for name, image in result.stages.items():
-        quality = result.quality.get(name)
-        changed = len(result.changed.get(name, [])) if name != "draft" else None
-        seconds = result.timings.get(name)
+    rows = [(name, image, result, name) for name, image in result.stages.items()]
+    if baseline is not None:
+        rows.append((UNTAUGHT, baseline.final, baseline, list(baseline.stages)[-1]))
+    for name, image, source, stage in rows:
+        quality = source.quality.get(stage)
+        changed = len(source.changed.get(stage, [])) if name != "draft" and name != UNTAUGHT else None
+        seconds = source.timings.get(stage) if name != UNTAUGHT else sum(baseline.timings.values())
         row = [viz.stage_title(name), None, None, None, None, None,
                round(_mean(quality), 3) if quality is not None else None, changed,
                round(seconds * 1000) if seconds is not None else None]
@@ -65,7 +79,7 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
             row[1:4] = [round(scores["psnr"], 2), round(scores["ssim"], 3),
                         round(scores["lpips"], 3) if "lpips" in scores else None]
             if truth_codes is not None:
-                tokens = np.asarray(result.codes[name]).reshape(-1)
+                tokens = np.asarray(source.codes[stage]).reshape(-1)
                 cosine = token_cosine_distances(engine.model.get_input_embeddings().weight, tokens, truth_codes)
                 cosine_curves[name] = cosine
                 row[4:6] = [round(float(np.mean(tokens == truth_codes)), 3), round(float(cosine.mean()), 4)]
@@ -74,6 +88,8 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
             captions[name] = f"quality {_mean(quality):.2f}"
         metrics_rows.append(row)
     grid_images = dict(result.stages)
+    if baseline is not None:
+        grid_images[UNTAUGHT] = baseline.final
     if truth_image is not None:
         grid_images[truth_name] = truth_image
     sheet = viz.stage_grid(grid_images, captions)
@@ -100,12 +116,15 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
     message = (f"Done in {elapsed:.1f} s: {len(result.codes['draft'].flat)} tokens drafted"
                + (f", SCAN kept {accepted} of {sum(len(s.cells) for s in history)} regenerated tokens" if history else "")
                + (f", VSR changed {len(result.changed['vsr'])} tokens" if "vsr" in result.changed else "")
-               + ".")
+               + "."
+               + (" With your taught adapter; the before/after compares it with the same run without it."
+                  if baseline is not None else ""))
+    before, after_a = (baseline.final, UNTAUGHT) if baseline is not None else (result.draft, "draft")
     return frame(canvas=viz.upscale(result.final), status=_status(stages, None, 1.0, message, "done"),
                  quality_draft=_annotated(result.draft, result.quality["draft"], score_range), quality_final=quality_final,
                  quality_note=quality_note, timeline_slider=slider, timeline_image=timeline_image,
-                 timeline_text=timeline_text, tensor_plot=tensor_plot, before_after=(viz.upscale(result.draft), viz.upscale(result.final)),
-                 compare_a=gr.update(choices=choices, value="draft"), compare_b=gr.update(choices=choices, value=final_name),
+                 timeline_text=timeline_text, tensor_plot=tensor_plot, before_after=(viz.upscale(before), viz.upscale(result.final)),
+                 compare_a=gr.update(choices=choices, value=after_a), compare_b=gr.update(choices=choices, value=final_name),
                  stage_grid=sheet, metrics_table=metrics_rows, timings_table=timings_rows, cosine_plot=cosine_plot,
                  quality_plot=quality_plot, metrics_note=metrics_note, run_state=run)
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from demo_core.engine import load_engine
 from demo_core.testing import build_tiny_bundle
+from demo_core import viz
 from studio import handlers
 from studio.handlers import LIVE_OUTPUTS, MAX_ROWS, OUTPUTS, REPORT_OUTPUTS, RunView, Studio
 
@@ -549,8 +550,15 @@ def test_teach_streams_the_loss_then_generation_uses_the_adapter_or_not(studio, 
     plain = run(studio, images, **options)[-1]
     taught_run = run(studio, images, use_adapter=True, taught=taught, **options)[-1]
     plain_again = run(studio, images, use_adapter=False, taught=taught, **options)[-1]
-    assert 'data-state="done"' in taught_run["status"]
+    assert 'data-state="done"' in taught_run["status"] and "without it" in taught_run["status"]
     assert plain["run_state"].result.codes["scan"].tolist() == plain_again["run_state"].result.codes["scan"].tolist()
+    # the taught run's before/after starts from the same run without the adapter, which is also a comparable image
+    untaught = taught_run["run_state"].images["without adapter"]
+    assert np.array_equal(np.asarray(untaught), np.asarray(plain["run_state"].result.final))
+    assert np.array_equal(np.asarray(taught_run["before_after"][0]), np.asarray(viz.upscale(untaught)))
+    assert taught_run["compare_a"]["value"] == "without adapter"
+    assert [row[0] for row in taught_run["metrics_table"]][-1] == "without adapter"
+    assert "without adapter" not in plain_again["run_state"].images
     archive = export(taught)
     import zipfile
 

@@ -114,6 +114,15 @@ def test_teaching_lowers_the_loss_on_the_pairs(engine, pairs):
     assert adapter.config.info["steps"] == TINY_TEACH.steps
 
 
+def test_the_adapter_form_follows_the_config(engine, pairs, tmp_path):
+    """TeachConfig.targets picks the projections that get LoRA (the ablation's forms); the file keeps the form."""
+    adapter = teach(engine, pairs, TeachConfig(steps=1, batch_size=2, rank=2, targets=("q_proj", "v_proj"), max_refine=2))
+    assert all(set(layer) == {"q_proj", "v_proj"} for layer in adapter.layers)
+    assert adapter.config.rank == 2 and adapter.config.targets == ("q_proj", "v_proj")
+    loaded = TaskAdapter.load(adapter.save(tmp_path / "form"))
+    assert loaded.config.targets == ("q_proj", "v_proj") and loaded.num_bytes() == adapter.num_bytes()
+
+
 def test_stop_ends_teaching_early(engine, pairs):
     steps = []
     teach(engine, pairs, TeachConfig(steps=50, batch_size=2, max_refine=0), progress=steps.append, stop=lambda: len(steps) >= 2)

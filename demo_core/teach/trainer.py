@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..images import load_square
-from .adapter import TaskAdapter, applied
+from .adapter import TARGETS, TaskAdapter, applied
 from .pairs import MAX_PAIRS, MIN_PAIRS
 
 # measured: 20 pairs of the embedded default (64x64, 8x8 codes) at batch 8 on 2 shared AMD EPYC cores (README, Teach)
@@ -37,6 +37,7 @@ class TeachConfig:
     warmup: int = 10                # steps of linear warm-up, then cosine to 10 %
     rank: int = 8                   # LoRA r
     alpha: float = 16.0             # LoRA alpha (scale alpha / r)
+    targets: tuple[str, ...] = TARGETS  # projections of every layer that get a LoRA pair (attention + MLP)
     max_demonstrations: int = 3     # K <= min(this, n - 1, the model's max_pairs)
     flips: bool = True              # also every example mirrored left-right
     max_refine: int = 8             # longest appended SCAN refinement segment (pairs)
@@ -101,7 +102,7 @@ def max_demonstrations(engine, count: int, config: TeachConfig) -> int:
 def new_adapter(engine, config: TeachConfig | None = None) -> TaskAdapter:
     config = config or TeachConfig()
     return TaskAdapter.for_backbone(engine.model, base_name=str(engine.bundle.info.get("name", "")), rank=config.rank,
-                                    alpha=config.alpha, seed=config.seed)
+                                    alpha=config.alpha, targets=config.targets, seed=config.seed)
 
 
 def teach_steps(engine, pairs: Sequence, adapter: TaskAdapter, config: TeachConfig | None = None,
