@@ -49,6 +49,29 @@ def build_backbone(config: BackboneConfig, vocab: Vocab):
     return LlamaForCausalLM(llama_config)
 
 
+def init_code_embeddings(model, codebook: torch.Tensor, seed: int = 0) -> None:
+    """Start the C code rows of the input embedding and of the output head from the tokenizer's own code geometry.
+
+    Each code's row is its VQ code vector, whitened per dimension and projected to the hidden size by a fixed random
+    map, at the rows' usual norm. Similar codes then start with similar rows, so copying a code (inpainting's
+    untouched cells, a sequence's static background) is within reach of one attention head from the first step,
+    and a near miss lands on a similar code. Measured on a copy probe (a 2-layer Llama, 256 codes, 16x16 grids,
+    one demonstration pair): with random rows the loss had not left ln(256) after 600 steps; with these rows
+    the copy was exact by step 150 (docs/training.md, "Code-geometry initialisation").
+    """
+    with torch.no_grad():
+        book = codebook.detach().float().cpu()
+        book = (book - book.mean(0)) / book.std(0).clamp_min(1e-6)
+        generator = torch.Generator().manual_seed(seed)
+        hidden = model.get_input_embeddings().weight.shape[1]
+        rows = book @ (torch.randn(book.shape[1], hidden, generator=generator) / book.shape[1] ** 0.5)
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            count = book.shape[0]
+            scale = weight[:count].norm(dim=1).mean()
+            weight[:count] = (rows * scale).to(weight.dtype).to(weight.device)
+
+
 def backbone_config_dict(config: BackboneConfig) -> dict:
     return asdict(config)
 

@@ -262,3 +262,25 @@ def test_scan_over_many_iterations_matches_an_uncached_sequence():
                 pos += [length + cell] * 2
                 accepted += 1
     assert accepted >= 10 and state.cache.get_seq_length() == len(ids)
+
+
+def test_code_geometry_init_gives_similar_codes_similar_rows():
+    """init_code_embeddings: near codes (in the VQ codebook) start with near rows, in the embedding and the head
+    alike; the other rows (position instructions, quality tokens) keep their random init."""
+    from demo_core.backbone import BackboneConfig, build_backbone, init_code_embeddings
+    from demo_core.sequence import Vocab
+
+    vocab = Vocab(64, 16)
+    model = build_backbone(BackboneConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=128), vocab)
+    specials = model.get_input_embeddings().weight[64:].clone()
+    book = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    book[1] = book[0] + 0.01                                           # code 1 is code 0, nearly
+    init_code_embeddings(model, book, seed=0)
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        rows = torch.nn.functional.normalize(weight[:64].detach(), dim=1)
+        similarity = rows @ rows.T
+        assert similarity[0, 1] > 0.99 and similarity[0, 2:].abs().mean() < 0.5
+        # row similarity follows code-vector similarity
+        whitened = torch.nn.functional.normalize((book - book.mean(0)) / book.std(0), dim=1)
+        assert np.corrcoef(similarity.flatten().numpy(), (whitened @ whitened.T).flatten().numpy())[0, 1] > 0.6
+    assert torch.equal(model.get_input_embeddings().weight[64:], specials)

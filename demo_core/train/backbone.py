@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..backbone import BackboneConfig, SamplingConfig, backbone_config_dict, build_backbone, sample_from_logits
+from ..backbone import (BackboneConfig, SamplingConfig, backbone_config_dict, build_backbone, init_code_embeddings,
+                        sample_from_logits)
 from ..drafts.scan_form import draft_scan
 from ..token_metrics import auroc
 from ..sequence import Vocab, answer_positions, interleave_answer
@@ -393,6 +394,11 @@ def main(argv=None):
                         help="share of examples whose answer inputs are the model's own free-running draft")
     parser.add_argument("--draft-quality", type=float, default=1.0,
                         help="weight of the quality loss on a drafted answer's own tokens (0: drafts train generation only)")
+    parser.add_argument("--code-init", choices=("codebook", "random"), default="codebook",
+                        help="a fresh model's code embeddings and head: the tokenizer's code geometry, or plain random")
+    parser.add_argument("--fresh", action="store_true",
+                        help="never start from the bundle's exported weights: step 0 unless the run's own checkpoint "
+                             "resumes it (so the same command resumes; move the checkpoint away to start over)")
     parser.add_argument("--context-loss", type=float, default=0.0,
                         help="weight of LVM's plain next-token loss on the context's output images (demonstration "
                              "answers, later frames): more targets per step at little extra cost (0: off)")
@@ -422,6 +428,8 @@ def main(argv=None):
     config = BackboneConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                             intermediate_size=3 * args.hidden, max_positions=8 * tokenizer.grid ** 2)  # K <= 3
     model = build_backbone(config, vocab)
+    if args.code_init == "codebook":       # resumed weights replace these below
+        init_code_embeddings(model, tokenizer.codebook, seed=args.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
@@ -442,7 +450,7 @@ def main(argv=None):
         step, elapsed = state["step"], state["elapsed"]
         history = state.get("history", [])
         logger.info(f"resumed from {checkpoint_path} at step {step}")
-    elif exported.exists() and same_codes(json.loads(exported.read_text())):
+    elif not args.fresh and exported.exists() and same_codes(json.loads(exported.read_text())):
         from safetensors.torch import load_file
 
         info = json.loads(exported.read_text())
