@@ -23,6 +23,7 @@ from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS,
                              sequence_preview, stopped_status, timeline_view)
 from studio.layout import CSS, HEADER, IDLE_STATUS, TITLE, legend, theme  # noqa: E402
 from studio.teach import (DEFAULT_STEPS, MAX_STEPS, STATE_SECONDS, TEACH_IDLE, export as export_adapter,  # noqa: E402
+                          download_allowed as adapter_download_allowed,
                           loss_frame, preview as preview_pairs, stopped as teach_stopped)
 
 MAX_FILE_SIZE = "10mb"            # uploads above this are refused by the server before any handler runs
@@ -242,9 +243,11 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                                                 elem_id="teach-loss")
                         with gr.Row():
                             export_button = gr.Button("Download adapter (.zip)", size="sm", elem_id="teach-export",
-                                                      scale=1)
+                                                      scale=1, visible=adapter_download_allowed())
+                            load_button = gr.UploadButton("Load adapter (.zip)", file_types=[".zip"], size="sm",
+                                                          elem_id="teach-load", scale=1)
                             adapter_file = gr.File(label="Adapter", interactive=False, elem_id="teach-file", height=60,
-                                                   scale=2)
+                                                   scale=2, visible=adapter_download_allowed())
 
         components = dict(canvas=canvas, status=status, seed=seed, quality_draft=quality_draft, quality_final=quality_final,
                           quality_note=quality_note, timeline_slider=timeline_slider, timeline_image=timeline_image,
@@ -298,6 +301,7 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
         teach_stop.click(None, None, None, cancels=[teaching], queue=False).then(
             teach_stopped, [teach_status, taught_state], [teach_status], **cheap)
         export_button.click(export_adapter, [taught_state], [adapter_file], **cheap)
+        load_button.upload(studio.load_adapter, [load_button, model_state], [teach_status, taught_state], **cheap)
 
         timeline_slider.input(timeline_view, [timeline_slider, run_state], [timeline_image, timeline_text],
                               api_name="timeline", concurrency_limit=None, trigger_mode="always_last", show_progress="hidden")

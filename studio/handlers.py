@@ -33,7 +33,7 @@ from .prefetch import batches
 from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView,  # noqa: F401
                            compare_view, error_status, frame, present, stopped_status, timeline_view)
 from .report import finish_frame
-from .teach import Taught, adapter_for_run, run_teach  # noqa: F401
+from .teach import Taught, adapter_for_run, load_uploaded, run_teach  # noqa: F401
 from .sequence import (PROMPT_KINDS, add_frames, clear_frames, clear_refusal, frame_paths, frames_gallery,  # noqa: F401
                        move_earlier, move_later, prompt_kind_updates, remove_frame, select_frame)
 
@@ -92,6 +92,10 @@ class Studio(ModelHolder):
     def teach(self, files, steps, model: str | None = None):
         """The Teach button: (status, loss plot, taught state) after every step (studio.teach.run_teach)."""
         yield from run_teach(self.engine_for(model), model, files, steps)
+
+    def load_adapter(self, file, model: str | None = None):
+        """Load adapter: an uploaded adapter zip -> (Teach status, taught state), checked against this visitor's model."""
+        return load_uploaded(self.engine_for(model), model, file)
 
     # -- generation -------------------------------------------------------------------------------
     def generate_from_widgets(self, *values):

@@ -4,8 +4,11 @@ Uploads (image files named NAME_input.* / NAME_answer.*, or a zip of them) are r
 `demo_core.teach.pairs` and shown as a grid; Teach trains a LoRA adapter (`demo_core.teach`) through the
 same queue as generation, step by step, so Stop can end it between steps; the loss plot and the progress
 bar follow every step. The adapter lives only in the visitor's gr.State (`Taught`: one adapter, about
-0.7 MB for the embedded default, dropped with the session), never on the server's disk; Download writes a
-zip to a temp file and hands it over through Gradio's file output. Every bad upload is one gr.Error line.
+0.7 MB for the embedded default, dropped with the session), never on the server's disk. Download writes a
+zip to a temp file and hands it over through Gradio's file output, only where the operator allows it
+(`download_allowed`: RETOUCH_ADAPTER_DOWNLOAD=1 or 0; unset, allowed except on a Hugging Face Space). Load
+takes such a zip back (read in memory, checked against the visitor's model) as the session's adapter.
+Every bad upload is one gr.Error line.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from demo_core.teach.adapter import CONFIG, MAX_BYTES, WEIGHTS, AdapterError, TaskAdapter
 from demo_core.teach.pairs import MAX_PAIRS, PairFilesError, read_pair_files
 from demo_core.teach.trainer import DEFAULT_STEPS, TeachConfig, new_adapter, teach_steps
 
@@ -123,8 +127,23 @@ def stopped(status: str | None, taught: Taught | None):
     return status_html(["teach"], "teach", 0.0, "Stopped before the first step; nothing was taught.", "stopped")
 
 
+def download_allowed(environ=None) -> bool:
+    """Whether Download may write the adapter's zip to the server's disk (a temp file): the operator's
+    RETOUCH_ADAPTER_DOWNLOAD (1 / 0); unset, yes, except on a Hugging Face Space (SPACE_ID set)."""
+    environ = os.environ if environ is None else environ
+    value = str(environ.get("RETOUCH_ADAPTER_DOWNLOAD", "")).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return not environ.get("SPACE_ID")
+
+
 def export(taught: Taught | None):
     """Download: the adapter folder (adapter.safetensors + config.json) as a zip in a temp file."""
+    if not download_allowed():
+        raise gr.Error("Downloading adapters is off on this server: nothing of a visitor's is written to its disk "
+                       "(the operator can allow it with RETOUCH_ADAPTER_DOWNLOAD=1).")
     if not isinstance(taught, Taught):
         raise gr.Error("Teach a task first: there is no adapter to download yet.")
     parent = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir())
@@ -147,3 +166,38 @@ def adapter_for_run(use_adapter, taught):
     if not isinstance(taught, Taught):
         raise gr.Error("Nothing taught yet: teach a task in the Teach tab first, or untick “use taught adapter”.")
     return taught.adapter
+
+
+def load_uploaded(engine, model, file):
+    """Load: an adapter zip (Download's, or any zip holding config.json + adapter.safetensors) -> (status, Taught).
+
+    Read in memory; refused in one line unless it was taught on this visitor's model (the same backbone weights)."""
+    paths = upload_paths(file)
+    if not paths:
+        return gr.skip(), gr.skip()
+    path = paths[0]
+
+    def refused(message: str):
+        return status_html(["teach"], None, 0.0, message, "error"), gr.skip()
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {Path(info.filename).name: info for info in archive.infolist() if not info.is_dir()}
+            missing = [name for name in (CONFIG, WEIGHTS) if name not in members]
+            if missing:
+                return refused(f"{Path(path).name} holds no {' or '.join(missing)}: upload the zip that "
+                               f"“Download adapter” made.")
+            if sum(members[name].file_size for name in (CONFIG, WEIGHTS)) > MAX_BYTES + 2**20:
+                return refused(f"{Path(path).name} is too large for an adapter (at most {MAX_BYTES / 2**20:.0f} MB).")
+            config, weights = archive.read(members[CONFIG]), archive.read(members[WEIGHTS])
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return refused(f"{Path(path).name} is not a zip file: upload the zip that “Download adapter” made.")
+    try:
+        adapter = TaskAdapter.from_bytes(config, weights, engine.model, where=Path(path).name)
+    except AdapterError as error:
+        return refused(f"{error}.")
+    info = dict(getattr(adapter.config, "info", None) or {})
+    steps = int(info.get("steps") or 0)
+    taught = Taught(adapter, model, int(info.get("pairs") or 0), steps, steps)
+    return (status_html(["teach"], None, 1.0, f"Loaded {Path(path).name} ({taught.summary()}). Tick “use taught "
+                        f"adapter” and press Generate.", "done"), taught)

@@ -1,5 +1,6 @@
 """The studio's handlers on a tiny random bundle: generators exhausted, every bad input a gr.Error,
 the model selector, examples, and one generation streamed through gradio_client."""
+import json
 import os
 import time
 
@@ -480,7 +481,8 @@ def test_client_receives_intermediate_outputs(engine, images, temp_dir):
     try:
         client = Client(url, verbose=False)
         pair = dict(pair1_input=handle_file(images["x1"]), pair1_answer=handle_file(images["y1"]))
-        settings = dict(scan_iterations=3, scan_cells=2, canvas_every=2, frame_ms=0, api_name="/generate")
+        # paced (50 ms a frame): an unpaced run of the tiny bundle is over in ~0.1 s, one 10 Hz frame slot
+        settings = dict(scan_iterations=3, scan_cells=2, canvas_every=2, frame_ms=50, api_name="/generate")
         job = client.submit(**pair, query=handle_file(images["query"]), **settings)
         job.result(timeout=60)
         outputs = job.outputs()
@@ -563,6 +565,44 @@ def test_teach_streams_the_loss_then_generation_uses_the_adapter_or_not(studio, 
     import zipfile
 
     assert sorted(zipfile.ZipFile(archive).namelist()) == ["adapter/adapter.safetensors", "adapter/config.json"]
+
+
+def test_a_downloaded_adapter_loads_back_and_bad_ones_get_one_line(studio, engine, pair_files, tmp_path, monkeypatch):
+    import zipfile
+
+    import torch
+
+    from studio.teach import Taught, download_allowed, export
+
+    taught = [frame for frame in studio.teach(pair_files, 2)][-1][2]
+    archive = export(taught)
+    status, loaded = studio.load_adapter(archive)
+    assert 'data-state="done"' in status and "taught 2 of 2 steps on 3 pairs" in status and isinstance(loaded, Taught)
+    own, back = taught.adapter.state_dict(), loaded.adapter.state_dict()
+    assert set(own) == set(back) and all(torch.equal(own[k], back[k]) for k in own)
+
+    def refused(path, phrase):
+        status, state = studio.load_adapter(str(path))
+        assert 'data-state="error"' in status and phrase in status and handlers._is_skip(state), status
+
+    (tmp_path / "not.zip").write_text("no zip")
+    refused(tmp_path / "not.zip", "is not a zip file")
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as zf:
+        zf.writestr("readme.txt", "nothing here")
+    refused(tmp_path / "empty.zip", "holds no config.json or adapter.safetensors")
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(tmp_path / "other.zip", "w") as zf:
+        config = json.loads(src.read("adapter/config.json"))
+        config["base_fingerprint"] = "0" * 16                           # taught on other backbone weights
+        zf.writestr("adapter/config.json", json.dumps(config))
+        zf.writestr("adapter/adapter.safetensors", src.read("adapter/adapter.safetensors"))
+    refused(tmp_path / "other.zip", "teach it again on this model")
+    # the operator decides whether Download may write to the server's disk
+    assert download_allowed({}) and not download_allowed({"SPACE_ID": "me/retouch"})
+    assert download_allowed({"SPACE_ID": "me/retouch", "RETOUCH_ADAPTER_DOWNLOAD": "1"})
+    assert not download_allowed({"RETOUCH_ADAPTER_DOWNLOAD": "0"})
+    monkeypatch.setenv("RETOUCH_ADAPTER_DOWNLOAD", "0")
+    with pytest.raises(gr.Error, match="RETOUCH_ADAPTER_DOWNLOAD=1"):
+        export(taught)
 
 
 def test_teach_refuses_bad_uploads_with_one_line(studio, images, pair_files, tmp_path):

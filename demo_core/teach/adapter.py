@@ -156,25 +156,34 @@ class TaskAdapter(nn.Module):
     @classmethod
     def load(cls, folder, model: nn.Module | None = None) -> "TaskAdapter":
         """Read an adapter folder strictly; with `model`, also refuse it unless it was taught on that backbone."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
             raise AdapterError(f"{folder} is not an adapter folder (it needs {CONFIG} and {WEIGHTS})")
+        return cls.from_bytes((folder / CONFIG).read_bytes(), (folder / WEIGHTS).read_bytes(), model, where=str(folder))
+
+    @classmethod
+    def from_bytes(cls, config: bytes, weights: bytes, model: nn.Module | None = None,
+                   where: str = "the adapter") -> "TaskAdapter":
+        """An adapter from its two files' contents (a folder's or a zip's, read in memory), as strictly as `load`."""
+        from safetensors.torch import load as load_weights
+
         try:
-            raw = json.loads((folder / CONFIG).read_text())
-        except json.JSONDecodeError as error:
-            raise AdapterError(f"{folder / CONFIG} is not valid JSON ({error.msg})") from error
-        if raw.pop("format", None) != FORMAT:
-            raise AdapterError(f"{folder / CONFIG} is not a {FORMAT} config")
+            raw = json.loads(config)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise AdapterError(f"{where}: {CONFIG} is not valid JSON ({getattr(error, 'msg', error)})") from error
+        if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
+            raise AdapterError(f"{where}: {CONFIG} is not a {FORMAT} config")
+        if len(weights) > MAX_BYTES + 2**16:
+            raise AdapterError(f"{where}: {WEIGHTS} is {len(weights) / 2**20:.1f} MB; an adapter is at most "
+                               f"{MAX_BYTES / 2**20:.0f} MB")
         try:
             adapter = cls(AdapterConfig(**raw))
-            state = load_file(str(folder / WEIGHTS))
-        except (TypeError, ValueError, OSError) as error:
-            raise AdapterError(f"{folder}: cannot read the adapter ({error})") from error
+            state = load_weights(bytes(weights))
+        except (TypeError, ValueError, OSError, RuntimeError) as error:
+            raise AdapterError(f"{where}: cannot read the adapter ({error})") from error
         own = adapter.state_dict()
         if set(state) != set(own) or any(tuple(state[k].shape) != tuple(own[k].shape) for k in own):
-            raise AdapterError(f"{folder / WEIGHTS}: the weights do not match config.json")
+            raise AdapterError(f"{where}: the weights in {WEIGHTS} do not match {CONFIG}")
         adapter.load_state_dict(state, strict=True)
         if model is not None:
             adapter.check(model)
