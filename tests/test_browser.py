@@ -229,3 +229,11 @@ def test_teach_tab_upload_train_generate_with_and_without_and_export(page, studi
     page.get_by_role("tab", name="Teach").click()
     page.click("#teach-export")
     expect(page.locator('#teach-file a[href$="retouch-adapter.zip"]')).to_be_attached(timeout=30_000)
+    href = page.locator('#teach-file a[href$="retouch-adapter.zip"]').first.get_attribute("href")
+    archive = page.context.request.get(href if href.startswith("http") else studio_url.rstrip("/") + href)
+    zip_path = tmp_path / "retouch-adapter.zip"
+    zip_path.write_bytes(archive.body())
+    with page.expect_file_chooser() as chooser:                                  # the download, loaded back
+        page.click("#teach-load")
+    chooser.value.set_files(str(zip_path))
+    expect(page.locator("#teach-status")).to_contain_text("Loaded retouch-adapter.zip", timeout=30_000)
