@@ -95,7 +95,7 @@ def _time_vsr(engine, result) -> float:
 
     codes = torch.as_tensor(result.codes["draft"]).view(1, -1).to(engine.device)
     start = time.perf_counter()
-    self_refine(engine.vsr, engine.model, engine.vocab, codes)
+    self_refine(engine.vsr, engine.model, engine.vocab, codes, codebook=engine.tokenizer.codebook)
     return time.perf_counter() - start
 
 

@@ -422,7 +422,8 @@ class Engine:
                     history.append(record)
                     yield record
             else:                                   # "vsr": g_phi over the answer's embeddings, then re-scored
-                new_codes = self_refine(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None])
+                new_codes = self_refine(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None],
+                                        codebook=self.tokenizer.codebook)
                 fmt.rescore(state, new_codes, context, settings)
             name = stage if stage not in stage_images else f"{stage}#{len(stage_images)}"
             changed[name] = torch.nonzero(state.codes[0].cpu() != before.cpu()).flatten().tolist()

@@ -10,7 +10,8 @@ from demo_core.backbone import BackboneConfig, build_backbone
 from demo_core.bundle import BundleError, load_bundle, save_bundle
 from demo_core.engine import load_engine
 from demo_core.events import StageDone
-from demo_core.refiners.self_refine import KINDS, SelfRefiner, code_embeddings, nearest_codes, self_refine
+from demo_core.refiners.self_refine import (KINDS, SelfRefiner, code_embeddings, nearest_codes, nearest_codes_l2,
+                                           refine_latents, self_refine)
 from demo_core.testing import build_tiny_bundle, tiny_parts
 from demo_core.train import refiner as trainer
 
@@ -102,7 +103,8 @@ def test_save_load_round_trip_is_exact_and_strict(parts, tmp_path):
     refiner = randomised(SelfRefiner.for_backbone(backbone, grid=4, kind="conv", with_query=True, ffn_multiple=2))
     refiner.save_pretrained(tmp_path / "g")
     config = json.loads((tmp_path / "g" / "config.json").read_text())
-    assert config == {"dim": 32, "grid": 4, "heads": 8, "ffn_multiple": 2, "kind": "conv", "with_query": True}
+    assert config == {"dim": 32, "grid": 4, "heads": 8, "ffn_multiple": 2, "kind": "conv", "with_query": True,
+                      "space": "backbone", "width": None}
     rebuilt = SelfRefiner(**config)                     # what bundle.py does, then a strict load
     rebuilt.load_state_dict(load_file(tmp_path / "g" / "model.safetensors"), strict=True)
     for loaded in (SelfRefiner.from_pretrained(tmp_path / "g"), rebuilt):
@@ -251,3 +253,40 @@ def test_engine_feeds_the_query_to_a_query_aware_refiner(engine):
     finally:
         engine.vsr = original
     assert list(result.stages) == ["draft", "vsr"] and result.codes["vsr"].shape == (4, 4)
+
+
+def test_a_code_space_refiner_snaps_by_l2_over_the_vq_codebook(parts):
+    """space "codes": g_phi refines the tokenizer's own code vectors (8 wide, in a wider block) and snaps by L2,
+    the quantizer's rule; untrained it is the identity; the refined latents come out unsnapped too."""
+    tokenizer, backbone, vocab = parts
+    codebook = tokenizer.codebook.detach()
+    refiner = SelfRefiner(dim=codebook.shape[1], grid=tokenizer.grid, heads=4, space="codes", width=32)
+    codes = torch.randint(0, vocab.codebook_size, (2, vocab.cells), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(self_refine(refiner, backbone, vocab, codes, codebook=codebook), codes)
+    assert torch.equal(refine_latents(refiner, backbone, vocab, codes, codebook=codebook), codebook[codes])
+    with pytest.raises(ValueError, match="pass codebook"):
+        self_refine(refiner, backbone, vocab, codes)
+    randomised(refiner, std=0.3)
+    refined = refine_latents(refiner, backbone, vocab, codes, codebook=codebook)
+    assert refined.shape == (2, vocab.cells, codebook.shape[1])
+    brute = torch.cdist(refined.reshape(-1, codebook.shape[1]), codebook).argmin(-1).view(2, vocab.cells)
+    assert torch.equal(self_refine(refiner, backbone, vocab, codes, codebook=codebook), brute)
+    assert torch.equal(nearest_codes_l2(codebook, codebook), torch.arange(len(codebook)))
+
+
+@pytest.mark.parametrize("space", ["backbone", "codes"])
+def test_the_confidence_gate_only_ever_keeps_draft_codes(parts, space):
+    tokenizer, backbone, vocab = parts
+    codebook = tokenizer.codebook.detach()
+    dim = codebook.shape[1] if space == "codes" else None
+    refiner = (SelfRefiner(dim=dim, grid=tokenizer.grid, heads=4, space="codes", width=32) if space == "codes"
+               else SelfRefiner.for_backbone(backbone, grid=tokenizer.grid))
+    randomised(refiner, std=0.3)
+    codes = torch.randint(0, vocab.codebook_size, (3, vocab.cells), generator=torch.Generator().manual_seed(5))
+    free = self_refine(refiner, backbone, vocab, codes, codebook=codebook)
+    changed = [int((self_refine(refiner, backbone, vocab, codes, codebook=codebook, gate=g) != codes).sum())
+               for g in (0.0, 0.01, 0.1, 1e9)]
+    assert changed[0] == int((free != codes).sum()) > 0
+    assert changed == sorted(changed, reverse=True) and changed[-1] == 0        # a higher margin changes fewer cells
+    gated = self_refine(refiner, backbone, vocab, codes, codebook=codebook, gate=0.01)
+    assert bool(((gated == codes) | (gated == free)).all())                     # each cell: the draft's or g_phi's

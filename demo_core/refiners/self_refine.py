@@ -12,6 +12,14 @@ g_phi (appendix, "More Technical Details"): MultiHead-Attention + Add & LayerNor
 Add & LayerNorm; 8 heads, 1 block; learned 2D position embeddings. Ablations (`kind`): a
 token-wise MLP and a 1D convolution in place of attention (Table 7), and, beyond the paper,
 `with_query`: the block also sees the query image's token embeddings.
+
+Beyond the paper (issue 20), `space` says which vectors g_phi refines:
+    "backbone"  the paper's: the backbone's frozen input embeddings, nearest code by cosine over them
+    "codes"     the tokenizer's own VQ code vectors (`dim` = the code width, the block `width` wider, projected
+                in and out), nearest code by L2 over the VQ codebook, the quantizer's own rule; the refined
+                latents can also go straight into the VQ decoder, unsnapped (`refine_latents`)
+and `gate` (a decode option, `self_refine(gate=)`) changes a cell only where the refined vector prefers its new
+code over the draft's by more than the margin.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from ..sequence import Vocab
 from ..token_metrics import cosine_distance  # noqa: F401  (VSR's loss, Eq. 4; the trainer imports it from here)
 
 KINDS = ("attention", "mlp", "conv")
+SPACES = ("backbone", "codes")
 
 
 class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
@@ -35,16 +44,23 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
     """
 
     def __init__(self, dim: int, grid: int, heads: int = 8, ffn_multiple: int = 4, kind: str = "attention",
-                 with_query: bool = False):
+                 with_query: bool = False, space: str = "backbone", width: int | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown g_phi kind {kind!r}; choose from {', '.join(KINDS)}")
-        if kind == "attention" and dim % heads:
-            raise ValueError(f"embedding width {dim} is not divisible by {heads} heads; pick heads dividing {dim}")
+        if space not in SPACES:
+            raise ValueError(f"unknown g_phi space {space!r}; choose from {', '.join(SPACES)}")
+        width = int(width or dim)
+        if kind == "attention" and width % heads:
+            raise ValueError(f"block width {width} is not divisible by {heads} heads; pick heads dividing {width}")
         self.dim, self.grid, self.heads, self.kind, self.with_query = dim, grid, heads, kind, with_query
+        self.space, self.width = space, width
+        # refining narrow vectors (VQ codes, 8 wide) in a wider block: projected in here, out by `out` below
+        self.in_proj = nn.Linear(dim, width) if width != dim else None
+        dim = width
         # Backbones' embedding scales differ (a fresh Llama's 0.02 std, LVM's trained table): normalising the
         # input makes positions and attention logits scale-free. Our addition; the paper does not say.
-        self.input_norm = nn.LayerNorm(dim)
+        self.input_norm = nn.LayerNorm(self.dim)
         self.row_embedding = nn.Parameter(torch.randn(grid, dim) * 0.02)      # learned 2D positions: row + column
         self.col_embedding = nn.Parameter(torch.randn(grid, dim) * 0.02)
         if with_query and kind == "attention":
@@ -67,7 +83,7 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
         self.norm2 = nn.LayerNorm(dim)
         # Maps the block's unit-scale output back to the embedding scale. Zero-initialised, so an
         # untrained g_phi is the identity (e' = e): the refined image starts as the draft.
-        self.out = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, self.dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -78,15 +94,15 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
 
     def positions(self) -> torch.Tensor:
         """(N, D) learned 2D position embedding of each raster cell: row + column."""
-        return (self.row_embedding[:, None, :] + self.col_embedding[None, :, :]).reshape(self.grid * self.grid, self.dim)
+        return (self.row_embedding[:, None, :] + self.col_embedding[None, :, :]).reshape(self.grid * self.grid, self.width)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """The token mixer over (B, T, D)."""
         if self.kind == "attention":
             batch, tokens, _ = x.shape
-            qkv = self.qkv(x).view(batch, tokens, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
+            qkv = self.qkv(x).view(batch, tokens, 3, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4)
             attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])    # (B, H, T, hd), bidirectional
-            return self.mix_out(attended.transpose(1, 2).reshape(batch, tokens, self.dim))
+            return self.mix_out(attended.transpose(1, 2).reshape(batch, tokens, self.width))
         if self.kind == "mlp":
             return self.mix_out(F.gelu(self.mix_in(x)))
         return self.mix_out(F.gelu(self.mix_in(x.transpose(1, 2)).transpose(1, 2)))
@@ -99,9 +115,10 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
         if self.with_query and query_embeddings is None:
             raise ValueError("this g_phi also reads the query image: pass its token embeddings (query_embeddings)")
         positions = self.positions()
-        x = self.input_norm(embeddings) + positions                                      # (B, N, D)
+        widen = self.in_proj if self.in_proj is not None else (lambda v: v)
+        x = widen(self.input_norm(embeddings)) + positions                               # (B, N, width)
         if self.with_query:
-            query = self.input_norm(query_embeddings) + positions                         # (B, N, D)
+            query = widen(self.input_norm(query_embeddings)) + positions                  # (B, N, width)
             if self.kind == "attention":
                 x = torch.cat([query + self.type_embedding[0], x + self.type_embedding[1]], dim=1)   # (B, 2N, D)
             else:
@@ -137,24 +154,76 @@ def nearest_codes(embeddings: torch.Tensor, code_embeddings: torch.Tensor, chunk
     return indices.view(embeddings.shape[:-1])
 
 
-@torch.no_grad()
-def self_refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
-                query_codes: torch.Tensor | None = None) -> torch.LongTensor:
-    """Drafted answer codes (B, N) -> refined codes (B, N) on the codes' device (Sec. 3.3, Fig. 1 lower right).
+def refine_table(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """(C, dim) the vectors g_phi refines: the backbone's code embeddings ("backbone") or the VQ codebook ("codes")."""
+    if refiner.space == "codes":
+        if codebook is None:
+            raise ValueError("this g_phi refines the tokenizer's VQ code vectors: pass codebook (tokenizer.codebook)")
+        if codebook.shape[-1] != refiner.dim:
+            raise ValueError(f"this g_phi refines {refiner.dim}-wide code vectors, the codebook's are {codebook.shape[-1]} wide")
+        return codebook
+    return code_embeddings(backbone, vocab)
 
-    e = f_embed(y_q) -> e' = g_phi(e) (Eq. 3) -> nearest code by cosine similarity. `query_codes`
-    ((N,), (1, N) or (B, N)) is read only by a g_phi built `with_query`.
-    """
+
+@torch.no_grad()
+def nearest_codes_l2(vectors: torch.Tensor, codebook: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(..., D) -> (...) index of the nearest codebook row (C, D) by L2: the VQ quantizer's own rule."""
+    device = codebook.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        book = codebook.float()
+        flat = vectors.reshape(-1, vectors.shape[-1]).to(device).float()
+        norms = book.pow(2).sum(1)
+        indices = torch.cat([(norms[None] - 2 * rows @ book.T).argmin(-1) for rows in flat.split(chunk)]) if len(flat) \
+            else torch.zeros(0, dtype=torch.long, device=device)
+    return indices.view(vectors.shape[:-1])
+
+
+def _preference(refined: torch.Tensor, table: torch.Tensor, new: torch.Tensor, old: torch.Tensor, space: str) -> torch.Tensor:
+    """How much the refined vectors prefer their new code over the draft's: cosine gain, or L2 gain in the
+    codebook's own units (squared distance over the mean squared code norm)."""
+    refined, new_rows, old_rows = refined.float(), table[new].float(), table[old].float()
+    if space == "codes":
+        scale = table.float().pow(2).sum(-1).mean().clamp_min(1e-12)
+        return ((refined - old_rows).pow(2).sum(-1) - (refined - new_rows).pow(2).sum(-1)) / scale
+    return F.cosine_similarity(refined, new_rows, dim=-1) - F.cosine_similarity(refined, old_rows, dim=-1)
+
+
+@torch.no_grad()
+def refine_latents(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
+                   query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """Drafted answer codes (B, N) -> g_phi's refined vectors e' (B, N, dim), before any snapping (Eq. 3)."""
     parameter = next(refiner.parameters())
-    table = code_embeddings(backbone, vocab).to(parameter.device)                          # (C, D)
+    table = refine_table(refiner, backbone, vocab, codebook).to(parameter.device)             # (C, dim)
     if codes.dim() != 2 or codes.shape[1] != vocab.cells:
         raise ValueError(f"codes must be (batch, {vocab.cells}), got {tuple(codes.shape)}")
-    embeddings = table[codes.to(parameter.device)].to(parameter.dtype)                      # (B, N, D)
+    embeddings = table[codes.to(parameter.device)].to(parameter.dtype)                      # (B, N, dim)
     query_embeddings = None
     if refiner.with_query:
         if query_codes is None:
             raise ValueError("this g_phi also reads the query image: pass query_codes")
         query_codes = query_codes.reshape(-1, vocab.cells).expand(codes.shape[0], -1)
-        query_embeddings = table[query_codes.to(parameter.device)].to(parameter.dtype)      # (B, N, D)
-    refined = refiner(embeddings, query_embeddings)                                         # (B, N, D)
-    return nearest_codes(refined, table).to(codes.device)
+        query_embeddings = table[query_codes.to(parameter.device)].to(parameter.dtype)      # (B, N, dim)
+    return refiner(embeddings, query_embeddings)
+
+
+@torch.no_grad()
+def self_refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
+                query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
+                gate: float = 0.0) -> torch.LongTensor:
+    """Drafted answer codes (B, N) -> refined codes (B, N) on the codes' device (Sec. 3.3, Fig. 1 lower right).
+
+    e = f_embed(y_q) -> e' = g_phi(e) (Eq. 3) -> nearest code: by cosine over the backbone's code embeddings
+    (the paper), or by L2 over the VQ codebook for a g_phi of space "codes" (pass `codebook`, the tokenizer's).
+    `query_codes` ((N,), (1, N) or (B, N)) is read only by a g_phi built `with_query`. `gate` > 0: a cell takes
+    its new code only where e' prefers it over the draft's code by more than `gate` (cosine gain, or the L2 gain
+    over the codebook's mean squared norm); elsewhere the draft's code stays.
+    """
+    parameter = next(refiner.parameters())
+    table = refine_table(refiner, backbone, vocab, codebook).to(parameter.device)
+    refined = refine_latents(refiner, backbone, vocab, codes, query_codes, codebook)        # (B, N, dim)
+    new = nearest_codes_l2(refined, table) if refiner.space == "codes" else nearest_codes(refined, table)
+    if gate > 0:
+        old = codes.to(new.device)
+        keep = _preference(refined, table.to(new.device), new, old, refiner.space) <= gate
+        new = torch.where(keep, old, new)
+    return new.to(codes.device)
