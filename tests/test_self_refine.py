@@ -147,13 +147,17 @@ def wide_lvm_bundle(folder):
     (build_tiny_bundle, {}),
     (wide_lvm_bundle, dict(drafts=12, loss="l2", kind="conv", with_query=True)),
     (build_tiny_bundle, dict(loss="ce", kind="mlp")),
+    (build_tiny_bundle, dict(loss="l2", space="codes", width=16, heads=4)),      # the tokenizer's code space
 ])
 def test_trainer_lowers_its_loss_and_leaves_the_backbone_bit_identical(tmp_path, make, overrides):
     bundle = load_bundle(make(tmp_path / "b"))
     before = {name: tensor.clone() for name, tensor in bundle.backbone.state_dict().items()}
     refiner, report = trainer.train_refiner(bundle, small_config(**overrides), tmp_path / "run")
     assert report["train_loss"]["after"] < report["train_loss"]["before"]
-    assert refiner.dim == bundle.backbone.config.hidden_size
+    if overrides.get("space") == "codes":
+        assert refiner.space == "codes" and refiner.dim == bundle.tokenizer.codebook.shape[1] and refiner.width == 16
+    else:
+        assert refiner.dim == bundle.backbone.config.hidden_size
     after = bundle.backbone.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert not bundle.backbone.training and not any(p.requires_grad for p in bundle.backbone.parameters())

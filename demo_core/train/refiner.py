@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from ..backbone import SamplingConfig
 from ..drafts.scan_form import draft_scan
-from ..refiners.self_refine import KINDS, SelfRefiner, code_embeddings, cosine_distance, self_refine
+from ..refiners.self_refine import KINDS, SPACES, SelfRefiner, cosine_distance, refine_table, self_refine
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from ..tokenizer import DEFAULT_PIXEL_RANGE
 from .curriculum import encode_examples
@@ -67,6 +67,8 @@ class RefinerTrainConfig:
     kind: str = "attention"         # g_phi's token mixer: attention (paper), mlp or conv (Table 7)
     with_query: bool = False        # beyond the paper: g_phi also sees the query image's tokens
     heads: int = 8                  # appendix: 8 heads, 1 block
+    space: str = "backbone"         # what g_phi refines: the backbone's code embeddings (paper) or the VQ code vectors
+    width: int | None = None        # g_phi's block width (default: the refined vectors' width; "codes": 128)
     seed: int = 0                   # training examples, g_phi init, batch order
 
 
@@ -225,13 +227,14 @@ def evaluate(refiner: SelfRefiner, bundle, drafts: dict, loss: str, batch: int =
     was_training = refiner.training
     refiner.eval()
     vocab = bundle.vocab
-    table = code_embeddings(bundle.backbone, vocab).detach().float().to(next(refiner.parameters()).device)
+    table = refiner_table(refiner, bundle)
     losses, rows = [], {key: [] for key in ("hit_draft", "hit_refined", "cos_draft", "cos_embedding", "cos_refined")}
     for index in torch.arange(len(drafts["tasks"])).split(batch):
         refined, target = refine_batch(refiner, table, drafts, index)
         losses.append(refiner_loss(refined, target, loss, table, drafts["answer"][index]).item() * len(index))
         query_codes = drafts["query"][index] if refiner.with_query else None
-        codes = self_refine(refiner, bundle.backbone, vocab, drafts["draft"][index], query_codes)   # the production path
+        codes = self_refine(refiner, bundle.backbone, vocab, drafts["draft"][index], query_codes,   # the production path
+                            codebook=bundle.tokenizer.codebook)
         answer, draft = drafts["answer"][index], drafts["draft"][index]
         rows["hit_draft"].append((draft == answer).float())
         rows["hit_refined"].append((codes == answer).float())
@@ -269,7 +272,8 @@ def refine_overhead(refiner: SelfRefiner, bundle, drafts: dict, repeats: int = 2
 
     def refine(row: int):
         query = drafts["query"][row:row + 1] if refiner.with_query else None
-        self_refine(refiner, bundle.backbone, bundle.vocab, drafts["draft"][row:row + 1], query)
+        self_refine(refiner, bundle.backbone, bundle.vocab, drafts["draft"][row:row + 1], query,
+                    codebook=bundle.tokenizer.codebook)
 
     refine(0)                                   # warm-up
     start = time.perf_counter()
@@ -278,6 +282,25 @@ def refine_overhead(refiner: SelfRefiner, bundle, drafts: dict, repeats: int = 2
     seconds = (time.perf_counter() - start) / count
     draft_seconds = drafts["draft_seconds"].mean().item()
     return {"self_refine_seconds": seconds, "draft_seconds": draft_seconds, "ratio": seconds / draft_seconds}
+
+
+def new_refiner(bundle, config: RefinerTrainConfig) -> SelfRefiner:
+    """A fresh g_phi for `bundle` as `config` asks: as wide as the backbone's embeddings (space "backbone"), or
+    refining the tokenizer's code vectors in a `width`-wide block (space "codes")."""
+    if config.space not in SPACES:
+        raise ValueError(f"unknown space {config.space!r}; choose from {', '.join(SPACES)}")
+    grid = bundle.tokenizer.grid
+    if config.space == "codes":
+        return SelfRefiner(dim=int(bundle.tokenizer.codebook.shape[1]), grid=grid, heads=config.heads, kind=config.kind,
+                           with_query=config.with_query, space="codes", width=config.width or 128)
+    return SelfRefiner.for_backbone(bundle.backbone, grid=grid, heads=config.heads, kind=config.kind,
+                                    with_query=config.with_query, width=config.width)
+
+
+def refiner_table(refiner: SelfRefiner, bundle) -> torch.Tensor:
+    """The frozen vectors g_phi refines (float32, on g_phi's device): f_embed's code rows or the VQ codebook."""
+    table = refine_table(refiner, bundle.backbone, bundle.vocab, bundle.tokenizer.codebook)
+    return table.detach().float().to(next(refiner.parameters()).device)
 
 
 def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None, accelerator=None) -> tuple[SelfRefiner, dict]:
@@ -312,12 +335,11 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     timings["drafting"] = time.perf_counter() - start
 
     torch.manual_seed(config.seed)
-    refiner = SelfRefiner.for_backbone(backbone, grid=bundle.tokenizer.grid, heads=config.heads, kind=config.kind,
-                                       with_query=config.with_query).to(device)
+    refiner = new_refiner(bundle, config).to(device)
     logger.info(f"g_phi {config.kind}{' +query' if config.with_query else ''}: {sum(p.numel() for p in refiner.parameters()):,} "
                 f"params, width {refiner.dim}, {len(train['tasks'])} train / {len(validation['tasks'])} val drafts, "
                 f"tasks {', '.join(tasks)}, config {asdict(config)}")
-    table = code_embeddings(backbone, vocab).detach().float().to(device)                  # frozen f_embed, (C, D)
+    table = refiner_table(refiner, bundle)                             # frozen f_embed rows or VQ codes, (C, D)
     optimizer = torch.optim.AdamW(refiner.parameters(), lr=config.lr)
     backbone_parameters = {id(p) for p in backbone.parameters()}
     assert not any(id(p) in backbone_parameters for group in optimizer.param_groups for p in group["params"])
@@ -359,8 +381,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     bar.close()
     timings["training"] = time.perf_counter() - start
     if accelerator.distributed_type.name == "FSDP":   # sharded g_phi: validate and save a whole copy of its weights
-        whole = SelfRefiner.for_backbone(backbone, grid=bundle.tokenizer.grid, heads=config.heads, kind=config.kind,
-                                         with_query=config.with_query)
+        whole = new_refiner(bundle, config)
         whole.load_state_dict(unwrapped_state(accelerator, model))
         refiner = whole.to(device)
     refiner.eval()
@@ -420,6 +441,9 @@ def main(argv=None):
     parser.add_argument("--kind", choices=KINDS, default=defaults.kind, help="g_phi's token mixer (Table 7)")
     parser.add_argument("--with-query", action="store_true", help="g_phi also sees the query image's tokens")
     parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--space", choices=SPACES, default=defaults.space,
+                        help="refine the backbone's code embeddings (the paper) or the tokenizer's VQ code vectors")
+    parser.add_argument("--width", type=int, default=None, help="g_phi's block width (space codes: default 128)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", type=Path, default=None, help="where to save g_phi (default <bundle>/refiner, listed in bundle.json)")
     parser.add_argument("--run-dir", type=Path, default=RUNS / "refiner", help="draft cache and train.log")
