@@ -62,7 +62,8 @@ def generate_main(argv=None) -> int:
                         help="the true answer (for --frames: the true next frame): print PSNR/SSIM of every stage "
                              "and of handing the query (the last frame) back")
     parser.add_argument("--refine", default="scan",
-                        help="comma-separated stages after the draft: scan, vsr (old name: self), or none")
+                        help="comma-separated stages after the draft: scan, vsr (old name: self), vsr-continuous (a "
+                             "code-space g_phi's refined latents decoded unsnapped), or none")
     parser.add_argument("--draft-mode", choices=DRAFT_MODES, default="ar",
                         help="ar: one token per step (default); tensor: TensorAR sliding windows (bundles with tensor/)")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,6 +74,8 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--scan-temperature", type=float, default=None,
                         help="SCAN's regeneration temperature (default: the model's own, else the draft's)")
+    parser.add_argument("--vsr-gate", type=float, default=0.0,
+                        help="VSR changes a cell only where g_phi prefers its new code by more than this margin")
     parser.add_argument("--scan-iterations", type=int, default=30, help="SCAN T")
     parser.add_argument("--scan-cells", type=int, default=4, help="SCAN c")
     parser.add_argument("--quality-score", choices=QUALITY_SCORES, default="combined",
@@ -106,7 +109,7 @@ def generate_main(argv=None) -> int:
                     if value is not None}
         options = dict(refine=refine, seed=args.seed, **sampling, candidates=args.candidates,
                        scan_iterations=args.scan_iterations, scan_cells=args.scan_cells, quality_score=args.quality_score,
-                       draft_mode=args.draft_mode, adapter=adapter)
+                       draft_mode=args.draft_mode, adapter=adapter, vsr_gate=args.vsr_gate)
         truth = _load_truth(args, engine.image_size) if args.truth else None
         if args.frames is not None:
             result = engine.run(frames=list(args.frames), **options)

@@ -25,12 +25,12 @@ from .drafts.tensor import WindowStep
 from .events import (DraftDone, Event, Finished, GenerationStarted, Result, ScanStep, StageDone, TokensWritten, WindowSlid,
                      as_grid)
 from .formats import sequence_format
-from .images import ImageInputError, load_square, open_image, to_square
-from .refiners.self_refine import self_refine
+from .images import ImageInputError, float_to_pil, load_square, open_image, to_square
+from .refiners.self_refine import nearest_codes_l2, refine_latents, self_refine
 from .sequence import context_tokens, frames_context
 from .teach.adapter import AdapterError, TaskAdapter, applied
 
-REFINERS = ("scan", "vsr")
+REFINERS = ("scan", "vsr", "vsr-continuous")  # vsr-continuous: a code-space g_phi's latents decoded unsnapped
 STAGE_ALIASES = {"self": "vsr"}       # VSR's old stage name, still accepted on input
 DRAFT_MODES = ("ar", "tensor")
 OWN_SAMPLING = "Retouch's own defaults, measured on the embedded default (README results)"
@@ -56,6 +56,7 @@ class RunSettings:
     scan_iterations: int = 30             # SCAN T
     scan_cells: int = 4                   # SCAN c
     quality_score: str = "combined"       # backbone.token_score: "combined" p(<good>) x p(code), or "head" (SCAN paper)
+    vsr_gate: float = 0.0                 # VSR changes a cell only where g_phi prefers its new code by this margin
     canvas_every: int = 4                 # decode the live canvas every n tokens (0: never)
     decode_scan_steps: bool = True        # decode an image after every SCAN iteration
 
@@ -127,7 +128,9 @@ class Engine:
 
     @property
     def available_refiners(self) -> tuple[str, ...]:
-        return REFINERS if self.vsr is not None else ("scan",)
+        if self.vsr is None:
+            return ("scan",)
+        return REFINERS if getattr(self.vsr, "space", "backbone") == "codes" else ("scan", "vsr")
 
     @property
     def available_draft_modes(self) -> tuple[str, ...]:
@@ -324,8 +327,11 @@ class Engine:
         unknown = [stage for stage in settings.refine if stage not in REFINERS]
         if unknown:
             raise EngineInputError(f"Unknown refiner {unknown[0]!r}; choose from {', '.join(REFINERS)}.")
-        if "vsr" in settings.refine and self.vsr is None:
+        if any(stage.startswith("vsr") for stage in settings.refine) and self.vsr is None:
             raise EngineInputError("This model has no VSR refiner (g_phi); choose SCAN only or load a bundle with refiner/.")
+        if "vsr-continuous" in settings.refine and "vsr-continuous" not in self.available_refiners:
+            raise EngineInputError("VSR's continuous decode needs a g_phi trained in the tokenizer's code space "
+                                   "(train refiner --space codes); this model's refines the backbone's embeddings.")
         if settings.draft_mode not in DRAFT_MODES:
             raise EngineInputError(f"Unknown draft mode {settings.draft_mode!r}; choose from {', '.join(DRAFT_MODES)}.")
         if settings.draft_mode == "tensor" and self.bundle.tensor is None:
@@ -421,16 +427,26 @@ class Engine:
                         record.image = decode(record.codes)
                     history.append(record)
                     yield record
-            else:                                   # "vsr": g_phi over the answer's embeddings, then re-scored
+            elif stage == "vsr":                    # g_phi over the answer's embeddings, then re-scored
                 new_codes = self_refine(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None],
-                                        codebook=self.tokenizer.codebook)
+                                        codebook=self.tokenizer.codebook, gate=settings.vsr_gate)
                 fmt.rescore(state, new_codes, context, settings)
+            else:                                   # "vsr-continuous": the refined latents decoded as they are
+                latents = refine_latents(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None],
+                                         codebook=self.tokenizer.codebook)
+                fmt.rescore(state, nearest_codes_l2(latents, self.tokenizer.codebook).to(state.codes.device), context,
+                            settings)            # its codes (for the quality scores and later stages): snapped by L2
             name = stage if stage not in stage_images else f"{stage}#{len(stage_images)}"
             changed[name] = torch.nonzero(state.codes[0].cpu() != before.cpu()).flatten().tolist()
             stage_codes[name] = as_grid(state.codes[0])
             stage_quality[name] = as_grid(state.scores[0])
             timings[name] = time.perf_counter() - start - (timings["decode"] - decoded)
-            stage_images[name] = decode(state.codes[0])
+            if stage == "vsr-continuous":
+                tick = time.perf_counter()
+                stage_images[name] = float_to_pil(self.tokenizer.decode_latents(latents[:1])[0])
+                timings["decode"] += time.perf_counter() - tick
+            else:
+                stage_images[name] = decode(state.codes[0])
             yield StageDone(name, stage_images[name], stage_codes[name], stage_quality[name], changed[name])
         final_name = list(stage_images)[-1]
         order = ("encode", "score", "draft", "decode")           # the phases first, then the stages as they ran

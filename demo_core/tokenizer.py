@@ -153,6 +153,14 @@ class VQTokenizer:
             codes = codes[None]
         return self.to_arrays(self.decode_codes(codes))
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, N, D) or (B, g, g, D) code-space vectors, not snapped to codes -> BxHxWx3 float arrays in [0, 1]
+        (VSR's continuous decode: the decoder reads any latent, not only codebook rows)."""
+        latents = torch.as_tensor(latents).to(self.device, self.codebook.dtype)
+        latents = latents.reshape(latents.shape[0], self.grid, self.grid, latents.shape[-1]).permute(0, 3, 1, 2)
+        return self.to_arrays(self.model.decode(latents.contiguous(), force_not_quantize=True).sample)
+
     def decode_pil(self, codes) -> Image.Image:
         from .images import float_to_pil
 

@@ -35,7 +35,7 @@ QUALITY_BANDS = (
     ("mid-low", "#f97316"),
     ("low", "#dc2626"),
 )
-STAGE_TITLES = {"draft": "draft", "scan": "SCAN", "vsr": "VSR", "self": "VSR", "ground truth": "ground truth", "query": "query"}
+STAGE_TITLES = {"draft": "draft", "scan": "SCAN", "vsr": "VSR", "vsr-continuous": "VSR (continuous)", "self": "VSR", "ground truth": "ground truth", "query": "query"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ The runs (each reuses the cached drafts in runs/refiner/, a few minutes each):
     python -m demo_core.train refiner --with-query --out runs/vsr-ablation/query
     python -m demo_core.train refiner --loss ce --out runs/vsr-ablation/ce
     python -m demo_core.train refiner --epochs 10 --out runs/vsr-ablation/e10
+    python -m demo_core.train refiner --space codes --loss l2 --out runs/vsr-ablation/codes   # issue 20: VQ code space
 Figures are the trainer's validation (the same validation drafts for every variant).
 """
 import json
@@ -20,7 +21,8 @@ VARIANTS = {"attention, cosine (default)": ROOT / "assets/retouch-tiny/refiner",
             "1D conv, cosine": ROOT / "runs/vsr-ablation/conv",
             "attention + query tokens, cosine": ROOT / "runs/vsr-ablation/query",
             "attention, cross-entropy over codes": ROOT / "runs/vsr-ablation/ce",
-            "attention, cosine, 10 epochs": ROOT / "runs/vsr-ablation/e10"}
+            "attention, cosine, 10 epochs": ROOT / "runs/vsr-ablation/e10",
+            "attention in the VQ code space, L2 loss": ROOT / "runs/vsr-ablation/codes"}
 CORE = ("colorization", "inpainting", "edges")
 
 rows, backbone = {}, None

@@ -294,3 +294,31 @@ def test_the_confidence_gate_only_ever_keeps_draft_codes(parts, space):
     assert changed == sorted(changed, reverse=True) and changed[-1] == 0        # a higher margin changes fewer cells
     gated = self_refine(refiner, backbone, vocab, codes, codebook=codebook, gate=0.01)
     assert bool(((gated == codes) | (gated == free)).all())                     # each cell: the draft's or g_phi's
+
+
+def test_the_engine_runs_a_code_space_vsr_gated_and_its_continuous_decode(parts, tmp_path):
+    """refine=("vsr", "vsr-continuous") with a code-space g_phi: the continuous stage's image is the refined latents
+    decoded unsnapped, its codes their L2-nearest; the gate keeps more draft codes; a backbone-space g_phi refuses
+    the continuous decode in one line."""
+    from demo_core.engine import EngineInputError
+
+    tokenizer, backbone, vocab = parts
+    refiner = randomised(SelfRefiner(dim=tokenizer.codebook.shape[1], grid=tokenizer.grid, heads=4, space="codes",
+                                     width=16), std=0.3)
+    engine = load_engine(save_bundle(tmp_path / "codes", tokenizer, backbone, vsr=refiner, name="codes-vsr",
+                                     tasks=["colorization"]))
+    assert engine.available_refiners == ("scan", "vsr", "vsr-continuous")
+    rng = np.random.default_rng(0)
+    image = lambda: rng.random((16, 16, 3)).astype(np.float32)          # noqa: E731
+    pairs, query = [(image(), image())], image()
+    result = engine.run(pairs, query, refine=("vsr", "vsr-continuous"), seed=0)
+    assert list(result.stages) == ["draft", "vsr", "vsr-continuous"]
+    snapped = engine.decode(result.codes["vsr-continuous"])
+    assert np.abs(np.asarray(result.stages["vsr-continuous"], float) - np.asarray(snapped, float)).max() > 0
+    gated = engine.run(pairs, query, refine=("vsr",), seed=0, vsr_gate=1e9)
+    assert np.array_equal(gated.codes["vsr"], gated.codes["draft"]) and gated.changed["vsr"] == []
+    plain = load_engine(save_bundle(tmp_path / "plain", tokenizer, backbone, vsr=SelfRefiner.for_backbone(backbone, grid=tokenizer.grid),
+                                    name="plain-vsr", tasks=["colorization"]))
+    assert plain.available_refiners == ("scan", "vsr")
+    with pytest.raises(EngineInputError, match="code space"):
+        plain.run(pairs, query, refine=("vsr-continuous",), seed=0)
