@@ -397,8 +397,9 @@ def main(argv=None):
     parser.add_argument("--code-init", choices=("codebook", "random"), default="codebook",
                         help="a fresh model's code embeddings and head: the tokenizer's code geometry, or plain random")
     parser.add_argument("--fresh", action="store_true",
-                        help="never start from the bundle's exported weights: step 0 unless the run's own checkpoint "
-                             "resumes it (so the same command resumes; move the checkpoint away to start over)")
+                        help="do not start from a bundle export made with another --code-init: step 0 unless the "
+                             "run's checkpoint or such an export resumes it (so the same command resumes, on a new "
+                             "machine too; move both away to start over)")
     parser.add_argument("--context-loss", type=float, default=0.0,
                         help="weight of LVM's plain next-token loss on the context's output images (demonstration "
                              "answers, later frames): more targets per step at little extra cost (0: off)")
@@ -450,7 +451,9 @@ def main(argv=None):
         step, elapsed = state["step"], state["elapsed"]
         history = state.get("history", [])
         logger.info(f"resumed from {checkpoint_path} at step {step}")
-    elif not args.fresh and exported.exists() and same_codes(json.loads(exported.read_text())):
+    elif exported.exists() and same_codes(json.loads(exported.read_text())) and (
+            not args.fresh or (json.loads(exported.read_text()).get("args") or {}).get("code_init") == args.code_init):
+        # --fresh refuses an export of the old init, not one this same recipe made (a new machine resumes it)
         from safetensors.torch import load_file
 
         info = json.loads(exported.read_text())
