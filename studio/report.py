@@ -70,7 +70,7 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
     for name, image, source, stage in rows:
         quality = source.quality.get(stage)
         changed = len(source.changed.get(stage, [])) if name != "draft" and name != UNTAUGHT else None
-        seconds = source.timings.get(stage) if name != UNTAUGHT else sum(baseline.timings.values())
+        seconds = source.timings.get(stage) if name != UNTAUGHT else baseline.timings.get("total")
         row = [viz.stage_title(name), None, None, None, None, None,
                round(_mean(quality), 3) if quality is not None else None, changed,
                round(seconds * 1000) if seconds is not None else None]
