@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts.serving import cpu_name, start_server
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
             demo.close()
     median = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     report = dict(runs=args.runs, example=args.example, refiners=refiners, settings=settings, threads=_threads(),
-                  server=args.server, cpu=_cpu(),
+                  server=args.server, cpu=cpu_name(),
                   median=median, ratio_api_to_engine=median["api_s"] / median["engine_s"],
                   ratio_api_final_image_to_engine=median["api_final_s"] / median["engine_s"],
                   ratio_api_without_uploads_to_engine=median["api_without_uploads_s"] / median["engine_s"],
@@ -143,38 +145,8 @@ def _uploads(client, paths) -> float:
 
 def _serve(bundle):
     """`python app.py` on a free port, in its own process; (process, url) once it answers."""
-    import socket
-    import subprocess
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
-    if bundle:
-        env["RETOUCH_BUNDLE"] = str(bundle)
-    root = Path(__file__).resolve().parent.parent
-    server = subprocess.Popen([sys.executable, str(root / "app.py")], cwd=root, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the studio server exited with code {server.returncode} before answering")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return server, url
-        except OSError:
-            time.sleep(0.5)
-    server.terminate()
-    raise SystemExit("the studio server did not answer within 180 s")
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    env = dict(os.environ, **({"RETOUCH_BUNDLE": str(bundle)} if bundle else {}))
+    return start_server(lambda port: ["app.py"], "studio", env=env)
 
 
 def _threads() -> int:

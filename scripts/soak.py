@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from scripts.serving import start_server
+
 
 def rss_mb(pid: int | str = "self") -> float:
     """Resident memory of a process (this one by default), in MB."""
@@ -81,33 +83,11 @@ def serve(bundle, port: int, starts: Path, clients: int) -> int:
     return 0
 
 
-def start_server(args, starts: Path):
+def soak_server(args, starts: Path):
     """This script in --serve mode on a free port; (process, url) once it answers."""
-    import socket
-    import subprocess
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "scripts.soak", "--serve", str(port), "--starts", str(starts),
-               "--clients", str(args.clients)]
-    if args.bundle:
-        command += ["--bundle", str(args.bundle)]
-    root = Path(__file__).resolve().parent.parent
-    server = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the soak server exited with code {server.returncode} before answering")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return server, url
-        except OSError:
-            time.sleep(0.5)
-    server.terminate()
-    raise SystemExit("the soak server did not answer within 180 s")
+    bundle = ["--bundle", str(args.bundle)] if args.bundle else []
+    return start_server(lambda port: ["-m", "scripts.soak", "--serve", str(port), "--starts", str(starts),
+                                      "--clients", str(args.clients), *bundle], "soak")
 
 
 def main(argv=None) -> int:
@@ -148,7 +128,7 @@ def main(argv=None) -> int:
 
         engine = load_engine(args.bundle)        # here only for what the requests need: pairs, refiners, grid
         starts_file = Path(tempfile.mkdtemp(prefix="retouch-soak-starts-")) / "starts.txt"
-        server, url = start_server(args, starts_file)
+        server, url = soak_server(args, starts_file)
         server_rss = lambda: rss_mb(server.pid)   # noqa: E731
     rss_start = server_rss()
     lock = threading.Lock()
