@@ -26,7 +26,7 @@ from .events import (DraftDone, Event, Finished, GenerationStarted, Result, Scan
                      as_grid)
 from .formats import sequence_format
 from .images import ImageInputError, float_to_pil, load_square, open_image, to_square
-from .refiners.self_refine import nearest_codes_l2, refine_latents, self_refine
+from .refiners.self_refine import refine, self_refine
 from .sequence import context_tokens, frames_context
 from .teach.adapter import AdapterError, TaskAdapter, applied
 
@@ -432,10 +432,9 @@ class Engine:
                                         codebook=self.tokenizer.codebook, gate=settings.vsr_gate)
                 fmt.rescore(state, new_codes, context, settings)
             else:                                   # "vsr-continuous": the refined latents decoded as they are
-                latents = refine_latents(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None],
-                                         codebook=self.tokenizer.codebook)
-                fmt.rescore(state, nearest_codes_l2(latents, self.tokenizer.codebook).to(state.codes.device), context,
-                            settings)            # its codes (for the quality scores and later stages): snapped by L2
+                new_codes, latents = refine(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None],
+                                            codebook=self.tokenizer.codebook)
+                fmt.rescore(state, new_codes, context, settings)  # its codes, for the scores and later stages: L2-snapped
             name = stage if stage not in stage_images else f"{stage}#{len(stage_images)}"
             changed[name] = torch.nonzero(state.codes[0].cpu() != before.cpu()).flatten().tolist()
             stage_codes[name] = as_grid(state.codes[0])

@@ -188,12 +188,10 @@ def _preference(refined: torch.Tensor, table: torch.Tensor, new: torch.Tensor, o
     return F.cosine_similarity(refined, new_rows, dim=-1) - F.cosine_similarity(refined, old_rows, dim=-1)
 
 
-@torch.no_grad()
-def refine_latents(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
-                   query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None) -> torch.Tensor:
-    """Drafted answer codes (B, N) -> g_phi's refined vectors e' (B, N, dim), before any snapping (Eq. 3)."""
+def _refined_vectors(refiner: SelfRefiner, table: torch.Tensor, vocab: Vocab, codes: torch.Tensor,
+                     query_codes: torch.Tensor | None) -> torch.Tensor:
+    """e' = g_phi(table[codes]) (Eq. 3), (B, N, dim); `table` already on g_phi's device."""
     parameter = next(refiner.parameters())
-    table = refine_table(refiner, backbone, vocab, codebook).to(parameter.device)             # (C, dim)
     if codes.dim() != 2 or codes.shape[1] != vocab.cells:
         raise ValueError(f"codes must be (batch, {vocab.cells}), got {tuple(codes.shape)}")
     embeddings = table[codes.to(parameter.device)].to(parameter.dtype)                      # (B, N, dim)
@@ -207,6 +205,28 @@ def refine_latents(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, code
 
 
 @torch.no_grad()
+def refine_latents(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
+                   query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """Drafted answer codes (B, N) -> g_phi's refined vectors e' (B, N, dim), before any snapping (Eq. 3)."""
+    table = refine_table(refiner, backbone, vocab, codebook).to(next(refiner.parameters()).device)   # (C, dim)
+    return _refined_vectors(refiner, table, vocab, codes, query_codes)
+
+
+@torch.no_grad()
+def refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
+           query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
+           gate: float = 0.0) -> tuple[torch.LongTensor, torch.Tensor]:
+    """`self_refine`'s refined codes (B, N), and the refined vectors e' (B, N, dim) they were snapped from."""
+    table = refine_table(refiner, backbone, vocab, codebook).to(next(refiner.parameters()).device)
+    refined = _refined_vectors(refiner, table, vocab, codes, query_codes)                  # (B, N, dim)
+    new = nearest_codes_l2(refined, table) if refiner.space == "codes" else nearest_codes(refined, table)
+    if gate > 0:
+        old = codes.to(new.device)
+        keep = _preference(refined, table.to(new.device), new, old, refiner.space) <= gate
+        new = torch.where(keep, old, new)
+    return new.to(codes.device), refined
+
+
 def self_refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
                 query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
                 gate: float = 0.0) -> torch.LongTensor:
@@ -218,12 +238,4 @@ def self_refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: 
     its new code only where e' prefers it over the draft's code by more than `gate` (cosine gain, or the L2 gain
     over the codebook's mean squared norm); elsewhere the draft's code stays.
     """
-    parameter = next(refiner.parameters())
-    table = refine_table(refiner, backbone, vocab, codebook).to(parameter.device)
-    refined = refine_latents(refiner, backbone, vocab, codes, query_codes, codebook)        # (B, N, dim)
-    new = nearest_codes_l2(refined, table) if refiner.space == "codes" else nearest_codes(refined, table)
-    if gate > 0:
-        old = codes.to(new.device)
-        keep = _preference(refined, table.to(new.device), new, old, refiner.space) <= gate
-        new = torch.where(keep, old, new)
-    return new.to(codes.device)
+    return refine(refiner, backbone, vocab, codes, query_codes, codebook, gate)[0]

@@ -440,6 +440,7 @@ def main(argv=None):
     checkpoint_path = args.run_dir / "checkpoint.pt"
     state = load_checkpoint(checkpoint_path)
     exported = args.bundle / "backbone" / "training.json"
+    export_info = json.loads(exported.read_text()) if exported.exists() else None     # the bundle's export, if any
     same_codes = lambda record: record.get("codes_sha256_16") == fingerprint or (  # noqa: E731
         record.get("tokenizer_sha256_16") is not None and record.get("tokenizer_sha256_16") == legacy_fingerprint(args.bundle))
     if state is not None and not same_codes(state):
@@ -451,16 +452,15 @@ def main(argv=None):
         step, elapsed = state["step"], state["elapsed"]
         history = state.get("history", [])
         logger.info(f"resumed from {checkpoint_path} at step {step}")
-    elif exported.exists() and same_codes(json.loads(exported.read_text())) and (
-            not args.fresh or (json.loads(exported.read_text()).get("args") or {}).get("code_init") == args.code_init):
+    elif export_info is not None and same_codes(export_info) and (
+            not args.fresh or (export_info.get("args") or {}).get("code_init") == args.code_init):
         # --fresh refuses an export of the old init, not one this same recipe made (a new machine resumes it)
         from safetensors.torch import load_file
 
-        info = json.loads(exported.read_text())
         model.load_state_dict(load_file(args.bundle / "backbone" / "model.safetensors"), strict=True)
-        step, elapsed = int(info["step"]), float(info["elapsed_minutes"]) * 60
-        history = info.get("history") or [{"command": info.get("command", "python -m demo_core.train backbone"),
-                                           "from_step": 0, "to_step": step}]
+        step, elapsed = int(export_info["step"]), float(export_info["elapsed_minutes"]) * 60
+        history = export_info.get("history") or [{"command": export_info.get("command", "python -m demo_core.train backbone"),
+                                                  "from_step": 0, "to_step": step}]
         warm_from = step   # optimizer moments were not saved with the export: re-warm the lr briefly
         logger.info(f"resumed from exported weights at step {step} (optimizer restarted, 100-step re-warm-up)")
     if not history or history[-1]["command"] != command:

@@ -312,7 +312,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
         raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
     if min(config.drafts, config.val_drafts, config.epochs, config.batch) < 1:
         raise ValueError("drafts, val_drafts, epochs and batch must each be at least 1")
-    backbone, vocab = bundle.backbone, bundle.vocab
+    backbone = bundle.backbone
     device = next(backbone.parameters()).device
     accelerator = accelerator or accelerator_for(str(device))
     processes = accelerator.num_processes
