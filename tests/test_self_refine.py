@@ -203,7 +203,7 @@ def test_draft_cache_keys_of_minus_one_to_one_tokenizers_are_unchanged():
 
     recipe = trainer.DraftRecipe("train", 0, 16, ("colorization",), (1, 3), "scan", (1.0, 0, 0.9, 1),
                                  "backbone-hash", "tokenizer-hash", "torch.float32")
-    before_the_field = {k: v for k, v in asdict(recipe).items() if k != "pixel_range"}
+    before_the_field = {k: v for k, v in asdict(recipe).items() if k not in ("pixel_range", "pool")}
     assert recipe.key() == hashlib.sha256(json.dumps(before_the_field, sort_keys=True).encode()).hexdigest()[:16]
     assert replace(recipe, pixel_range=(0.0, 1.0)).key() != recipe.key()
 
@@ -322,3 +322,28 @@ def test_the_engine_runs_a_code_space_vsr_gated_and_its_continuous_decode(parts,
     assert plain.available_refiners == ("scan", "vsr")
     with pytest.raises(EngineInputError, match="code space"):
         plain.run(pairs, query, refine=("vsr-continuous",), seed=0)
+
+
+def test_a_family_bundle_drafts_its_training_kinds_with_shared_parameters(tmp_path):
+    folder = build_tiny_bundle(tmp_path / "b")
+    info = json.loads((folder / "bundle.json").read_text())
+    info["tasks"] = ["colorize", "inpaint", "solarize"]            # solarize: a held-out kind, never trained on
+    (folder / "bundle.json").write_text(json.dumps(info))
+    assert trainer.recipe_tasks(load_bundle(folder)) == ("colorize", "inpaint")
+    recipe = trainer.DraftRecipe("train", 0, 16, ("colorize", "inpaint"), (2, 2), "scan", (1.0, 0, 0.9, 1),
+                                 "b", "t", "torch.float32")
+    first, second = recipe.example(0), recipe.example(1)
+    assert (first.kind, second.kind) == ("colorize", "inpaint") and len(second.pairs) == 2
+    assert recipe.example(1).params == second.params                 # from (seed, index) alone
+    assert trainer.main(["--bundle", str(folder), "--drafts", "4", "--val-drafts", "2", "--epochs", "1",
+                         "--run-dir", str(tmp_path / "run")]) == 0
+    training = json.loads((folder / "refiner" / "training.json").read_text())
+    assert training["tasks"] == ["colorize", "inpaint"]
+    assert set(training["validation"]["per_task"]) == {"colorize", "inpaint"}
+
+
+def test_the_pool_enters_the_draft_cache_key_only_when_it_is_not_the_default():
+    from dataclasses import replace
+
+    recipe = trainer.DraftRecipe("train", 0, 16, ("colorize",), (1, 3), "scan", (1.0, 0, 0.9, 1), "b", "t", "torch.float32")
+    assert replace(recipe, pool="debian").key() != recipe.key()

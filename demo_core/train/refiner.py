@@ -42,6 +42,7 @@ from tqdm import tqdm
 from ..backbone import SamplingConfig
 from ..drafts.scan_form import draft_scan
 from ..refiners.self_refine import KINDS, SPACES, SelfRefiner, cosine_distance, refine_table, self_refine
+from ..task_family import KINDS as FAMILY_KINDS, TRAIN_KINDS
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from ..tokenizer import DEFAULT_PIXEL_RANGE
 from .curriculum import encode_examples
@@ -70,6 +71,7 @@ class RefinerTrainConfig:
     space: str = "backbone"         # what g_phi refines: the backbone's code embeddings (paper) or the VQ code vectors
     width: int | None = None        # g_phi's block width (default: the refined vectors' width; "codes": 128)
     seed: int = 0                   # training examples, g_phi init, batch order
+    pool: str = "builtin"           # image pool: "debian" (the `data fetch` photos) for a retouch-16 bundle
 
 
 # -- drafts ----------------------------------------------------------------------------------------
@@ -99,20 +101,43 @@ class DraftRecipe:
     tokenizer: str                  # state_fingerprint of the VQ model
     dtype: str
     pixel_range: tuple = DEFAULT_PIXEL_RANGE    # the tokenizer's: its weights alone do not say what it reads
+    pool: str = "builtin"           # image pool (data.POOLS): packaged images, or + the `data fetch` photos
 
     def key(self) -> str:
         values = asdict(self)
         if tuple(values["pixel_range"]) == DEFAULT_PIXEL_RANGE:
             del values["pixel_range"]           # the keys of caches written before the field existed stay valid
+        if values["pool"] == "builtin":
+            del values["pool"]                  # likewise for the pool
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
     def example_seed(self, index: int) -> int:
         return self.seed * 1_000_003 + index
 
     def example(self, index: int):
-        """Example `index`: tasks in turn (balanced), K and images from its own seed."""
-        sampler = ExampleSampler(self.split, self.image_size, self.example_seed(index), self.tasks, self.pairs_range)
-        return sampler.sample(task=self.tasks[index % len(self.tasks)])
+        """Example `index`: tasks in turn (balanced), K, parameters and images from its own seed.
+
+        Five-task names draw from tasks.ExampleSampler; task-family kinds (a retouch-16 bundle) from
+        task_family.FamilySampler, whose parameters are drawn per example and shared by its pairs and query."""
+        task = self.tasks[index % len(self.tasks)]
+        if task in FAMILY_KINDS:
+            from ..task_family import FamilySampler
+
+            sampler = FamilySampler(self.split, self.image_size, self.example_seed(index), kinds=self.tasks,
+                                    pairs_range=self.pairs_range, pool=self.pool)
+            return sampler.sample(kind=task)
+        sampler = ExampleSampler(self.split, self.image_size, self.example_seed(index), self.tasks, self.pairs_range,
+                                 pool=self.pool)
+        return sampler.sample(task=task)
+
+
+def recipe_tasks(bundle) -> tuple[str, ...]:
+    """What g_phi trains on: the bundle's five-task names, else its task-family kinds that training may see
+    (held-out kinds stay held out), else the five tasks' core three."""
+    listed = tuple(bundle.info.get("tasks", ()))
+    return (tuple(task for task in listed if task in TASKS)
+            or tuple(task for task in listed if task in TRAIN_KINDS)
+            or CORE_TASKS)
 
 
 def draft_example(bundle, example, sampling: SamplingConfig, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -320,8 +345,8 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     logger = logger or process_logger(accelerator, run_dir, "refiner")
     backbone.eval().requires_grad_(False)                       # frozen: Algorithm 1 updates g_phi only
     backbone_hash = state_fingerprint(backbone)
-    tasks = tuple(task for task in bundle.info.get("tasks", ()) if task in TASKS) or CORE_TASKS
-    recipe = dict(image_size=bundle.tokenizer.image_size, tasks=tasks, pairs_range=(1, max(1, min(3, bundle.max_pairs))),
+    tasks = recipe_tasks(bundle)
+    recipe = dict(pool=config.pool, image_size=bundle.tokenizer.image_size, tasks=tasks, pairs_range=(1, max(1, min(3, bundle.max_pairs))),
                   sequence_format=bundle.sequence_format,
                   sampling=tuple(asdict(SamplingConfig(**bundle.sampling_defaults)).values()),   # as the engine samples
                   backbone=backbone_hash, tokenizer=state_fingerprint(bundle.tokenizer.model),
@@ -445,6 +470,8 @@ def main(argv=None):
                         help="refine the backbone's code embeddings (the paper) or the tokenizer's VQ code vectors")
     parser.add_argument("--width", type=int, default=None, help="g_phi's block width (space codes: default 128)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--pool", choices=("builtin", "debian"), default=defaults.pool,
+                        help="image pool for the drafts' examples (debian: the `data fetch` photos, as retouch-16 trained on)")
     parser.add_argument("--out", type=Path, default=None, help="where to save g_phi (default <bundle>/refiner, listed in bundle.json)")
     parser.add_argument("--run-dir", type=Path, default=RUNS / "refiner", help="draft cache and train.log")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
