@@ -126,7 +126,7 @@ def test_family_trainer_trains_on_episodes_and_sequences_and_resumes(tmp_path):
     shutil.rmtree(bundle / "backbone")
     args = ["--steps", "4", "--batch", "2", "--bundle", str(bundle), "--run-dir", str(tmp_path / "run"), "--images", "builtin",
             "--episodes", "8", "--sequences", "4", "--sequence-share", "0.5", "--hidden", "32", "--layers", "1",
-            "--heads", "4", "--validate-every", "4", "--task-weights", "inpaint=3", "--context-loss", "0.5"]
+            "--heads", "4", "--validate-every", "4", "--task-weights", "inpaint=3", "--context-loss", "0.5", "--autocast", "off"]
     trainer.main(args)
     info = json.loads((bundle / "backbone" / "training.json").read_text())
     validation = info["validation"]
@@ -137,8 +137,13 @@ def test_family_trainer_trains_on_episodes_and_sequences_and_resumes(tmp_path):
     assert manifest["name"] == "retouch-16" and "solarize" in manifest["tasks"] and manifest["max_frames"] == 4
     from safetensors.torch import load_file
     assert {t.dtype for t in load_file(bundle / "backbone" / "model.safetensors").values()} == {torch.float16}   # half the bytes
-    trainer.main([*args[:1], "6", *args[2:]])                               # resumes from the checkpoint
-    assert json.loads((bundle / "backbone" / "training.json").read_text())["step"] == 6
+    trainer.main([*args[:1], "6", *args[2:], "--autocast", "bf16"])        # resumes from the checkpoint, in bf16
+    resumed = json.loads((bundle / "backbone" / "training.json").read_text())
+    assert resumed["step"] == 6 and resumed["args"]["autocast"] == "bf16"
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "training forward in float32" in log and "training forward in bf16 autocast" in log
+    weights = load_file(bundle / "backbone" / "model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
     with pytest.raises(SystemExit, match="held-out kind"):
         trainer.main([*args, "--task-weights", "solarize=2"])
 
@@ -163,3 +168,20 @@ def test_context_loss_is_next_token_cross_entropy_on_output_images():
     logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids)).logits[:, rows, :16]
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), ids[:, rows + 1].reshape(-1))
     assert torch.allclose(context_loss, expected, atol=1e-5)
+
+
+def test_autocast_choice(monkeypatch):
+    from demo_core.train import common
+
+    cpu = torch.device("cpu")
+    assert common.autocast_dtype("off", cpu) is None and common.autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(common, "native_bf16", lambda device: False)
+    assert common.autocast_dtype("auto", cpu) is None                  # emulated bf16 would be slower: float32
+    monkeypatch.setattr(common, "native_bf16", lambda device: True)
+    assert common.autocast_dtype("auto", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="choose from"):
+        common.autocast_dtype("fp8", cpu)
+    with common.autocast(cpu, torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with common.autocast(cpu, None):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

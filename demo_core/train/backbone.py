@@ -42,7 +42,8 @@ from ..drafts.scan_form import draft_scan
 from ..token_metrics import auroc
 from ..sequence import Vocab, answer_positions, interleave_answer
 from ..tasks import TASKS, ExampleSampler
-from .common import DEFAULT_BUNDLE, REPO_ROOT, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
+from .common import (AUTOCAST_CHOICES, DEFAULT_BUNDLE, REPO_ROOT, RUNS, Timer, autocast, autocast_dtype, cosine_lr,  # noqa: F401
+                     load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json)
 from .distributed import (accelerator_for, any_process, gather_rows, mean_across, per_process_batch, process_device,
                           process_logger, process_seed, refuse_fsdp, rows, sharded_map, unwrapped_state)
 
@@ -403,6 +404,10 @@ def main(argv=None):
     parser.add_argument("--context-loss", type=float, default=0.0,
                         help="weight of LVM's plain next-token loss on the context's output images (demonstration "
                              "answers, later frames): more targets per step at little extra cost (0: off)")
+    parser.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto",
+                        help="bf16 mixed precision for the training forward (weights, gradients and optimizer state "
+                             "stay float32; validation runs in float32): auto = where the device computes bf16 "
+                             "natively (a GPU, or a CPU with AVX-512 BF16 / AMX)")
     args = parser.parse_args(argv)
     family = args.data == "family"
     args.bundle = args.bundle or (NEW_BUNDLE if family else DEFAULT_BUNDLE)
@@ -420,6 +425,7 @@ def main(argv=None):
     per_process_batch(accelerator, args.batch)
     my_rows = rows(accelerator, args.batch)
     device = process_device(accelerator, "cpu")       # one process: the CPU, as ever; several: each its own device
+    mixed = autocast_dtype(args.autocast, torch.device(device))
 
     torch.manual_seed(args.seed)
     logger = process_logger(accelerator, args.run_dir, "backbone")
@@ -473,6 +479,8 @@ def main(argv=None):
                     f"global batch {args.batch}: {args.batch // processes} per process")
     logger.info(f"backbone {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {vocab.size}, "
                 f"config {backbone_config_dict(config)}, args {vars(args)}")
+    logger.info(f"training forward in {'bf16 autocast' if mixed else 'float32'} on {device}"
+                f"{'' if args.autocast != 'auto' else ' (auto: native bf16 ' + ('found' if mixed else 'not found') + ')'}")
     rng = np.random.default_rng(args.seed + step)            # a fresh data stream after every resume
     generator = torch.Generator().manual_seed(args.seed + step)
     if family:
@@ -538,7 +546,8 @@ def main(argv=None):
         context, answer = batch.context, batch.answer
         # every process draws the same global batch (and the same random choices below); each trains on its rows
         model.eval()
-        tf_codes = teacher_forcing_codes(model, vocab, context, answer, generator, accelerator)
+        with autocast(torch.device(device), mixed):
+            tf_codes = teacher_forcing_codes(model, vocab, context, answer, generator, accelerator)
         drafts = None
         drafted = torch.rand(args.batch, generator=generator) < args.draft_negatives
         if drafted.any():
@@ -560,15 +569,16 @@ def main(argv=None):
             ids, pos, gen_t, q_t = (t[my_rows].to(device) for t in (ids, pos, gen_t, q_t))
             quality_weights = None if quality_weights is None else quality_weights[my_rows].to(device)
         context_loss = None
-        if args.context_loss > 0:
-            gen_loss, quality_loss, gen_accuracy, _, context_loss = losses(
-                model, vocab, ids, pos, gen_t, q_t, tail, quality_weights, output_rows(batch.shape, vocab.cells).to(device),
-                forward=forward)
-            loss = gen_loss + quality_loss + args.context_loss * context_loss
-        else:
-            gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail, quality_weights,
-                                                             forward=forward)
-            loss = gen_loss + quality_loss
+        with autocast(torch.device(device), mixed):          # the losses themselves are taken in float32
+            if args.context_loss > 0:
+                gen_loss, quality_loss, gen_accuracy, _, context_loss = losses(
+                    model, vocab, ids, pos, gen_t, q_t, tail, quality_weights, output_rows(batch.shape, vocab.cells).to(device),
+                    forward=forward)
+                loss = gen_loss + quality_loss + args.context_loss * context_loss
+            else:
+                gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail, quality_weights,
+                                                                 forward=forward)
+                loss = gen_loss + quality_loss
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)

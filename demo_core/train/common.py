@@ -52,6 +52,45 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+AUTOCAST_CHOICES = ("auto", "bf16", "off")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16 or
+    AMX (where oneDNN's bf16 matmuls beat float32; on other CPUs bf16 is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):     # torch's own CPU feature checks
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """--autocast: 'bf16' always, 'off' never, 'auto' where the device has native bf16. None: float32 throughout."""
+    if choice not in AUTOCAST_CHOICES:
+        raise ValueError(f"--autocast {choice!r}: choose from {', '.join(AUTOCAST_CHOICES)}")
+    if choice == "bf16" or (choice == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The training forward's mixed precision: bf16 matmuls with float32 weights, gradients and optimizer state
+    (torch.autocast); a no-op context when `dtype` is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
