@@ -12,10 +12,8 @@ Every user-facing failure is one `error:` line and exit code 1.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
-from pathlib import Path
 
 # subcommand -> module with main(argv); imported only when used, so --help is instant
 SUBCOMMANDS = {

@@ -39,7 +39,7 @@ def generate_baseline(engine, context: torch.Tensor, new_tokens: int) -> float:
 
 
 def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_cells: int, canvas_every: int) -> dict:
-    from .events import DraftDone, Finished, TokensWritten
+    from .events import Finished, TokensWritten
 
     sampler = ExampleSampler("val", engine.image_size, seed)
     refine = tuple(stage for stage in ("scan", "vsr") if stage in engine.available_refiners)

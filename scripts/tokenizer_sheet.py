@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from demo_core.bundle import DEFAULT_BUNDLE, bundle_pixel_range, load_tokenizer_part   
+from demo_core.bundle import DEFAULT_BUNDLE, bundle_pixel_range, load_tokenizer_part
 from demo_core.data import ImageSampler
 from demo_core.images import float_to_pil
 from demo_core.train.tokenizer_f8 import KINDS, make_view  # noqa: E402

@@ -10,7 +10,7 @@ from demo_core.viz import ACCEPTED, CURRENT, REJECTED, VSR_CHANGED, WINDOW, stag
 
 TITLE = "Retouch — autoregressive image models that fix their own mistakes"
 
-HEADER = f"""
+HEADER = """
 <div class="rt-header">
   <h1>Retouch <span class="rt-sub">studio</span></h1>
   <p class="rt-lede">Show a few <b>before → after</b> pairs and a query: an autoregressive image model works out

@@ -336,7 +336,10 @@ class ModelHolder:
         gr.Error says why; a model that is not allowed is refused before anything is read or fetched.
         """
         option = self.resolve(model_id)
-        engine = self.engine_for(option.id) if option.id == self.default_model else self._load(option)
+        if option.id == self.default_model:          # loaded into the shared cache; model_outputs reads it there
+            self.engine_for(option.id)
+        else:
+            self._load(option)
         if option.id not in self.options:            # a local folder typed by the operator's choice
             self.options[option.id] = option
         gr.Info(f"Loaded {option.label}.")

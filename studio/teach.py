@@ -24,7 +24,7 @@ import gradio as gr
 
 from demo_core.teach.adapter import CONFIG, MAX_BYTES, WEIGHTS, AdapterError, TaskAdapter
 from demo_core.teach.pairs import MAX_PAIRS, PairFilesError, read_pair_files
-from demo_core.teach.trainer import DEFAULT_STEPS, TeachConfig, new_adapter, teach_steps
+from demo_core.teach.trainer import DEFAULT_STEPS, TeachConfig, new_adapter, teach_steps  # noqa: F401  (DEFAULT_STEPS: app.py reads it here)
 
 from .layout import status_html
 

@@ -133,7 +133,7 @@ def test_any_array_loads_or_is_explained(array, dtype):
     RAN["arrays"] = RAN.get("arrays", 0) + 1
     height, width, channels = array
     shape = (height, width) if channels is None else (height, width, channels)
-    values = np.random.default_rng(height * 131 + width).random(shape) * (255 if dtype != bool else 1)
+    values = np.random.default_rng(height * 131 + width).random(shape) * (255 if dtype is not bool else 1)
     try:
         image = load_square(values.astype(dtype), 16, "pair 1 input")
     except ImageInputError as error:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..task_family import KINDS, FamilyExample, FamilySampler, canny_map, get_kind, sobel_map
+from ..task_family import KINDS, FamilyExample, FamilySampler, get_kind, sobel_map
 from ..tasks import TASKS
 
 FAMILY_CORE = ("colorize", "inpaint:fill=grey", "inpaint:fill=black", "edges_canny", "edges_sobel")

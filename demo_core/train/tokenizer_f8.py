@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..tasks import TASKS, ExampleSampler
+from ..tasks import TASKS
 from ..data import ImageSampler
 from ..metrics import psnr_batch
 from ..tokenizer import TokenizerConfig, VQTokenizer, build_vqmodel, tokenizer_config_dict
