@@ -22,6 +22,7 @@ from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS,
                              move_later, prompt_kind_updates, refiner_choices, remove_frame, remove_pair, report, select_frame,
                              sequence_preview, stopped_status, timeline_view)
 from studio.layout import CSS, HEADER, IDLE_STATUS, TITLE, legend, theme  # noqa: E402
+from studio.models import canvas_maximum  # noqa: E402
 from studio.teach import (DEFAULT_STEPS, MAX_STEPS, STATE_SECONDS, TEACH_IDLE, export as export_adapter,  # noqa: E402
                           download_allowed as adapter_download_allowed,
                           loss_frame, preview as preview_pairs, stopped as teach_stopped)
@@ -165,7 +166,8 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                         seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                         randomize = gr.Checkbox(value=False, label="randomize seed")
                     with gr.Row():
-                        canvas_every = gr.Slider(1, 16, value=4, step=1, label="live canvas", info="decode every n tokens")
+                        canvas_every = gr.Slider(1, canvas_maximum(engine), value=engine.canvas_every_default,
+                                                 step=1, label="live canvas", info="decode every n tokens", elem_id="canvas-every")
                         frame_ms = gr.Slider(0, 500, value=60, step=10, label="live view pace",
                                              info="ms per frame; 0 = as fast as it runs", elem_id="pace")
 
@@ -311,7 +313,7 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
         # loading has its own queue: it never waits for, nor holds up, other visitors' runs
         load_button.click(studio.load_model, [model_choice, refiners, draft_mode, model_state],
                           [model_state, model_info, refiners, scan_cells, max_pairs, draft_mode, temperature, top_p, top_k,
-                           sampling_note], api_name="load_model",
+                           sampling_note, canvas_every], api_name="load_model",
                           concurrency_limit=2, concurrency_id="load", show_progress="hidden")
     demo.queue(max_size=32)
     demo.studio = studio          # tests and scripts reach the handlers through the page

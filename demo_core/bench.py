@@ -38,9 +38,10 @@ def generate_baseline(engine, context: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_cells: int, canvas_every: int) -> dict:
+def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_cells: int, canvas_every: int | None = None) -> dict:
     from .events import Finished, TokensWritten
 
+    canvas_every = engine.canvas_every_default if canvas_every is None else canvas_every
     sampler = ExampleSampler("val", engine.image_size, seed)
     refine = tuple(stage for stage in ("scan", "vsr") if stage in engine.available_refiners)
     rows = []
@@ -68,7 +69,7 @@ def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_c
     tokens = engine.vocab.cells
     draft = _median([r["timings"]["draft"] for r in rows])
     report = {
-        "runs": runs, "pairs": pairs, "refine": list(refine), "scan": {"T": scan_iterations, "c": scan_cells},
+        "runs": runs, "pairs": pairs, "canvas_every": canvas_every, "refine": list(refine), "scan": {"T": scan_iterations, "c": scan_cells},
         "device": str(engine.device), "threads": torch.get_num_threads(),
         "per_stage_ms": {stage: 1000 * _median([r["timings"].get(stage, float("nan")) for r in rows])
                          for stage in ["encode", "draft", *refine, "decode", "total"]},
@@ -84,9 +85,23 @@ def bench(engine, runs: int, pairs: int, seed: int, scan_iterations: int, scan_c
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     report["loop_vs_generate"] = report["draft_tokens_per_s"] / report["generate_tokens_per_s"]
+    report["fast_path"] = fast_path_info(engine.model)
     if torch.cuda.is_available():
         report["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return report
+
+
+def fast_path_info(model) -> dict:
+    """Which forward the loops ran (fast_llama or transformers), in which dtype, and the calibration behind it."""
+    from . import fast_llama
+
+    runner = fast_llama.fast_runner(model)
+    if not isinstance(runner, fast_llama.FastLlama):
+        return {"runner": "transformers", "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    measured = fast_llama.calibration(model) or {}
+    return {"runner": "fast_llama", "dtype": str(runner.dtype).replace("torch.", ""),
+            "calibration_ms_per_step": {name: measured.get(f"{name}_ms") for name in ("float32", "bfloat16")}
+            if measured.get("float32_ms") is not None else None}
 
 
 def _time_vsr(engine, result) -> float:
@@ -107,7 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scan-iterations", type=int, default=30)
     parser.add_argument("--scan-cells", type=int, default=4)
-    parser.add_argument("--canvas-every", type=int, default=4)
+    parser.add_argument("--canvas-every", type=int, default=None,
+                        help="decode the live canvas every n tokens (default: the engine's, 16 canvases a draft; 0: none)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     from .bundle import BundleError
@@ -122,10 +138,16 @@ def main(argv=None) -> int:
         print(f"error: --pairs must be between 1 and {engine.max_pairs}")
         return 1
     report = bench(engine, args.runs, args.pairs, args.seed, args.scan_iterations, args.scan_cells, args.canvas_every)
-    lines = [f"device {report['device']} ({report['threads']} threads), K={report['pairs']}, medians of {report['runs']} runs",
+    lines = [f"device {report['device']} ({report['threads']} threads), K={report['pairs']}, medians of {report['runs']} runs, "
+             f"live canvas every {report['canvas_every']} tokens",
              "per image: " + ", ".join(f"{k} {v:.1f} ms" for k, v in report["per_stage_ms"].items()),
              f"draft {report['draft_tokens_per_s']:.0f} tokens/s; model.generate {report['generate_tokens_per_s']:.0f} tokens/s; "
              f"our loop / generate = {report['loop_vs_generate']:.2f}x"]
+    fast = report["fast_path"]
+    measured = fast.get("calibration_ms_per_step")
+    lines.append(f"loops' forward: {fast['runner']} in {fast['dtype']}" + (
+        f" (measured at load: float32 {measured['float32']:.2f} ms, bfloat16 {measured['bfloat16']:.2f} ms a step)"
+        if measured else ""))
     if report["scan_vs_draft"] is not None:
         q1, mid, q3 = report["scan_vs_draft_per_run"]
         lines.append(f"SCAN (T={args.scan_iterations}, c={args.scan_cells}) = {report['scan_vs_draft']:.2f}x the draft time "

@@ -33,6 +33,7 @@ from .teach.adapter import AdapterError, TaskAdapter, applied
 REFINERS = ("scan", "vsr", "vsr-continuous")  # vsr-continuous: a code-space g_phi's latents decoded unsnapped
 STAGE_ALIASES = {"self": "vsr"}       # VSR's old stage name, still accepted on input
 DRAFT_MODES = ("ar", "tensor")
+CANVAS_FRAMES = 16                    # live-canvas decodes a draft makes by default (Engine.canvas_every_default)
 OWN_SAMPLING = "Retouch's own defaults, measured on the embedded default (README results)"
 
 
@@ -57,7 +58,8 @@ class RunSettings:
     scan_cells: int = 4                   # SCAN c
     quality_score: str = "combined"       # backbone.token_score: "combined" p(<good>) x p(code), or "head" (SCAN paper)
     vsr_gate: float = 0.0                 # VSR changes a cell only where g_phi prefers its new code by this margin
-    canvas_every: int = 4                 # decode the live canvas every n tokens (0: never)
+    canvas_every: int = 4                 # decode the live canvas every n tokens (0: never); a run's default is the
+                                          # engine's `canvas_every_default` (CANVAS_FRAMES canvases a draft)
     decode_scan_steps: bool = True        # decode an image after every SCAN iteration
 
 
@@ -114,6 +116,13 @@ class Engine:
     def max_frames(self) -> int:
         """Context frames a sequential prompt may hold (LVM-7B: 15); the model writes the frame after them."""
         return self.bundle.max_frames
+
+    @property
+    def canvas_every_default(self) -> int:
+        """Tokens per live-canvas decode unless told otherwise: CANVAS_FRAMES canvases a draft whatever the grid (every
+        4th token of 64, every 16th of 256). A canvas decode costs about what 3 draft tokens do on retouch-16, and the
+        studio shows at most ~10 frames a second, so decoding more often only slows the draft."""
+        return max(1, self.grid ** 2 // CANVAS_FRAMES)
 
     @property
     def sampling_defaults(self) -> dict:
@@ -320,7 +329,7 @@ class Engine:
         if unknown_settings:
             raise EngineInputError(f"Unknown setting {unknown_settings[0]!r}; see RunSettings for the options.")
         stages = tuple(STAGE_ALIASES.get(stage, stage) for stage in (refine or ()))
-        settings = RunSettings(refine=stages, seed=int(seed), **{**self.sampling_defaults,
+        settings = RunSettings(refine=stages, seed=int(seed), **{**self.sampling_defaults, "canvas_every": self.canvas_every_default,
                                                                  "scan_temperature": self.bundle.scan_temperature, **settings})
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
             raise EngineInputError("Sampling needs temperature >= 0 (0 = greedy), 0 < top-p <= 1 and top-k >= 0 (0 = off).")

@@ -14,13 +14,19 @@ when its config is outside what this path implements (LVM-7B on a GPU keeps HF's
 Tests check its logits against transformers' for prefill, steps and SCAN's 4-D masks.
 
 Precision: on a CPU with native bfloat16 matmuls (AVX512-BF16/AMX, `bf16_supported()`), the
-fused copies of a float32 model are kept in bfloat16 and the forward computes in bfloat16,
-returning float32 logits. A decoding step multiplies a 2-token activation by every weight, so it
-is bound by reading ~14 MB of float32 weights that do not stay in cache; half the bytes (and the
-oneDNN bf16 kernels) make a step ~2x faster here (`python -m demo_core bench` reports it). The
-model's own float32 weights are untouched (training, VSR and transformers' path use them).
-RETOUCH_FAST_DTYPE=float32 (or bfloat16) overrides the choice; the test suite pins float32 so
-its comparisons with transformers stay exact, and checks the bfloat16 path separately.
+fused copies of a float32 model may be kept in bfloat16, the forward computing in bfloat16 and
+returning float32 logits. Which is faster depends on the model and the CPU: a decoding step
+multiplies a 2-token activation by every weight, so a model whose weights do not stay in cache is
+bound by reading them and half the bytes win (retouch-tiny on one Xeon: 0.21 s vs 0.33 s a draft),
+while one whose per-layer weights fit in L2 is bound by per-call overhead, where oneDNN's bf16
+kernels cost more than float32's (retouch-16 on a Sapphire Rapids Xeon: 1.04 s vs 0.73 s for 255
+steps). So a small model's choice is measured once, at its first forward (`calibrated_dtype`: a
+few decoding steps in each dtype, ~0.1 s; bfloat16 only when it is at least CALIBRATION_MARGIN
+faster), and a large one (LVM-7B) takes bfloat16 outright. `python -m demo_core bench` reports
+the choice and both timings. The model's own float32 weights are untouched (training, VSR and
+transformers' path use them). RETOUCH_FAST_DTYPE=float32 (or bfloat16) overrides the choice; the
+test suite pins float32 so its comparisons with transformers stay exact, and checks the bfloat16
+path separately.
 
 A taught task adapter (`teach/adapter.py`, LoRA) in force on the model adds its deltas to the fused
 projections (unmerged: the fused weights stay the backbone's own).
@@ -208,9 +214,13 @@ def bf16_supported() -> bool:
         return False
 
 
+CALIBRATION_MARGIN = 1.15          # bfloat16 must be this much faster to be chosen: a near tie keeps float32's numbers
+CALIBRATION_MAX_PARAMS = 200_000_000   # above this a decoding step is bound by reading the weights: bfloat16 outright
+
+
 def compute_dtype(model) -> torch.dtype:
-    """The dtype `fast_runner` computes in for `model`: RETOUCH_FAST_DTYPE, else bfloat16 for a float32 model on a
-    bf16-capable CPU, else the model's own dtype."""
+    """The dtype `fast_runner` computes in for `model`: RETOUCH_FAST_DTYPE, else, for a float32 model on a
+    bf16-capable CPU, the faster of float32 and bfloat16 (`calibrated_dtype`), else the model's own dtype."""
     own = next(model.parameters()).dtype
     wanted = os.environ.get("RETOUCH_FAST_DTYPE", "auto").strip().lower()
     if wanted in ("float32", "fp32"):
@@ -219,7 +229,54 @@ def compute_dtype(model) -> torch.dtype:
         return torch.bfloat16
     if wanted not in ("", "auto"):
         raise ValueError(f"RETOUCH_FAST_DTYPE must be auto, float32 or bfloat16, not {wanted!r}")
-    return torch.bfloat16 if own == torch.float32 and bf16_supported() else own
+    if own != torch.float32 or not bf16_supported():
+        return own
+    return calibrated_dtype(model)
+
+
+def calibration(model) -> dict | None:
+    """The measurement behind `calibrated_dtype` for `model` (None before its first auto choice):
+    {"dtype", "float32_ms", "bfloat16_ms"} (ms per 2-token decoding step; None when not measured)."""
+    record = getattr(model, "_retouch_fast_choice", None)
+    return None if record is None else record[1]
+
+
+def calibrated_dtype(model, steps: int = 12, prefill: int = 256) -> torch.dtype:
+    """float32 or bfloat16, whichever runs `model`'s 2-token decoding step faster on this CPU (bfloat16 only when
+    at least CALIBRATION_MARGIN faster). Measured once per model weights' shapes and kept on the model."""
+    config = model.config
+    signature = (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size)
+    record = getattr(model, "_retouch_fast_choice", None)
+    if record is not None and record[0] == signature:
+        return record[1]["dtype"]
+    if sum(p.numel() for p in model.parameters()) > CALIBRATION_MAX_PARAMS:
+        result = {"dtype": torch.bfloat16, "float32_ms": None, "bfloat16_ms": None}
+    else:
+        times = {dtype: _step_ms(model, dtype, steps, prefill) for dtype in (torch.float32, torch.bfloat16)}
+        faster = times[torch.float32] >= CALIBRATION_MARGIN * times[torch.bfloat16]
+        result = {"dtype": torch.bfloat16 if faster else torch.float32,
+                  "float32_ms": times[torch.float32], "bfloat16_ms": times[torch.bfloat16]}
+    object.__setattr__(model, "_retouch_fast_choice", (signature, result))     # not a submodule: no state_dict entry
+    return result["dtype"]
+
+
+@torch.no_grad()
+def _step_ms(model, dtype: torch.dtype, steps: int, prefill: int) -> float:
+    """Median ms of `steps` cached 2-token forwards after a `prefill`-token prompt (after two warm-up steps)."""
+    import time
+
+    runner = FastLlama(model, dtype)
+    length = min(prefill, max(2, getattr(model.config, "max_position_embeddings", prefill) - steps * 2 - 8))
+    cache = runner(torch.zeros(1, length, dtype=torch.long), torch.arange(length)[None], logits_to_keep=1).past_key_values
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    times = []
+    for step in range(steps + 2):
+        position = torch.tensor([[length + 2 * step, length + 2 * step + 1]])
+        start = time.perf_counter()
+        runner(ids, position, past_key_values=cache)
+        times.append(time.perf_counter() - start)
+    times = sorted(times[2:])
+    return 1000 * times[len(times) // 2]
 
 
 class FastLlama:
@@ -241,7 +298,24 @@ class FastLlama:
         # the modules that hold parameters, found once (walking the module tree costs ~0.25 ms a call); their
         # `_parameters` dicts are read on every call, so replaced Parameters (load_state_dict(assign=True)) are seen
         self._owners = [module for module in model.modules() if module._parameters]
+        self._rotary = None               # (cos, sin) of every position up to max_position_embeddings, built at first use
         self._refresh()
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, d) in x's dtype for `position_ids`: rows of a table the model's own rotary module made
+        once for every position (each entry is one product and a cos/sin, so a row equals a per-call computation
+        exactly); positions past the table fall back to the module."""
+        inner = self.model.model
+        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        if self._rotary is None and limit:
+            probe = torch.zeros(1, 1, dtype=torch.float32, device=x.device)
+            cos, sin = inner.rotary_emb(probe, torch.arange(limit, device=x.device)[None])
+            self._rotary = (cos[0], sin[0])
+        if self._rotary is not None and int(position_ids.max()) < self._rotary[0].shape[0]:
+            cos, sin = self._rotary[0][position_ids], self._rotary[1][position_ids]
+        else:
+            cos, sin = inner.rotary_emb(x, position_ids)
+        return cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
 
     def _refresh(self) -> None:
         # storage, version counter and dtype of every parameter: in-place updates, `p.data = ...`,
@@ -283,17 +357,16 @@ class FastLlama:
         batch, length = input_ids.shape
         past = cache.get_seq_length()
         x = inner.embed_tokens(input_ids).to(self.dtype)
-        cos, sin = inner.rotary_emb(x, position_ids)
-        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)          # (B, 1, T, d)
+        cos, sin = self.rotary(x, position_ids)                                  # (B, 1, T, d)
         mask, causal = None, False
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask
-        elif length > 1 and past:
-            mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
+        if attention_mask is not None and attention_mask.dim() == 4:   # additive, in the compute dtype, once: SDPA
+            mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(   # would convert a
+                attention_mask.logical_not(), float("-inf"))                                        # boolean per layer
+        elif length > 1 and past:   # causal among the new tokens, all of the past visible: only the new block's upper triangle
+            mask = torch.zeros(length, past + length, dtype=x.dtype, device=x.device)
+            mask[:, past:] = torch.full((length, length), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
         elif length > 1:
             causal = True
-        if mask is not None:        # additive, in the compute dtype, once: SDPA would convert a boolean mask in every layer
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(mask.logical_not(), float("-inf"))
         q_size = self.heads * self.head_dim
         half = self.head_dim // 2
         layers, (norm, head) = self.weights

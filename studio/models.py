@@ -42,6 +42,16 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]
 DEFAULT_BUDGET_MB = 4096
 
 
+def canvas_slider(engine) -> dict:
+    """The live-canvas slider for `engine`: its default (CANVAS_FRAMES canvases a draft) and a range up to a quarter
+    of the answer's tokens."""
+    return gr.update(value=engine.canvas_every_default, maximum=canvas_maximum(engine))
+
+
+def canvas_maximum(engine) -> int:
+    return max(16, engine.grid ** 2 // 4)
+
+
 def refiner_choices(available: Sequence[str]) -> list[str]:
     """The refiner options a model supports (VSR only with a trained g_phi)."""
     return [label for label, stages in REFINER_CHOICES.items() if set(stages) <= set(available)]
@@ -316,7 +326,8 @@ class ModelHolder:
 
     def model_outputs(self, model_id: str | None = None, refiner_value: str | None = None, draft_value: str | None = None):
         """Updates that follow a model change: info, refiner choices, SCAN c range, max pairs, draft modes,
-        and the sampling sliders reset to the new model's defaults with their info line."""
+        the sampling sliders reset to the new model's defaults with their info line, and the live-canvas slider
+        (its default and range follow the model's grid)."""
         engine = self.engine_for(model_id)
         available = engine.available_refiners
         choices = refiner_choices(available)
@@ -326,7 +337,7 @@ class ModelHolder:
         return (self.model_info(model_id, engine), gr.update(choices=choices, value=value), gr.update(maximum=cells),
                 engine.max_pairs, draft_mode_update(engine, draft_value),
                 gr.update(value=sampling["temperature"]), gr.update(value=sampling["top_p"]),
-                gr.update(value=sampling["top_k"]), self.sampling_note(model_id, engine))
+                gr.update(value=sampling["top_k"]), self.sampling_note(model_id, engine), canvas_slider(engine))
 
     def load_model(self, model_id: str | None, refiner_value: str | None = None, draft_value: str | None = None,
                    current: str | None = None):

@@ -284,3 +284,17 @@ def test_code_geometry_init_gives_similar_codes_similar_rows():
         whitened = torch.nn.functional.normalize((book - book.mean(0)) / book.std(0), dim=1)
         assert np.corrcoef(similarity.flatten().numpy(), (whitened @ whitened.T).flatten().numpy())[0, 1] > 0.6
     assert torch.equal(model.get_input_embeddings().weight[64:], specials)
+
+
+def test_nucleus_over_4096_codes_in_each_search_stage():
+    """The nucleus found in the top 64, the top 512 or by the full sort is the smallest prefix reaching p."""
+    for decay in (0.9, 0.995, 0.9995):              # nucleus ~22 codes, ~460 (top 512), ~3,070 (full sort)
+        probs = decay ** torch.arange(4096.0)
+        probs = probs / probs.sum()
+        before = probs.cumsum(0) - probs
+        size = int((before <= 0.9).sum())
+        rank = torch.randperm(4096, generator=torch.Generator().manual_seed(0))
+        logits = probs.log()[rank]
+        drawn = sample_from_logits(logits[None].repeat(3000, 1), SamplingConfig(top_p=0.9), torch.Generator().manual_seed(1))
+        ranks = rank[drawn]
+        assert int(ranks.max()) < size and int(ranks.max()) >= 0.8 * size, (decay, size, int(ranks.max()))

@@ -216,3 +216,18 @@ def test_scan_regeneration_temperature_comes_from_the_bundle_unless_given(tmp_pa
     (folder / "bundle.json").write_text(json.dumps(info))
     load_engine(folder).run([pair], query, refine=("scan",), seed=0, scan_iterations=2)
     assert seen == [0.0, 1.5, 0.7]            # the bundle's, the caller's, else the draft's
+
+
+def test_the_live_canvas_defaults_to_sixteen_frames_a_draft(engine):
+    from demo_core.engine import CANVAS_FRAMES
+    from demo_core.events import TokensWritten
+
+    rng = np.random.default_rng(0)
+    x, y, q = (rng.random((16, 16, 3)).astype(np.float32) for _ in range(3))
+    cells = engine.grid ** 2
+    assert engine.canvas_every_default == max(1, cells // CANVAS_FRAMES)
+    canvases = [e for e in engine.stream([(x, y)], q, refine=(), seed=0) if isinstance(e, TokensWritten) and e.canvas is not None]
+    assert len(canvases) == cells // engine.canvas_every_default
+    given = [e for e in engine.stream([(x, y)], q, refine=(), seed=0, canvas_every=cells)
+             if isinstance(e, TokensWritten) and e.canvas is not None]
+    assert len(given) == 1                                         # an explicit setting wins

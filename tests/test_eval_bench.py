@@ -65,7 +65,9 @@ def test_bench_reports_every_figure(bundle, capsys, tmp_path):
     assert set(report["per_stage_ms"]) >= {"draft", "scan", "decode", "total"}
     q1, mid, q3 = report["scan_vs_draft_per_run"]
     assert 0 < q1 <= mid <= q3
-    assert "our loop / generate" in capsys.readouterr().out
+    assert report["fast_path"] == {"runner": "fast_llama", "dtype": "float32", "calibration_ms_per_step": None}  # pinned
+    out = capsys.readouterr().out
+    assert "our loop / generate" in out and "loops' forward: fast_llama in float32" in out
 
 
 def test_eval_reports_every_stage_when_a_refiner_exists(tmp_path):

@@ -153,3 +153,42 @@ def test_bfloat16_compute_keeps_float32_weights_and_stays_close(tiny_model, monk
     monkeypatch.setenv("RETOUCH_FAST_DTYPE", "half-ish")
     with pytest.raises(ValueError, match="RETOUCH_FAST_DTYPE"):
         compute_dtype(model)
+
+
+def test_auto_precision_is_the_faster_one_measured_once(tiny_model, monkeypatch):
+    """On a bf16-capable CPU a small float32 model computes in whichever dtype its decoding step measured faster;
+    bfloat16 must win by CALIBRATION_MARGIN (a near tie keeps float32); a large model takes bfloat16 outright."""
+    import copy
+
+    from demo_core import fast_llama
+
+    monkeypatch.setenv("RETOUCH_FAST_DTYPE", "auto")
+    monkeypatch.setattr(fast_llama, "bf16_supported", lambda: True)
+    measured = []
+
+    def fake(speeds):
+        def step_ms(model, dtype, steps, prefill):
+            measured.append(dtype)
+            return speeds[dtype]
+        return step_ms
+
+    model = copy.deepcopy(tiny_model)
+    monkeypatch.setattr(fast_llama, "_step_ms", fake({torch.float32: 10.0, torch.bfloat16: 5.0}))
+    assert fast_llama.compute_dtype(model) == torch.bfloat16 and fast_runner(model).dtype == torch.bfloat16
+    assert fast_llama.compute_dtype(model) == torch.bfloat16 and len(measured) == 2          # measured once
+    assert fast_llama.calibration(model) == {"dtype": torch.bfloat16, "float32_ms": 10.0, "bfloat16_ms": 5.0}
+    model = copy.deepcopy(tiny_model)
+    monkeypatch.setattr(fast_llama, "_step_ms", fake({torch.float32: 10.0, torch.bfloat16: 9.5}))
+    assert fast_llama.compute_dtype(model) == torch.float32                                   # within the margin
+    model = copy.deepcopy(tiny_model)
+    monkeypatch.setattr(fast_llama, "CALIBRATION_MAX_PARAMS", 0)
+    assert fast_llama.compute_dtype(model) == torch.bfloat16 and len(measured) == 4           # not measured
+    monkeypatch.setattr(fast_llama, "bf16_supported", lambda: False)
+    assert fast_llama.compute_dtype(copy.deepcopy(tiny_model)) == torch.float32               # no native bf16
+
+
+def test_the_calibration_step_really_runs(tiny_model):
+    from demo_core import fast_llama
+
+    assert fast_llama._step_ms(tiny_model, torch.float32, steps=3, prefill=16) > 0
+    assert fast_llama._step_ms(tiny_model, torch.bfloat16, steps=3, prefill=16) > 0

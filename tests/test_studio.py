@@ -362,7 +362,7 @@ def test_not_a_bundle_folder_is_explained(engine, tmp_path):
 
 def test_local_bundle_loads(engine, bundle):
     studio = Studio(engine, "tiny", models=handlers.allowed_models(f"default,local:{bundle}", allow_local=True))
-    state, info, refiners, scan_cells, max_pairs, draft, temperature, top_p, top_k, note = studio.load_model(
+    state, info, refiners, scan_cells, max_pairs, draft, temperature, top_p, top_k, note, canvas = studio.load_model(
         f"local:{bundle}", "SCAN", "ar")
     assert state == f"local:{bundle}" and studio.engine_for(state) is not engine and max_pairs == engine.max_pairs
     assert draft["visible"] is False and draft["value"] == "ar"           # no TensorAR part: no choice shown
@@ -370,6 +370,7 @@ def test_local_bundle_loads(engine, bundle):
     assert scan_cells["maximum"] == 16
     assert (temperature["value"], top_p["value"], top_k["value"]) == (1.0, 0.9, 0)     # the embedded default's
     assert "top-p 0.9" in note and "Retouch's own defaults" in note
+    assert (canvas["value"], canvas["maximum"]) == (1, 16)        # 16 cells: a canvas every token, 16 a draft
 
 
 def test_a_model_with_its_own_sampling_is_labelled(tmp_path, monkeypatch):
@@ -380,7 +381,7 @@ def test_a_model_with_its_own_sampling_is_labelled(tmp_path, monkeypatch):
     serve_lvm(tmp_path / "hub", sources)
     studio = Studio(load_engine(str(build_tiny_bundle(tmp_path / "tiny"))), "tiny",
                     models=handlers.allowed_models("default,lvm-7b"))
-    state, *_, temperature, top_p, top_k, note = studio.load_model("lvm-7b")
+    state, *_, temperature, top_p, top_k, note, canvas = studio.load_model("lvm-7b")
     assert (temperature["value"], top_p["value"], top_k["value"]) == (1.0, 1.0, 0)
     assert note.startswith("Defaults for this model: temperature 1.0, top-p 1.0 — the LVM reference scripts'")
     assert "batch_generation.py" in note and note == studio.sampling_note(state)
