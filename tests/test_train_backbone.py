@@ -133,6 +133,8 @@ def test_family_trainer_trains_on_episodes_and_sequences_and_resumes(tmp_path):
     assert info["step"] == 4 and info["codes_sha256_16"] == trainer.tokenizer_fingerprint(bundle)
     assert {"val k=1", "val k=3", "heldout-params k=2", "heldout-kind k=2", "sequences frames=3"} <= set(validation["per_group"])
     assert "solarize@heldout-kind" in validation["per_task"] and "sequence:pan" in validation["draft_accuracy"]
+    assert set(validation["copy_accuracy"]) <= set(validation["per_task"])
+    assert all(0.0 <= value <= 1.0 for value in validation["copy_accuracy"].values())
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["name"] == "retouch-16" and "solarize" in manifest["tasks"] and manifest["max_frames"] == 4
     from safetensors.torch import load_file

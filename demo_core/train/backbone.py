@@ -291,6 +291,7 @@ class ValidationSet:
         quality_scores, quality_labels = [], []
         draft_hits: dict[str, list] = {}
         draft_scores: dict[str, list] = {}
+        copy_hits: dict[str, list] = {}       # per label: hits on the cells whose answer code is the query's own
         for group in self.groups:
             context, answer = group.context, group.answer
             if group.draft:
@@ -306,7 +307,12 @@ class ValidationSet:
                 ids, pos = ids.to(device), pos.to(device)
                 logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False,
                                logits_to_keep=tail).logits
-                hits += (logits[:, 0::2, : vocab.codebook_size].argmax(-1).cpu() == gen_t).float().mean(1).tolist()
+                cell_hits = logits[:, 0::2, : vocab.codebook_size].argmax(-1).cpu() == gen_t     # raster: cell n at n
+                hits += cell_hits.float().mean(1).tolist()
+                copyable = context[start:start + 16, -vocab.cells:] == answer[start:start + 16]
+                for offset, (row_hits, row_copyable) in enumerate(zip(cell_hits, copyable)):
+                    if group.labels and row_copyable.any():
+                        copy_hits.setdefault(group.labels[start + offset], []).append(row_hits[row_copyable].numpy())
                 tf = teacher_forcing_codes(model, vocab, context[start:start + 16], answer[start:start + 16], generator)
                 ids, pos, gen_t, q_t, tail = build_batch(vocab, context[start:start + 16], answer[start:start + 16], tf,
                                                          generator, max_refine=8, negative_ratio=(0.25, 0.25))
@@ -325,7 +331,11 @@ class ValidationSet:
                 "per_task": {label: float(np.mean(v)) for label, v in correct.items()}, "per_group": per_group,
                 "quality_auroc": auroc(np.concatenate(quality_scores), np.concatenate(quality_labels)),
                 "draft_accuracy": {label: float(np.mean(hits)) for label, hits in draft_hits.items()},
-                "draft_auroc": draft_auroc}
+                "draft_auroc": draft_auroc,
+                # teacher-forced accuracy on the cells an answer shares with its query (inpainting's untouched cells,
+                # a sequence's still background): how well the model copies; labels where at least 5 % of cells are such
+                "copy_accuracy": {label: float(np.mean(np.concatenate(rows))) for label, rows in copy_hits.items()
+                                  if sum(len(r) for r in rows) >= 0.05 * vocab.cells * len(rows)}}
 
 
 def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int, elapsed: float, args, validation: dict | None,
