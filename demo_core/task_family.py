@@ -330,7 +330,16 @@ class FamilySampler:
         kind = kind or self.kinds[int(self.rng.integers(0, len(self.kinds)))]
         params = params if params is not None else get_kind(kind).draw(self.rng, "heldout" if self.split == "heldout" else "train")
         k = k if k is not None else int(self.rng.integers(self.pairs_range[0], self.pairs_range[1] + 1))
-        pairs = [make_pair(self.images.sample(), kind, params, self.rng) for _ in range(k)]
-        source = self.images.sample() if source is None else source
-        query, answer = make_pair(source, kind, params, self.rng)
+        pairs = [self._pair(kind, params)[1:] for _ in range(k)]
+        source, query, answer = self._pair(kind, params, source)
         return FamilyExample(kind, params, pairs, query, answer, source)
+
+    def _pair(self, kind: str, params: Params, source: np.ndarray | None = None, tries: int = 8):
+        """(source, x, y) of a drawn photo (or `source`). A photo the kind leaves unchanged (colorizing a photo that
+        is already grey) is drawn again: such a pair shows nothing, and as a query its identity PSNR is infinite."""
+        for _ in range(tries):
+            image = self.images.sample() if source is None else source
+            x, y = make_pair(image, kind, params, self.rng)
+            if source is not None or float(np.abs(x - y).max()) >= 1 / 255:
+                break
+        return image, x, y

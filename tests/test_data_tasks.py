@@ -78,3 +78,18 @@ def test_example_sampler():
     assert fixed.task == "edges" and len(fixed.pairs) == 2 and np.array_equal(fixed.answer, again.answer)
     with pytest.raises(ValueError):
         ExampleSampler(tasks=("nope",))
+
+
+def test_a_photo_the_kind_leaves_unchanged_is_drawn_again(monkeypatch):
+    """Colorizing a grey photo is no example: neither a demonstration nor a query may have x == y."""
+    from demo_core.task_family import FamilySampler
+
+    sampler = FamilySampler("train", 16, 0, kinds=["colorize"], pool="builtin")
+    grey = np.full((16, 16, 3), 0.4, np.float32)
+    photos = iter([grey, grey, np.random.default_rng(1).random((16, 16, 3)).astype(np.float32)] * 8)
+    monkeypatch.setattr(sampler.images, "sample", lambda: next(photos))
+    example = sampler.sample(k=1, params={"tint": "grey"})
+    for x, y in [*example.pairs, (example.query, example.answer)]:
+        assert np.abs(x - y).max() >= 1 / 255
+    given = sampler.sample(k=1, source=grey)                     # a source the caller chose is kept as it is
+    assert given.query_source is grey
