@@ -93,6 +93,28 @@ def test_quality_weights_mask_tokens_out_of_the_quality_loss():
     assert torch.allclose(masked[1], row1) and torch.allclose(flipped[1], row1)
 
 
+def test_change_weights_weigh_the_cells_the_task_changes():
+    torch.manual_seed(0)
+    vocab = trainer.Vocab(16, 4)
+    model = trainer.build_backbone(trainer.BackboneConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64), vocab)
+    context = torch.randint(0, 16, (2, 12))
+    answer = context[:, -4:].clone()
+    answer[0, 2] = (answer[0, 2] + 1) % 16           # row 0 changes cell 2; row 1 copies its query
+    cells: list = []
+    ids, pos, gen_t, q_t, tail = trainer.build_batch(vocab, context, answer, None, torch.Generator().manual_seed(3),
+                                                     max_refine=2, cells_out=cells)
+    weights = trainer.change_weights(context, answer, cells[0], 5.0)
+    assert weights.shape == gen_t.shape
+    assert torch.equal(weights == 5.0, (cells[0] == 2) & (torch.arange(2)[:, None] == 0))
+    # weight 1 everywhere is the plain mean; a weight of 0 on the copied cells leaves the changed ones alone
+    plain, ones = (trainer.losses(model, vocab, ids, pos, gen_t, q_t, tail, gen_weights=w)[0] for w in (None, torch.ones(gen_t.shape)))
+    assert torch.allclose(plain, ones)
+    only_changed = trainer.losses(model, vocab, ids, pos, gen_t, q_t, tail, gen_weights=(weights == 5.0).float())[0]
+    logits = trainer.TrainingForward(model)(ids, pos, tail)[0][:, 0::2, :16]
+    expected = torch.nn.functional.cross_entropy(logits[weights == 5.0].float(), gen_t[weights == 5.0])
+    assert torch.allclose(only_changed, expected, atol=1e-6)
+
+
 def test_auroc():
     import numpy as np
 

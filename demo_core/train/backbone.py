@@ -13,7 +13,9 @@ SCAN form and an appended refinement segment (SCAN Sec. "Training", Fig. 2a):
   the quality loss on those drafted tokens (0: they teach generation only, the head learns from the rest);
 - the refinement segment re-asks mostly the corrupted cells given the whole corrupted image,
   its new tokens again negatives with probability r;
-- generation order raster or random (half each), so any cell can be (re)generated.
+- generation order raster or random (half each), so any cell can be (re)generated;
+- --change-weight weighs the generation loss on the cells the task changes (answer code != query code there)
+  over the copied ones, which a model learns first and which fill most of an answer.
 
     nohup nice -n 5 python -m demo_core.train backbone > runs/backbone.out 2>&1 &
 
@@ -132,10 +134,11 @@ def negatives(answer: torch.Tensor, tf_codes: torch.Tensor | None, codebook: int
 
 def build_batch(vocab: Vocab, context: torch.Tensor, answer: torch.Tensor, tf_codes: torch.Tensor | None,
                 generator: torch.Generator, max_refine: int = 16, negative_ratio=NEGATIVE_RATIO, random_order_share=0.5,
-                drafts: torch.Tensor | None = None):
+                drafts: torch.Tensor | None = None, cells_out: list | None = None):
     """Token ids, position ids and targets for one batch (all examples share K, so no padding).
 
     `drafts` (B, N), -1 where absent: examples with a draft take it whole as their answer inputs, in raster order.
+    `cells_out`: a list that receives the cell of every target (B, N+R), for per-cell loss weights (change_weights).
 
     Returns input_ids (B, T), position_ids (B, T), gen_targets (B, N+R), quality_targets (B, N+R),
     and the answer length 2(N+R) (the tail of the sequence where the losses live).
@@ -171,8 +174,20 @@ def build_batch(vocab: Vocab, context: torch.Tensor, answer: torch.Tensor, tf_co
     input_ids = torch.cat([context, tail], 1)
     position_ids = torch.cat([torch.arange(context_length)[None].repeat(batch, 1), answer_positions(context_length, all_cells)], 1)
     gen_targets = answer.gather(1, all_cells)
+    if cells_out is not None:
+        cells_out.append(all_cells)
     quality_targets = (all_codes == gen_targets).long()     # 1 = good
     return input_ids, position_ids, gen_targets, quality_targets, tail.shape[1]
+
+
+def change_weights(context: torch.Tensor, answer: torch.Tensor, cells: torch.Tensor, weight: float) -> torch.Tensor:
+    """Generation-loss weight per target (B, N+R): `weight` where the answer's code differs from the query's code at
+    the same cell (the cells the task changes: an inpainting box, a colourised region), 1 where the answer copies the
+    query (a sequence's query is its last frame). Copying is learned first and fills most of the loss; this weighs
+    the task itself."""
+    query = context[:, -answer.shape[1]:]
+    changed = (answer != query).gather(1, cells)
+    return torch.where(changed, torch.tensor(float(weight)), torch.tensor(1.0))
 
 
 def output_rows(shape: str, cells: int) -> torch.Tensor:
@@ -205,10 +220,12 @@ class TrainingForward(torch.nn.Module):
 
 
 def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_targets, tail: int,
-           quality_weights: torch.Tensor | None = None, context_rows: torch.Tensor | None = None, forward=None):
+           quality_weights: torch.Tensor | None = None, context_rows: torch.Tensor | None = None, forward=None,
+           gen_weights: torch.Tensor | None = None):
     """Generation and quality cross-entropies over the answer tail; `quality_weights` (B, N+R) weighs each
-    code token's quality term (a weighted mean; None: all 1). With `context_rows` (see output_rows) also the
-    plain next-token cross-entropy on the context's output images (LVM's own loss), returned as a fifth value.
+    code token's quality term and `gen_weights` (B, N+R) each generation target (weighted means; None: all 1).
+    With `context_rows` (see output_rows) also the plain next-token cross-entropy on the context's output images
+    (LVM's own loss), returned as a fifth value.
     `forward`: the prepared TrainingForward to call (default: `model`'s own, unwrapped)."""
     logits, context_logits = (forward or TrainingForward(model))(input_ids, position_ids, tail, context_rows)
     context_loss = None
@@ -219,7 +236,13 @@ def losses(model, vocab: Vocab, input_ids, position_ids, gen_targets, quality_ta
     at_logits = logits[:, 0::2, : vocab.codebook_size]
     code_logits = logits[:, 1::2]
     quality_logits = torch.stack([code_logits[..., vocab.bad], code_logits[..., vocab.good]], -1)   # class 1 = good
-    gen_loss = F.cross_entropy(at_logits.reshape(-1, vocab.codebook_size).float(), gen_targets.reshape(-1))
+    if gen_weights is None:
+        gen_loss = F.cross_entropy(at_logits.reshape(-1, vocab.codebook_size).float(), gen_targets.reshape(-1))
+    else:
+        per_target = F.cross_entropy(at_logits.reshape(-1, vocab.codebook_size).float(), gen_targets.reshape(-1),
+                                     reduction="none")
+        weights = gen_weights.reshape(-1).to(per_target)
+        gen_loss = (per_target * weights).sum() / weights.sum().clamp_min(1e-6)
     if quality_weights is None:
         quality_loss = F.cross_entropy(quality_logits.reshape(-1, 2).float(), quality_targets.reshape(-1))
     else:
@@ -292,6 +315,7 @@ class ValidationSet:
         draft_hits: dict[str, list] = {}
         draft_scores: dict[str, list] = {}
         copy_hits: dict[str, list] = {}       # per label: hits on the cells whose answer code is the query's own
+        change_hits: dict[str, list] = {}     # per label: hits on the cells the task changes (the rest)
         for group in self.groups:
             context, answer = group.context, group.answer
             if group.draft:
@@ -313,6 +337,8 @@ class ValidationSet:
                 for offset, (row_hits, row_copyable) in enumerate(zip(cell_hits, copyable)):
                     if group.labels and row_copyable.any():
                         copy_hits.setdefault(group.labels[start + offset], []).append(row_hits[row_copyable].numpy())
+                    if group.labels and (~row_copyable).any():
+                        change_hits.setdefault(group.labels[start + offset], []).append(row_hits[~row_copyable].numpy())
                 tf = teacher_forcing_codes(model, vocab, context[start:start + 16], answer[start:start + 16], generator)
                 ids, pos, gen_t, q_t, tail = build_batch(vocab, context[start:start + 16], answer[start:start + 16], tf,
                                                          generator, max_refine=8, negative_ratio=(0.25, 0.25))
@@ -335,7 +361,10 @@ class ValidationSet:
                 # teacher-forced accuracy on the cells an answer shares with its query (inpainting's untouched cells,
                 # a sequence's still background): how well the model copies; labels where at least 5 % of cells are such
                 "copy_accuracy": {label: float(np.mean(np.concatenate(rows))) for label, rows in copy_hits.items()
-                                  if sum(len(r) for r in rows) >= 0.05 * vocab.cells * len(rows)}}
+                                  if sum(len(r) for r in rows) >= 0.05 * vocab.cells * len(rows)},
+                # and on the cells it changes (the box, the recoloured cells): whether the task itself is done
+                "change_accuracy": {label: float(np.mean(np.concatenate(rows))) for label, rows in change_hits.items()
+                                    if sum(len(r) for r in rows) >= 0.05 * vocab.cells * len(rows)}}
 
 
 def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int, elapsed: float, args, validation: dict | None,
@@ -405,6 +434,9 @@ def main(argv=None):
                         help="share of examples whose answer inputs are the model's own free-running draft")
     parser.add_argument("--draft-quality", type=float, default=1.0,
                         help="weight of the quality loss on a drafted answer's own tokens (0: drafts train generation only)")
+    parser.add_argument("--change-weight", type=float, default=1.0,
+                        help="generation-loss weight of the cells the task changes (answer code != the query's code at "
+                             "that cell) against 1 for copied cells: weighs the task over copying (1: plain mean)")
     parser.add_argument("--code-init", choices=("codebook", "random"), default="codebook",
                         help="a fresh model's code embeddings and head: the tokenizer's code geometry, or plain random")
     parser.add_argument("--fresh", action="store_true",
@@ -570,7 +602,10 @@ def main(argv=None):
                 drafts[drafted] = torch.stack(sharded_map(accelerator, indices, lambda mine: list(
                     model_drafts(model, vocab, context[mine], draft_generator)[0])))
         model.train()
-        ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf_codes, generator, args.max_refine, drafts=drafts)
+        target_cells: list = []
+        ids, pos, gen_t, q_t, tail = build_batch(vocab, context, answer, tf_codes, generator, args.max_refine, drafts=drafts,
+                                                 cells_out=target_cells)
+        gen_weights = change_weights(context, answer, target_cells[0], args.change_weight) if args.change_weight != 1.0 else None
         quality_weights = None
         if drafts is not None and args.draft_quality != 1.0:
             quality_weights = torch.ones(q_t.shape)
@@ -578,16 +613,17 @@ def main(argv=None):
         if processes > 1:   # this process's rows of the global batch
             ids, pos, gen_t, q_t = (t[my_rows].to(device) for t in (ids, pos, gen_t, q_t))
             quality_weights = None if quality_weights is None else quality_weights[my_rows].to(device)
+            gen_weights = None if gen_weights is None else gen_weights[my_rows].to(device)
         context_loss = None
         with autocast(torch.device(device), mixed):          # the losses themselves are taken in float32
             if args.context_loss > 0:
                 gen_loss, quality_loss, gen_accuracy, _, context_loss = losses(
                     model, vocab, ids, pos, gen_t, q_t, tail, quality_weights, output_rows(batch.shape, vocab.cells).to(device),
-                    forward=forward)
+                    forward=forward, gen_weights=gen_weights)
                 loss = gen_loss + quality_loss + args.context_loss * context_loss
             else:
                 gen_loss, quality_loss, gen_accuracy, _ = losses(model, vocab, ids, pos, gen_t, q_t, tail, quality_weights,
-                                                                 forward=forward)
+                                                                 forward=forward, gen_weights=gen_weights)
                 loss = gen_loss + quality_loss
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
