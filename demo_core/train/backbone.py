@@ -446,6 +446,8 @@ def main(argv=None):
     parser.add_argument("--context-loss", type=float, default=0.0,
                         help="weight of LVM's plain next-token loss on the context's output images (demonstration "
                              "answers, later frames): more targets per step at little extra cost (0: off)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1 (default: the best available; several processes: each its own)")
     parser.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto",
                         help="bf16 mixed precision for the training forward (weights, gradients and optimizer state "
                              "stay float32; validation runs in float32): auto = where the device computes bf16 "
@@ -461,12 +463,15 @@ def main(argv=None):
         raise SystemExit(f"{args.bundle} has no tokenizer/ folder: the backbone trains on a bundle's tokenizer "
                          f"(second generation: python -m demo_core.train tokenizer)")
 
-    accelerator = accelerator_for()
+    from ..engine import choose_device
+
+    accelerator = accelerator_for(args.device)
     processes, main_process = accelerator.num_processes, accelerator.is_main_process
     refuse_fsdp(accelerator, "backbone")
     per_process_batch(accelerator, args.batch)
     my_rows = rows(accelerator, args.batch)
-    device = process_device(accelerator, "cpu")       # one process: the CPU, as ever; several: each its own device
+    # one process: --device (default the best available: a GPU where there is one); several: each its own device
+    device = choose_device(args.device)[0] if processes == 1 else process_device(accelerator, "cpu")
     mixed = autocast_dtype(args.autocast, torch.device(device))
 
     torch.manual_seed(args.seed)
@@ -611,9 +616,13 @@ def main(argv=None):
             quality_weights = torch.ones(q_t.shape)
             quality_weights[drafted, : answer.shape[1]] = args.draft_quality   # the draft segment; refinements keep 1
         if processes > 1:   # this process's rows of the global batch
-            ids, pos, gen_t, q_t = (t[my_rows].to(device) for t in (ids, pos, gen_t, q_t))
-            quality_weights = None if quality_weights is None else quality_weights[my_rows].to(device)
-            gen_weights = None if gen_weights is None else gen_weights[my_rows].to(device)
+            ids, pos, gen_t, q_t = (t[my_rows] for t in (ids, pos, gen_t, q_t))
+            quality_weights = None if quality_weights is None else quality_weights[my_rows]
+            gen_weights = None if gen_weights is None else gen_weights[my_rows]
+        # batches are built on the CPU; the step runs on the process's device (a no-op on the CPU)
+        ids, pos, gen_t, q_t = (t.to(device) for t in (ids, pos, gen_t, q_t))
+        quality_weights = None if quality_weights is None else quality_weights.to(device)
+        gen_weights = None if gen_weights is None else gen_weights.to(device)
         context_loss = None
         with autocast(torch.device(device), mixed):          # the losses themselves are taken in float32
             if args.context_loss > 0:
