@@ -156,16 +156,18 @@ def test_family_trainer_trains_on_episodes_and_sequences_and_resumes(tmp_path):
     assert {"val k=1", "val k=3", "heldout-params k=2", "heldout-kind k=2", "sequences frames=3"} <= set(validation["per_group"])
     assert "solarize@heldout-kind" in validation["per_task"] and "sequence:pan" in validation["draft_accuracy"]
     assert set(validation["copy_accuracy"]) <= set(validation["per_task"])
-    assert all(0.0 <= value <= 1.0 for value in validation["copy_accuracy"].values())
+    assert set(validation["change_accuracy"]) <= set(validation["per_task"])
+    assert all(0.0 <= value <= 1.0 for part in ("copy_accuracy", "change_accuracy") for value in validation[part].values())
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["name"] == "retouch-16" and "solarize" in manifest["tasks"] and manifest["max_frames"] == 4
     from safetensors.torch import load_file
     assert {t.dtype for t in load_file(bundle / "backbone" / "model.safetensors").values()} == {torch.float16}   # half the bytes
-    trainer.main([*args[:1], "6", *args[2:], "--autocast", "bf16"])        # resumes from the checkpoint, in bf16
+    # resumes from the checkpoint, in bf16, with the changed cells weighed, on the device asked for
+    trainer.main([*args[:1], "6", *args[2:], "--autocast", "bf16", "--change-weight", "3", "--device", "cpu"])
     resumed = json.loads((bundle / "backbone" / "training.json").read_text())
-    assert resumed["step"] == 6 and resumed["args"]["autocast"] == "bf16"
+    assert resumed["step"] == 6 and resumed["args"]["autocast"] == "bf16" and resumed["args"]["change_weight"] == "3.0"
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "training forward in float32" in log and "training forward in bf16 autocast" in log
+    assert "training forward in float32 on cpu" in log and "training forward in bf16 autocast on cpu" in log
     weights = load_file(bundle / "backbone" / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
     with pytest.raises(SystemExit, match="held-out kind"):
