@@ -116,7 +116,7 @@ def test_sequences_move_as_their_parameters_say():
         assert moved < still
 
 
-def test_episode_pool_cuts_pairs_and_sequences_and_resumes_its_cache(tiny_vq, tmp_path):
+def test_episode_pool_cuts_pairs_and_sequences_and_resumes_its_cache(tiny_vq, tmp_path, monkeypatch):
     from demo_core.train.episodes import FRAMES_PER_EPISODE, PAIRS_PER_EPISODE, EpisodePool
 
     tokenizer = VQTokenizer(LocalVQModel(**{**TINY, "sample_size": 64}).eval())
@@ -134,3 +134,9 @@ def test_episode_pool_cuts_pairs_and_sequences_and_resumes_its_cache(tiny_vq, tm
     assert context.shape == (2, 3 * cells) and answer.shape == (2, cells)
     again = EpisodePool(tokenizer, episodes=6, sequences=4, seed=0, cache=cache, pool="builtin")
     assert torch.equal(again.pairs, pool.pairs) and torch.equal(again.frames, pool.frames)
+    # a complete cache is read without the photos it was built from (a machine that was only given the pool)
+    monkeypatch.setenv("RETOUCH_PHOTOS", str(tmp_path / "no-photos"))
+    carried = EpisodePool(tokenizer, episodes=6, sequences=4, seed=0, cache=cache, pool="debian")
+    assert torch.equal(carried.pairs, pool.pairs)
+    with pytest.raises(Exception, match="data fetch"):     # one more episode would need them
+        EpisodePool(tokenizer, episodes=7, sequences=4, seed=0, cache=cache, pool="debian")

@@ -170,6 +170,10 @@ def test_family_trainer_trains_on_episodes_and_sequences_and_resumes(tmp_path):
     assert "training forward in float32 on cpu" in log and "training forward in bf16 autocast on cpu" in log
     weights = load_file(bundle / "backbone" / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
+    validate_at = args.index("--validate-every") + 1                   # no validation: none recorded, none built
+    trainer.main([*args[:1], "7", *args[2:validate_at], "0", *args[validate_at + 1:]])
+    unvalidated = json.loads((bundle / "backbone" / "training.json").read_text())
+    assert unvalidated["step"] == 7 and unvalidated["validation"] is None
     with pytest.raises(SystemExit, match="held-out kind"):
         trainer.main([*args, "--task-weights", "solarize=2"])
 

@@ -417,7 +417,9 @@ def main(argv=None):
                         help=f"bundle folder holding tokenizer/ (default: {NEW_BUNDLE.relative_to(REPO_ROOT)} for "
                              f"--data family, the embedded default for --data five)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/backbone16 (family), runs/backbone (five)")
-    parser.add_argument("--validate-every", type=int, default=500)
+    parser.add_argument("--validate-every", type=int, default=500,
+                        help="steps between validations (0: none, and no validation images are needed: a machine "
+                             "that has the episode pool but not the photos, such as a lent GPU)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--log-every", type=int, default=25, help="steps between training-loss log lines")
     parser.add_argument("--pool", type=int, default=6000, help="five: pre-tokenized training crops (0: encode every batch afresh)")
@@ -540,7 +542,7 @@ def main(argv=None):
                                args.run_dir / f"episodes-{fingerprint}-{args.images}-{args.seed}.pt", pool=args.images,
                                logger=logger)
         curriculum = FamilyCurriculum(pool, k_weights, task_weights, args.sequence_share)
-        validation_set = ValidationSet(validation_groups(tokenizer, pool=args.images))
+        validation_set = ValidationSet(validation_groups(tokenizer, pool=args.images)) if args.validate_every > 0 else None
         tasks, name = list(KINDS), "retouch-16"
         extra = {"max_frames": FRAMES_PER_EPISODE - 1}     # the longest sequences it trained on
     else:
@@ -551,16 +553,16 @@ def main(argv=None):
                              logger) if args.pool else None
         sampler = ExampleSampler("train", tokenizer.image_size, args.seed + step)
         curriculum = FiveTaskCurriculum(pool, tokenizer, sampler, k_weights, task_weights)
-        validation_set = ValidationSet(validation_groups(tokenizer))
+        validation_set = ValidationSet(validation_groups(tokenizer)) if args.validate_every > 0 else None
         tasks, name, extra = list(TASKS), "retouch-tiny", None
     validation = None
 
     def validate():       # the main process validates (the same numbers as one process); the others wait for it
-        result = validation_set.evaluate(model, vocab) if main_process else None
+        result = validation_set.evaluate(model, vocab) if main_process and validation_set is not None else None
         accelerator.wait_for_everyone()
         return result
 
-    if step >= args.validate_every and step < args.steps:   # a resumed run: where it starts from, on its later yardstick
+    if validation_set is not None and step >= args.validate_every and step < args.steps:   # a resumed run: where it starts from, on its later yardstick
         validation = validate()
         logger.info(f"step {step} validation {json.dumps(validation)}")
     last_save = time.time()
@@ -650,7 +652,7 @@ def main(argv=None):
             context_text = f" context {context_loss.item():.4f}" if context_loss is not None else ""
             logger.info(f"step {step} {batch.shape} gen {gen_loss.item():.4f} quality {quality_loss.item():.4f}{context_text} "
                         f"acc {gen_accuracy.item():.3f} lr {lr:.2e} tokens {ids.numel() * processes} elapsed {timer.elapsed / 60:.1f}m")
-        if step % args.validate_every == 0 or step == args.steps:
+        if validation_set is not None and (step % args.validate_every == 0 or step == args.steps):
             validation = validate()
             logger.info(f"step {step} validation {json.dumps(validation)}")
         if any_process(accelerator, time.time() - last_save > args.checkpoint_minutes * 60) or step == args.steps:

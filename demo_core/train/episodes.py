@@ -37,10 +37,12 @@ class EpisodePool:
         if cache is not None and cache.exists():
             parts = torch.load(cache, weights_only=True)
             done = sum(len(p) for p in parts["kinds"]) + sum(len(p) for p in parts["sequence_kinds"])
-        family = FamilySampler("train", tokenizer.image_size, seed + done, pool=pool)
-        sequencer = SequenceSampler("train", tokenizer.image_size, seed + done, frames_range=(FRAMES_PER_EPISODE - 1,) * 2, pool=pool)
         have_pairs = sum(len(p) for p in parts["kinds"])
         have_frames = sum(len(p) for p in parts["sequence_kinds"])
+        if have_pairs < episodes or have_frames < sequences:   # a complete cache needs no photos (a lent GPU has none)
+            family = FamilySampler("train", tokenizer.image_size, seed + done, pool=pool)
+            sequencer = SequenceSampler("train", tokenizer.image_size, seed + done,
+                                        frames_range=(FRAMES_PER_EPISODE - 1,) * 2, pool=pool)
         bar = tqdm(total=episodes + sequences, initial=have_pairs + have_frames, desc="episode pool", dynamic_ncols=True)
         while have_pairs < episodes or have_frames < sequences:
             if have_pairs < episodes:
