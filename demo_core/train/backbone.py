@@ -335,10 +335,9 @@ class ValidationSet:
                 hits += cell_hits.float().mean(1).tolist()
                 copyable = context[start:start + 16, -vocab.cells:] == answer[start:start + 16]
                 for offset, (row_hits, row_copyable) in enumerate(zip(cell_hits, copyable)):
-                    if group.labels and row_copyable.any():
-                        copy_hits.setdefault(group.labels[start + offset], []).append(row_hits[row_copyable].numpy())
-                    if group.labels and (~row_copyable).any():
-                        change_hits.setdefault(group.labels[start + offset], []).append(row_hits[~row_copyable].numpy())
+                    for found, cells in ((copy_hits, row_copyable), (change_hits, ~row_copyable)):
+                        if group.labels and cells.any():
+                            found.setdefault(group.labels[start + offset], []).append(row_hits[cells].numpy())
                 tf = teacher_forcing_codes(model, vocab, context[start:start + 16], answer[start:start + 16], generator)
                 ids, pos, gen_t, q_t, tail = build_batch(vocab, context[start:start + 16], answer[start:start + 16], tf,
                                                          generator, max_refine=8, negative_ratio=(0.25, 0.25))
@@ -350,6 +349,11 @@ class ValidationSet:
                 for label, hit in zip(group.labels, hits):
                     correct.setdefault(label, []).append(hit)
         model.train()
+
+        def accuracy_on(found: dict) -> dict:     # per label, where at least 5 % of the cells are of that sort
+            return {label: float(np.mean(np.concatenate(rows))) for label, rows in found.items()
+                    if sum(len(r) for r in rows) >= 0.05 * vocab.cells * len(rows)}
+
         draft_auroc = {label: auroc(np.concatenate(draft_scores[label]), np.concatenate(hits).astype(int))
                        for label, hits in draft_hits.items()}
         return {"token_accuracy": float(np.mean([h for v in correct.values() for h in v])) if correct
@@ -360,11 +364,9 @@ class ValidationSet:
                 "draft_auroc": draft_auroc,
                 # teacher-forced accuracy on the cells an answer shares with its query (inpainting's untouched cells,
                 # a sequence's still background): how well the model copies; labels where at least 5 % of cells are such
-                "copy_accuracy": {label: float(np.mean(np.concatenate(rows))) for label, rows in copy_hits.items()
-                                  if sum(len(r) for r in rows) >= 0.05 * vocab.cells * len(rows)},
+                "copy_accuracy": accuracy_on(copy_hits),
                 # and on the cells it changes (the box, the recoloured cells): whether the task itself is done
-                "change_accuracy": {label: float(np.mean(np.concatenate(rows))) for label, rows in change_hits.items()
-                                    if sum(len(r) for r in rows) >= 0.05 * vocab.cells * len(rows)}}
+                "change_accuracy": accuracy_on(change_hits)}
 
 
 def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int, elapsed: float, args, validation: dict | None,
@@ -558,7 +560,7 @@ def main(argv=None):
     validation = None
 
     def validate():       # the main process validates (the same numbers as one process); the others wait for it
-        result = validation_set.evaluate(model, vocab) if main_process and validation_set is not None else None
+        result = validation_set.evaluate(model, vocab) if main_process else None
         accelerator.wait_for_everyone()
         return result
 

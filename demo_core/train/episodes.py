@@ -33,12 +33,11 @@ class EpisodePool:
         self.kind_names, self.sequence_names = list(TRAIN_KINDS), list(SEQUENCE_KINDS)
         cells = tokenizer.grid ** 2
         parts = {"pairs": [], "kinds": [], "frames": [], "sequence_kinds": []}
-        done = 0
         if cache is not None and cache.exists():
             parts = torch.load(cache, weights_only=True)
-            done = sum(len(p) for p in parts["kinds"]) + sum(len(p) for p in parts["sequence_kinds"])
         have_pairs = sum(len(p) for p in parts["kinds"])
         have_frames = sum(len(p) for p in parts["sequence_kinds"])
+        done = have_pairs + have_frames
         if have_pairs < episodes or have_frames < sequences:   # a complete cache needs no photos (a lent GPU has none)
             family = FamilySampler("train", tokenizer.image_size, seed + done, pool=pool)
             sequencer = SequenceSampler("train", tokenizer.image_size, seed + done,
