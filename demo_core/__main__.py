@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "teach": ("demo_core.teach.cli", "main", "teach the backbone a new task from your pair files (a small LoRA adapter)"),
     "train": ("demo_core.train.__main__", "main", "train a part: tokenizer, backbone, refiner, tensor"),
     "eval": ("demo_core.eval", "main", "quality table per task and stage on the validation split"),
+    "eval-vsr": ("demo_core.eval.vsr", "main", "VSR's g_phi variants side by side in pixels, on the same drafts"),
     "eval-tokenizer": ("demo_core.eval_tokenizer", "main", "tokenizer round trips, code stability, identity and ceiling"),
     "tune-sampling": ("demo_core.eval.sampling", "main", "choose a bundle's default sampling by measurement on validation"),
     "bench": ("demo_core.bench", "main", "speed breakdown per stage on this machine"),

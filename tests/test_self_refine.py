@@ -181,6 +181,28 @@ def test_draft_cache_is_reused_and_extends_deterministically(tmp_path):
     assert ((fresh["draft"] >= 0) & (fresh["draft"] < bundle.vocab.codebook_size)).all()
 
 
+def test_batched_drafts_are_whole_blocks_that_extend_deterministically(tmp_path):
+    """--draft-batch: blocks of consecutive indices drafted together, grouped by K; a block depends on itself alone."""
+    bundle = load_bundle(build_tiny_bundle(tmp_path / "b"))
+    recipe = trainer.DraftRecipe("train", 0, 16, ("colorization", "edges"), (1, 3), "scan", (1.0, 0, 0.9, 1),
+                                 "backbone-hash", "tokenizer-hash", "torch.float32", draft_batch=4)
+    single = trainer.DraftRecipe(**{**recipe.__dict__, "draft_batch": 1})
+    assert recipe.key() != single.key()
+    logger = trainer.setup_logging(tmp_path / "log", "refiner-test")
+    fresh = trainer.load_or_make_drafts(bundle, recipe, 8, tmp_path / "a", logger)
+    short = trainer.load_or_make_drafts(bundle, recipe, 3, tmp_path / "b", logger)       # drafts the whole first block
+    stored = torch.load(next((tmp_path / "b").glob("drafts-*.pt")), weights_only=True)
+    assert len(short["tasks"]) == 3 and len(stored["tasks"]) == 4
+    extended = trainer.load_or_make_drafts(bundle, recipe, 8, tmp_path / "b", logger)
+    for key in ("query", "answer", "draft"):
+        assert torch.equal(fresh[key], extended[key])
+    assert fresh["tasks"] == ["colorization", "edges"] * 4 and fresh["pairs"] == extended["pairs"]
+    # the same examples as one-at-a-time drafting: queries and answers agree, only the sampled drafts may differ
+    one = trainer.load_or_make_drafts(bundle, single, 8, tmp_path / "c", logger)
+    assert torch.equal(one["query"], fresh["query"]) and torch.equal(one["answer"], fresh["answer"])
+    assert ((fresh["draft"] >= 0) & (fresh["draft"] < bundle.vocab.codebook_size)).all()
+
+
 def test_drafts_follow_the_bundles_pixel_range_and_sampling(tmp_path):
     """What `train refiner --bundle lvm-7b` drafts with: the tokenizer's own range, the engine's sampling for it."""
     folder = wide_lvm_bundle(tmp_path / "b")
@@ -203,7 +225,7 @@ def test_draft_cache_keys_of_minus_one_to_one_tokenizers_are_unchanged():
 
     recipe = trainer.DraftRecipe("train", 0, 16, ("colorization",), (1, 3), "scan", (1.0, 0, 0.9, 1),
                                  "backbone-hash", "tokenizer-hash", "torch.float32")
-    before_the_field = {k: v for k, v in asdict(recipe).items() if k not in ("pixel_range", "pool")}
+    before_the_field = {k: v for k, v in asdict(recipe).items() if k not in ("pixel_range", "pool", "draft_batch")}
     assert recipe.key() == hashlib.sha256(json.dumps(before_the_field, sort_keys=True).encode()).hexdigest()[:16]
     assert replace(recipe, pixel_range=(0.0, 1.0)).key() != recipe.key()
 
@@ -347,3 +369,33 @@ def test_the_pool_enters_the_draft_cache_key_only_when_it_is_not_the_default():
 
     recipe = trainer.DraftRecipe("train", 0, 16, ("colorize",), (1, 3), "scan", (1.0, 0, 0.9, 1), "b", "t", "torch.float32")
     assert replace(recipe, pool="debian").key() != recipe.key()
+
+
+def test_eval_vsr_compares_variants_on_the_same_drafts(parts, tmp_path, capsys):
+    """`eval-vsr`: every g_phi refines the same draft and SCAN answer; an untrained (identity) g_phi reproduces the
+    draft exactly, a code-space one also gets a continuous row, and a bad --variant is one error line."""
+    from demo_core.eval import vsr as eval_vsr
+
+    tokenizer, backbone, vocab = parts
+    folder = save_bundle(tmp_path / "b", tokenizer, backbone, name="b", tasks=["colorization"])
+    dim = tokenizer.codebook.shape[1]
+    SelfRefiner(dim=dim, grid=tokenizer.grid, heads=4, space="codes", width=16).save_pretrained(tmp_path / "same")
+    randomised(SelfRefiner(dim=dim, grid=tokenizer.grid, heads=4, space="codes", width=16), std=0.3).save_pretrained(tmp_path / "moves")
+    code = eval_vsr.main(["--bundle", str(folder), "--variant", f"same={tmp_path / 'same'}", "--variant",
+                          f"moves={tmp_path / 'moves'}", "--gates", "0.01", "--tasks", "colorization", "--n", "2",
+                          "--pool", "builtin", "--out", str(tmp_path / "out")])
+    assert code == 0
+    rows = json.loads((tmp_path / "out/results.json").read_text())["table"]["colorization"]
+    for base in ("", "+SCAN"):
+        for name in ("same", "moves"):
+            for suffix in ("", " gate 0.01", " continuous"):
+                assert f"{base}+VSR[{name}]{suffix}" in rows
+    assert {"*identity*", "*ceiling*", "draft", "+SCAN"} <= set(rows)
+    assert rows["+VSR[same]"]["psnr"] == rows["draft"]["psnr"] and rows["+VSR[same]"]["changed"] == 0
+    assert rows["+SCAN+VSR[same]"]["psnr"] == rows["+SCAN"]["psnr"]
+    assert rows["+VSR[moves]"]["changed"] > 0 and rows["+VSR[moves]"]["vsr_share"] > 0
+    assert len(rows["+VSR[moves]"]["curve"]) == vocab.cells
+    assert "| colorization | +VSR[moves] |" in (tmp_path / "out/results.md").read_text()
+    capsys.readouterr()
+    assert eval_vsr.main(["--bundle", str(folder), "--variant", "nofolder", "--n", "1"]) == 1
+    assert capsys.readouterr().out.startswith("error: --variant takes name=folder")

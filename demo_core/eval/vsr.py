@@ -1,0 +1,191 @@
+"""`python -m demo_core eval-vsr`: VSR's variants side by side in pixels, on the same drafts (issue 20's ablation).
+
+    python -m demo_core eval-vsr --bundle checkpoints/retouch16 --variant paper=runs/vsr16/paper \\
+        --variant codes=runs/vsr16/codes --gates 0.05,0.1 --n 24 --seed 0 --pool debian --out runs/eval-vsr
+
+Each validation example (the same ones, seeds and sampling as `demo_core eval`) is drafted once by the engine,
+refined by SCAN once, and then every g_phi variant refines both the draft and the SCAN answer: snapped to codes
+(its own nearest-code rule), snapped with each confidence gate, and, for a g_phi of the tokenizer's code space,
+decoded continuously (its refined latents straight into the VQ decoder). So the rows differ only by the refiner.
+Beside them, as in `eval`: identity (the query handed back) and ceiling (the right answer through the tokenizer).
+
+Per row: PSNR, token accuracy, the share of cells changed, g_phi's seconds as a share of the draft's, and the
+per-token cosine distance to the right answer (VSR Fig. 2, in the backbone's embedding space, as `eval` measures it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..images import float_to_pil, pil_to_float
+from .family import FAMILY_CORE, example_sampler, is_family, validate_spec
+
+
+def load_variants(items: list[str]) -> dict:
+    """name=folder items -> {name: g_phi}; errors name the item."""
+    from ..bundle import BundleError, load_refiner_part
+
+    variants = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--variant takes name=folder, got {item!r}")
+        name, folder = item.split("=", 1)
+        try:
+            variants[name.strip()] = load_refiner_part(Path(folder).expanduser())
+        except (BundleError, OSError) as error:
+            raise ValueError(f"--variant {name}: {error}") from error
+    return variants
+
+
+def variant_rows(name: str, refiner, gates: list[float]) -> list[tuple[str, float, bool]]:
+    """(row label, gate, continuous) for one g_phi: snapped, each gate, and its continuous decode where it has one."""
+    rows = [(f"+VSR[{name}]", 0.0, False)] + [(f"+VSR[{name}] gate {g:g}", g, False) for g in gates]
+    if refiner.space == "codes":
+        rows.append((f"+VSR[{name}] continuous", 0.0, True))
+    return rows
+
+
+@torch.no_grad()
+def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: int, seed: int, settings: dict,
+                      gates: list[float], pool: str = "debian", split: str = "val", progress: bool = True) -> dict:
+    """{task: {row: {psnr, token_acc, changed, vsr_share, curve}}} over `n` examples per task (see the module doc)."""
+    from ..metrics import psnr
+    from ..refiners.self_refine import refine
+    from ..token_metrics import token_cosine_distances
+
+    embeddings = engine.model.get_input_embeddings().weight
+    table = {}
+    bar = tqdm(total=len(tasks) * n, desc="eval-vsr", disable=not progress, dynamic_ncols=True)
+    for task in tasks:
+        sampler = example_sampler(task, split, engine.image_size, seed, pool)
+        rows: dict[str, dict[str, list]] = {}
+
+        def add(label, image, codes, truth, target, draft_codes, seconds=None, draft_seconds=None):
+            row = rows.setdefault(label, {"psnr": [], "acc": [], "changed": [], "share": [], "curve": []})
+            image = pil_to_float(image if isinstance(image, Image.Image) else float_to_pil(image))   # 8-bit, as `eval`'s
+            row["psnr"].append(psnr(image, target))
+            if codes is not None:
+                codes = np.asarray(codes).reshape(-1)
+                row["acc"].append(float((codes == truth).mean()))
+                row["changed"].append(float((codes != draft_codes).mean()))
+                row["curve"].append(token_cosine_distances(embeddings, codes, truth))
+            if seconds is not None:
+                row["share"].append(seconds / draft_seconds)
+
+        for index in range(n):
+            example = sampler.sample(task=task, k=pairs)
+            pair_images = [(float_to_pil(x), float_to_pil(y)) for x, y in example.pairs]
+            query = float_to_pil(example.query)
+            target = pil_to_float(float_to_pil(example.answer))
+            truth_codes = engine.encode([float_to_pil(example.answer)])[0]
+            query_codes = engine.encode([query])[0]
+            truth = truth_codes.numpy()
+            result = engine.run(pair_images, query, refine=("scan",), seed=seed + index, **settings)
+            add("*identity*", query, None, truth, target, None)
+            add("*ceiling*", engine.tokenizer.decode(truth_codes.view(1, engine.grid, engine.grid))[0], truth_codes, truth,
+                target, truth)
+            draft_codes = np.asarray(result.codes["draft"]).reshape(-1)
+            draft_seconds = result.timings["draft"]
+            for base in ("draft", "scan"):
+                codes = np.asarray(result.codes[base]).reshape(-1)
+                prefix = "" if base == "draft" else "+SCAN"
+                add("draft" if base == "draft" else "+SCAN", result.stages[base], codes, truth, target, draft_codes)
+                codes_t = torch.as_tensor(codes).long()[None]
+                for name, refiner in variants.items():
+                    for label, gate, continuous in variant_rows(name, refiner, gates):
+                        start = time.perf_counter()
+                        new, latents = refine(refiner, engine.model, engine.vocab, codes_t, query_codes=query_codes[None],
+                                              codebook=engine.tokenizer.codebook, gate=gate)
+                        seconds = time.perf_counter() - start
+                        if continuous:
+                            image = engine.tokenizer.decode_latents(latents[:1])[0]
+                        else:
+                            image = engine.tokenizer.decode(new.view(1, engine.grid, engine.grid))[0]
+                        add(prefix + label, image, new[0].cpu().numpy(), truth, target, draft_codes,
+                            seconds if base == "draft" else None, draft_seconds)
+            bar.update(1)
+        table[task] = {label: {"psnr": float(np.mean(r["psnr"])),
+                               "token_acc": float(np.mean(r["acc"])) if r["acc"] else None,
+                               "changed": float(np.mean(r["changed"])) if r["changed"] else None,
+                               "vsr_share": float(np.median(r["share"])) if r["share"] else None,
+                               "curve": np.mean(r["curve"], 0).tolist() if r["curve"] else None}
+                       for label, r in rows.items()}
+    bar.close()
+    return table
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# VSR variants in pixels: {report['bundle']}", "",
+             f"N = {report['n']} validation examples per task, K = {report['pairs']}, seed {report['seed']}, sampling "
+             f"{report['settings']}; every row refines the same draft (or SCAN answer). Command: `{report['command']}`", "",
+             "| task | row | PSNR ↑ | Δ vs draft (or +SCAN) | token acc | cells changed | g_φ time / draft |",
+             "|---|---|---|---|---|---|---|"]
+    for task, rows in report["table"].items():
+        for label, row in rows.items():
+            base = rows["+SCAN" if label.startswith("+SCAN") else "draft"]["psnr"]
+            delta = "" if label.startswith("*") or label in ("draft", "+SCAN") else f"{row['psnr'] - base:+.2f}"
+            fmt = lambda v, spec: "" if v is None else format(v, spec)
+            lines.append(f"| {task} | {label} | {row['psnr']:.2f} | {delta} | {fmt(row['token_acc'], '.3f')} | "
+                         f"{fmt(row['changed'] and 100 * row['changed'], '.1f')}{'%' if row['changed'] is not None else ''} | "
+                         f"{fmt(row['vsr_share'] and 100 * row['vsr_share'], '.1f')}{'%' if row['vsr_share'] is not None else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo_core eval-vsr", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", required=True, help="bundle folder (its backbone drafted the variants' training drafts)")
+    parser.add_argument("--variant", action="append", default=[], help="name=folder of a trained g_phi (repeatable)")
+    parser.add_argument("--gates", default="", help="confidence-gate margins to try for every variant, e.g. 0.05,0.1")
+    parser.add_argument("--tasks", default=None, help=f"task specs (default for a family bundle: {','.join(FAMILY_CORE)})")
+    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool", choices=("builtin", "debian"), default="debian")
+    parser.add_argument("--split", choices=("val", "heldout"), default="val")
+    parser.add_argument("--out", type=Path, default=Path("runs/eval-vsr"))
+    args = parser.parse_args(argv)
+    from ..bundle import BundleError
+    from ..engine import load_engine
+    from ..photos import FetchError
+
+    try:
+        engine = load_engine(args.bundle)
+        variants = load_variants(args.variant) if args.variant else ({"bundle": engine.vsr} if engine.vsr else {})
+        if not variants:
+            raise ValueError("no g_phi to compare: give --variant name=folder, or a bundle with refiner/")
+        gates = [float(g) for g in args.gates.split(",") if g.strip()]
+        family = any(is_family(t) for t in engine.bundle.info.get("tasks", ()))
+        tasks = [t.strip() for t in (args.tasks or ",".join(FAMILY_CORE if family else ("colorization", "inpainting", "edges"))).split(",")
+                 if t.strip()]
+        for task in tasks:
+            validate_spec(task)
+    except (ValueError, BundleError) as error:
+        print(f"error: {error}")
+        return 1
+    sampling = engine.sampling_defaults
+    settings = {"temperature": sampling["temperature"], "top_p": sampling["top_p"], "scan_iterations": 30, "scan_cells": 4}
+    start = time.time()
+    try:
+        table = evaluate_variants(engine, variants, tasks, args.n, args.pairs, args.seed, settings, gates, args.pool, args.split)
+    except FetchError as error:
+        print(f"error: {error}")
+        return 1
+    report = {"bundle": args.bundle, "n": args.n, "pairs": args.pairs, "seed": args.seed, "settings": settings,
+              "variants": {name: dict(r._hub_mixin_config) for name, r in variants.items()}, "gates": gates, "table": table,
+              "seconds": round(time.time() - start, 1),
+              "command": "python -m demo_core eval-vsr " + shlex.join(sys.argv[1:] if argv is None else list(argv))}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    (args.out / "results.md").write_text(text)
+    print(text)
+    return 0
