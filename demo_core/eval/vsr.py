@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..images import float_to_pil, pil_to_float
 from .family import FAMILY_CORE, example_sampler, is_family, validate_spec
+from .quality import encode_example
 
 
 def load_variants(items: list[str]) -> dict:
@@ -86,8 +87,8 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
             pair_images = [(float_to_pil(x), float_to_pil(y)) for x, y in example.pairs]
             query = float_to_pil(example.query)
             target = pil_to_float(float_to_pil(example.answer))
-            truth_codes = engine.encode([float_to_pil(example.answer)])[0]
-            query_codes = engine.encode([query])[0]
+            context, truth_codes = encode_example(engine, example)     # one VQ encode: the prompt and the right answer
+            query_codes = context[-engine.grid ** 2:]
             truth = truth_codes.numpy()
             result = engine.run(pair_images, query, refine=("scan",), seed=seed + index, **settings)
             add("*identity*", query, None, truth, target, None)
@@ -133,10 +134,10 @@ def markdown(report: dict) -> str:
         for label, row in rows.items():
             base = rows["+SCAN" if label.startswith("+SCAN") else "draft"]["psnr"]
             delta = "" if label.startswith("*") or label in ("draft", "+SCAN") else f"{row['psnr'] - base:+.2f}"
-            fmt = lambda v, spec: "" if v is None else format(v, spec)
-            lines.append(f"| {task} | {label} | {row['psnr']:.2f} | {delta} | {fmt(row['token_acc'], '.3f')} | "
-                         f"{fmt(row['changed'] and 100 * row['changed'], '.1f')}{'%' if row['changed'] is not None else ''} | "
-                         f"{fmt(row['vsr_share'] and 100 * row['vsr_share'], '.1f')}{'%' if row['vsr_share'] is not None else ''} |")
+            acc = "" if row["token_acc"] is None else f"{row['token_acc']:.3f}"
+            pct = lambda v: "" if v is None else f"{100 * v:.1f}%"           # noqa: E731
+            lines.append(f"| {task} | {label} | {row['psnr']:.2f} | {delta} | {acc} | {pct(row['changed'])} | "
+                         f"{pct(row['vsr_share'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -398,12 +398,11 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     start = time.perf_counter()
     train = load_or_make_drafts(bundle, DraftRecipe("train", config.seed, **recipe), config.drafts, run_dir, logger,
                                 accelerator=accelerator)
-    validation = load_or_make_drafts(bundle, DraftRecipe("val", VALIDATION_SEED, **recipe), config.val_drafts, run_dir, logger,
-                                     accelerator=accelerator)
+    val_recipe = DraftRecipe("val", VALIDATION_SEED, **recipe)
+    validation = load_or_make_drafts(bundle, val_recipe, config.val_drafts, run_dir, logger, accelerator=accelerator)
     timings["drafting"] = time.perf_counter() - start
     unbatched = None
     if recipe["draft_batch"] > 1:       # batched drafts' seconds are amortised: time a few as the engine drafts them
-        val_recipe = DraftRecipe("val", VALIDATION_SEED, **recipe)
         sampling = SamplingConfig(*val_recipe.sampling)
         unbatched = sum(draft_example(bundle, val_recipe.example(i), sampling, torch.Generator().manual_seed(i))[3]
                         for i in range(3)) / 3
