@@ -73,6 +73,14 @@ class Bundle:
         return None if value is None else float(value)
 
     @property
+    def paste_query(self) -> bool:
+        """Whether answers show the query's own pixels where they keep its codes (`render.py`): bundle.json
+        "paste_query" when it says, else on exactly for a tokenizer with local codes."""
+        if "paste_query" in self.info:
+            return bool(self.info["paste_query"])
+        return bool(getattr(self.tokenizer, "local_codes", False))
+
+    @property
     def max_pairs(self) -> int:
         return int(self.info.get("max_pairs") or max_pairs(self.backbone.config.max_position_embeddings,
                                                            int(self.info["tokens_per_image"])))

@@ -76,6 +76,9 @@ def generate_main(argv=None) -> int:
                         help="SCAN's regeneration temperature (default: the model's own, else the draft's)")
     parser.add_argument("--vsr-gate", type=float, default=0.0,
                         help="VSR changes a cell only where g_phi prefers its new code by more than this margin")
+    parser.add_argument("--paste", choices=("bundle", "on", "off"), default="bundle",
+                        help="where the answer keeps the query's code: on shows the query's own pixels, off the "
+                             "tokenizer's decode (default: the bundle's choice, on for local codes; render.py)")
     parser.add_argument("--scan-iterations", type=int, default=30, help="SCAN T")
     parser.add_argument("--scan-cells", type=int, default=4, help="SCAN c")
     parser.add_argument("--quality-score", choices=QUALITY_SCORES, default="combined",
@@ -109,7 +112,8 @@ def generate_main(argv=None) -> int:
                     if value is not None}
         options = dict(refine=refine, seed=args.seed, **sampling, candidates=args.candidates,
                        scan_iterations=args.scan_iterations, scan_cells=args.scan_cells, quality_score=args.quality_score,
-                       draft_mode=args.draft_mode, adapter=adapter, vsr_gate=args.vsr_gate)
+                       draft_mode=args.draft_mode, adapter=adapter, vsr_gate=args.vsr_gate,
+                       **({} if args.paste == "bundle" else {"paste_query": args.paste == "on"}))
         truth = _load_truth(args, engine.image_size) if args.truth else None
         if args.frames is not None:
             result = engine.run(frames=list(args.frames), **options)

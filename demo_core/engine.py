@@ -27,6 +27,7 @@ from .events import (DraftDone, Event, Finished, GenerationStarted, Result, Scan
 from .formats import sequence_format
 from .images import ImageInputError, float_to_pil, load_square, open_image, to_square
 from .refiners.self_refine import refine, self_refine
+from .render import kept_cells, render
 from .sequence import context_tokens, frames_context
 from .teach.adapter import AdapterError, TaskAdapter, applied
 
@@ -61,6 +62,8 @@ class RunSettings:
     canvas_every: int = 4                 # decode the live canvas every n tokens (0: never); a run's default is the
                                           # engine's `canvas_every_default` (CANVAS_FRAMES canvases a draft)
     decode_scan_steps: bool = True        # decode an image after every SCAN iteration
+    paste_query: bool | None = None       # show the query's pixels where the answer keeps its codes (render.py);
+                                          # None: the bundle's default (on for local codes)
 
 
 @dataclass
@@ -233,6 +236,13 @@ class Engine:
         codes = torch.as_tensor(codes).detach().cpu().view(1, self.grid, self.grid)
         return self.tokenizer.decode_pil(codes)
 
+    def render(self, codes, query: Image.Image | None, query_codes, paste: bool | None = None,
+               decoded: Image.Image | None = None) -> Image.Image:
+        """What a user sees of an answer's `codes` (render.py): their decode (`decoded` when already made), with the
+        prepared `query`'s pixels where they keep `query_codes` when `paste` (None: the bundle's default)."""
+        paste = self.bundle.paste_query if paste is None else bool(paste)
+        return render(self.decode(codes) if decoded is None else decoded, codes, query, query_codes, self.grid, paste)
+
     # -- generation -----------------------------------------------------------------------------
     def stream(self, pairs: Sequence | None = None, query=None, refine: Sequence[str] = ("scan",), seed: int = 0, *,
                frames: Sequence | None = None, adapter=None, **settings) -> Iterator[Event]:
@@ -331,6 +341,8 @@ class Engine:
         stages = tuple(STAGE_ALIASES.get(stage, stage) for stage in (refine or ()))
         settings = RunSettings(refine=stages, seed=int(seed), **{**self.sampling_defaults, "canvas_every": self.canvas_every_default,
                                                                  "scan_temperature": self.bundle.scan_temperature, **settings})
+        if settings.paste_query is None:
+            settings.paste_query = self.bundle.paste_query
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
             raise EngineInputError("Sampling needs temperature >= 0 (0 = greedy), 0 < top-p <= 1 and top-k >= 0 (0 = off).")
         unknown = [stage for stage in settings.refine if stage not in REFINERS]
@@ -357,19 +369,20 @@ class Engine:
     def _stream(self, prompt: Prompt, settings: RunSettings) -> Iterator[Event]:
         fmt = self.format
         timings: dict[str, float] = {"decode": 0.0}
-
-        def decode(codes) -> Image.Image:           # every decode counts under "decode", never in a stage's time
-            tick = time.perf_counter()
-            image = self.decode(codes)
-            timings["decode"] += time.perf_counter() - tick
-            return image
-
         start = time.perf_counter()
         if prompt.frames is not None:
             context, query_codes = self.build_frames_context(prompt.frames)
         else:
             context, query_codes = self.build_context(prompt.pairs, prompt.query)
         query_image = prompt.query
+
+        def decode(codes, decoded: Image.Image | None = None) -> Image.Image:
+            """What the user sees of `codes` (render.py; `decoded`: their decode when already made); every decode
+            counts under "decode", never in a stage's time."""
+            tick = time.perf_counter()
+            image = self.render(codes, query_image, query_codes, settings.paste_query, decoded)
+            timings["decode"] += time.perf_counter() - tick
+            return image
         timings["encode"] = time.perf_counter() - start
         cells = self.vocab.cells
         yield GenerationStarted(total_tokens=cells, grid=self.grid, pairs=len(prompt.pairs), context_tokens=int(context.numel()),
@@ -451,8 +464,9 @@ class Engine:
             timings[name] = time.perf_counter() - start - (timings["decode"] - decoded)
             if stage == "vsr-continuous":
                 tick = time.perf_counter()
-                stage_images[name] = float_to_pil(self.tokenizer.decode_latents(latents[:1])[0])
+                continuous = float_to_pil(self.tokenizer.decode_latents(latents[:1])[0])
                 timings["decode"] += time.perf_counter() - tick
+                stage_images[name] = decode(state.codes[0], continuous)
             else:
                 stage_images[name] = decode(state.codes[0])
             yield StageDone(name, stage_images[name], stage_codes[name], stage_quality[name], changed[name])
@@ -462,7 +476,9 @@ class Engine:
         timings["total"] = sum(timings.values())
         result = Result(draft=draft_image, final=stage_images[final_name], stages=stage_images, codes=stage_codes,
                         quality=stage_quality, history=history, changed=changed, timings=timings,
-                        candidates=candidate_images, query=query_image, slides=slides, frames=len(prompt.frames or ()))
+                        candidates=candidate_images, query=query_image, slides=slides, frames=len(prompt.frames or ()),
+                        kept=as_grid(kept_cells(state.codes[0], query_codes)),
+                        pasted=bool(settings.paste_query))
         yield Finished(result)
 
 

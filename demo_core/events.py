@@ -122,6 +122,8 @@ class Result:
     query: Image.Image | None = None               # the query (a frame sequence: its last frame)
     slides: list[WindowSlid] = field(default_factory=list)   # TensorAR draft: every window (empty for "ar")
     frames: int = 0                                # context frames of a sequential prompt (0 for pairs + query)
+    kept: np.ndarray | None = None                 # (grid, grid) bool: final cells that keep the query's code
+    pasted: bool = False                           # whether those cells show the query's own pixels (render.py)
 
 
     @property

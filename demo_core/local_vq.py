@@ -125,6 +125,7 @@ class LocalVQModel(ModelMixin, ConfigMixin):
 
     downsample_factor = 4
     encoder_window = (4, 4)        # pixels of margin left/top and right/bottom of a cell's 4x4 patch
+    local_codes = True             # an equal code means an unchanged neighbourhood (render.py pastes such cells)
 
     def encode(self, pixels: torch.Tensor):
         """(B, 3, H, W) in the tokenizer's pixel range -> .latents (B, D, H/4, W/4), before quantization."""

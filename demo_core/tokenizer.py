@@ -94,6 +94,11 @@ class VQTokenizer:
         return next(self.model.parameters()).device
 
     @property
+    def local_codes(self) -> bool:
+        """Whether a cell's code depends on its own neighbourhood only (LocalVQModel), not on the whole image."""
+        return bool(getattr(self.model, "local_codes", False))
+
+    @property
     def codebook(self) -> torch.Tensor:
         """(C, D) code vectors, float32."""
         return self.model.quantize.embedding.weight

@@ -27,7 +27,7 @@ from demo_core.images import ImageInputError, load_square
 
 from .examples import (EXAMPLES_DIR, MAX_ROWS, Example, SequenceExample, add_pair, example_preview, list_examples,  # noqa: F401
                        list_sequence_examples, pair_row_updates, remove_pair, sequence_preview)
-from .models import (DEFAULT_MODEL, DRAFT_MODES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
+from .models import (DEFAULT_MODEL, DRAFT_MODES, PASTE_CHOICES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
                      ModelOption, allowed_models, default_refiner, draft_mode_update, draft_modes, refiner_choices)
 from .prefetch import batches
 from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView,  # noqa: F401
@@ -139,14 +139,17 @@ class Studio(ModelHolder):
     def generate(self, pairs, query, truth=None, refiners: str = "SCAN", scan_iterations=30, scan_cells=4,
                  temperature=None, top_p=None, top_k=None, seed=0, randomize_seed=False, candidates=1,
                  canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined", prompt_kind="pairs",
-                 frames=None, next_frame=None, use_adapter=False, taught=None, model=None) -> Iterator[tuple]:
+                 frames=None, next_frame=None, use_adapter=False, taught=None, model=None,
+                 paste="default") -> Iterator[tuple]:
         """Draft the answer token by token, then refine; yields output tuples (OUTPUTS order) as it goes.
 
         temperature / top_p / top_k left out (None): the model's own defaults (`Engine.sampling_defaults`).
         `prompt_kind` "sequence": `frames` (the frames gallery's value, oldest first) instead of pairs and query; the
         model writes the next frame, compared with `next_frame` (optional) instead of `truth`.
         `use_adapter`: run with the visitor's taught adapter (`taught`, their session's `studio.teach.Taught`), for
-        this run only. `model` is the visitor's model id (their session state; None: the server's first model)."""
+        this run only. `model` is the visitor's model id (their session state; None: the server's first model).
+        `paste`: "on" shows the query's pixels where the answer keeps its codes, "off" the plain decode, "default" (or
+        None) the model's own choice (`Bundle.paste_query`: on for local codes)."""
         if prompt_kind not in (None, "pairs", "sequence"):
             raise gr.Error(f"Unknown prompt kind {prompt_kind!r}; choose pairs or sequence.")
         if prompt_kind == "sequence":
@@ -174,6 +177,11 @@ class Studio(ModelHolder):
         if not isinstance(quality_score, str) or quality_score not in dict(QUALITY_SCORE_CHOICES).values():
             raise gr.Error(f"Unknown quality score {quality_score!r}; choose combined or head.")
         settings["quality_score"] = quality_score
+        paste = paste or "default"
+        if not isinstance(paste, str) or paste not in dict(PASTE_CHOICES).values():
+            raise gr.Error(f"Unknown paste setting {paste!r}; choose default, on or off.")
+        if paste != "default":
+            settings["paste_query"] = paste == "on"
         seed = random.randint(0, MAX_SEED) if randomize_seed else _number(seed, "seed", 0, MAX_SEED, int)
         frame_seconds = _number(frame_ms, "live view pace", 0, 2000, float) / 1000.0
         truth_image = None

@@ -117,6 +117,7 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
                + (f", SCAN kept {accepted} of {sum(len(s.cells) for s in history)} regenerated tokens" if history else "")
                + (f", VSR changed {len(result.changed['vsr'])} tokens" if "vsr" in result.changed else "")
                + "."
+               + _kept_note(result, query_name)
                + (" With your taught adapter; the before/after compares it with the same run without it."
                   if baseline is not None else ""))
     before, after_a = (baseline.final, UNTAUGHT) if baseline is not None else (result.draft, "draft")
@@ -127,6 +128,18 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
                  compare_a=gr.update(choices=choices, value=after_a), compare_b=gr.update(choices=choices, value=final_name),
                  stage_grid=sheet, metrics_table=metrics_rows, timings_table=timings_rows, cosine_plot=cosine_plot,
                  quality_plot=quality_plot, metrics_note=metrics_note, run_state=run)
+
+
+def _kept_note(result: Result, query_name: str) -> str:
+    """One sentence on the cells the answer copied from the query, and whether they show its own pixels."""
+    if result.kept is None:
+        return ""
+    kept, cells = int(np.asarray(result.kept).sum()), int(np.asarray(result.kept).size)
+    if not kept:
+        return f" Every cell was redrawn (none keeps the {query_name}'s code)."
+    shown = (f"they show the {query_name}'s own pixels" if result.pasted else
+             "they are shown as the tokenizer decodes them (paste is off)")
+    return f" {kept} of {cells} cells keep the {query_name}'s code: {shown}."
 
 
 def _image_scores(image, truth, lpips_ok: bool) -> tuple[dict, bool]:

@@ -41,6 +41,21 @@ def test_eval_writes_table_json_and_plots(bundle, tmp_path):
     assert first["psnr"] == report["table"]["edges"]["draft"]["psnr"]   # deterministic for a seed
 
 
+def test_eval_paste_flag_reaches_the_runs_and_the_ceiling(bundle, tmp_path):
+    """--paste on renders every answer and the ceiling with the query's pixels where it keeps its codes; the tiny
+    bundle's default (a whole-image tokenizer) is off."""
+    ceilings = {}
+    for paste in ("bundle", "on"):
+        out = tmp_path / paste
+        assert eval_module.main(["--bundle", str(bundle), "--n", "2", "--tasks", "inpainting", "--incontext", "0",
+                                 "--scan-iterations", "1", "--paste", paste, "--out", str(out)]) == 0
+        report = json.loads((out / "results.json").read_text())
+        assert report["settings"]["paste_query"] is (paste == "on")
+        assert ("paste on" in (out / "results.md").read_text()) is (paste == "on")
+        ceilings[paste] = report["table"]["inpainting"]["references"]["ceiling"]["psnr"]
+    assert all(np.isfinite(value) for value in ceilings.values())
+
+
 def test_perfect_predictor_scores_perfectly(bundle, monkeypatch):
     engine = load_engine(str(bundle))
 

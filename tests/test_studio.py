@@ -152,6 +152,14 @@ def test_quality_score_choice_reaches_the_heatmap(studio, images):
     assert not np.allclose(combined.quality["draft"], head.quality["draft"])
 
 
+def test_paste_choice_reaches_the_run_and_the_status_says_what_the_copied_cells_show(studio, images):
+    default = run(studio, images)[-1]
+    assert not default["run_state"].result.pasted                   # the tiny test model's codes are not local
+    assert "keep the query's code" in default["status"] or "Every cell was redrawn" in default["status"]
+    pasted = run(studio, images, paste="on")[-1]
+    assert pasted["run_state"].result.pasted and pasted["run_state"].result.kept.shape == (4, 4)
+
+
 def test_tensor_draft_shows_the_sliding_window(images, tmp_path):
     engine = load_engine(str(build_tiny_bundle(tmp_path / "with-tensor", tensor=True)))
     studio = Studio(engine)
@@ -220,6 +228,7 @@ def bad_files(tmp_path_factory):
     ("negative seed", dict(seed=-1), "seed"),
     ("TensorAR without its part", dict(draft_mode="tensor"), "cannot draft"),
     ("unknown quality score", dict(quality_score="entropy"), "quality score"),
+    ("unknown paste setting", dict(paste="sometimes"), "paste setting"),
 ])
 def test_bad_input_raises_gr_error(studio, images, bad_files, case, overrides, message):
     files = {**images, **bad_files}

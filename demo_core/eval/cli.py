@@ -57,6 +57,9 @@ def main(argv=None) -> int:
                         help="TensorAR rows (AR vs TensorAR vs control) when the bundle has tensor/ (auto) or never (off)")
     parser.add_argument("--tensor-variants", default="",
                         help="more TensorAR adapters to compare, name=folder,... (k / schedule ablations; the last = splits)")
+    parser.add_argument("--paste", choices=("bundle", "on", "off"), default="bundle",
+                        help="show the query's pixels where an answer keeps its codes (render.py; the ceiling too); "
+                             "bundle: the bundle's default (on for local codes)")
     parser.add_argument("--pool", choices=("builtin", "debian"), default="builtin",
                         help="validation images: the packaged ones, or + the held-out Debian photos (`data fetch`)")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"))
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
     sampling = engine.sampling_defaults
     settings = {"temperature": sampling["temperature"] if args.temperature is None else args.temperature,
                 "top_p": sampling["top_p"] if args.top_p is None else args.top_p, "scan_iterations": args.scan_iterations,
-                "scan_cells": args.scan_cells, "quality_score": args.quality_score}
+                "scan_cells": args.scan_cells, "quality_score": args.quality_score,
+                "paste_query": engine.bundle.paste_query if args.paste == "bundle" else args.paste == "on"}
     labels = stage_labels(engine)
     start = time.time()
     examples: list = []

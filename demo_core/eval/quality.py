@@ -123,8 +123,11 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             target = pil_to_float(float_to_pil(example.answer))
             truths.append(target)
             references["identity"].append(pil_to_float(float_to_pil(example.query)))
-            references["ceiling"].append(engine.tokenizer.decode(truth_codes.view(1, engine.grid, engine.grid))[0])
             cells = engine.grid ** 2
+            # the right answer rendered as the engine renders any answer (render.py: the query's pixels where it
+            # keeps the query's codes, when paste is on)
+            references["ceiling"].append(pil_to_float(engine.render(truth_codes, float_to_pil(example.query), context[-cells:],
+                                                                    settings.get("paste_query"))))
             kept = code_stability(example, context[-cells:], truth_codes, engine.grid)
             if kept is not None:
                 stability.append(kept)

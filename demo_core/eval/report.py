@@ -14,7 +14,10 @@ def markdown(report: dict) -> str:
              f"N = {report['n']} validation examples per task (held-out source images), K = {report['pairs']} pairs, "
              f"seed {report['seed']}; sampling {report['settings']}. FID only for N >= 10.", "",
              "*identity*: the query handed back as the answer (what doing nothing scores); *ceiling*: the right answer "
-             "through the tokenizer (the best any token sequence can score).", "",
+             "through the tokenizer (the best any token sequence can score)"
+             + (", rendered as every answer is: the query's own pixels where it keeps the query's codes (paste on, "
+                "`demo_core/render.py`)." if report.get("settings", {}).get("paste_query") else
+                "; paste off: every answer, the ceiling too, is the tokenizer's decode of its codes."), "",
              "| task | stage | PSNR ↑ | SSIM ↑ | LPIPS ↓ | token acc ↑ | cos-dist AUC ↓ | FID ↓ | s/image (model, excl. VQ) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task, rows in report["table"].items():

@@ -26,8 +26,9 @@ def evaluate_sequences(engine, n: int, frames: int, seed: int, settings: dict, p
             result = engine.run(frames=[float_to_pil(f) for f in sequence.frames], refine=("scan",) if scan else (),
                                 seed=seed + index, **settings)
             rows["identity"].append(psnr(pil_to_float(float_to_pil(sequence.frames[-1])), truth))
-            codes = engine.encode([float_to_pil(sequence.next_frame)])[0]
-            rows["ceiling"].append(psnr(engine.tokenizer.decode(codes.view(1, engine.grid, engine.grid))[0], truth))
+            last = float_to_pil(sequence.frames[-1])
+            codes, last_codes = engine.encode([float_to_pil(sequence.next_frame), last])
+            rows["ceiling"].append(psnr(pil_to_float(engine.render(codes, last, last_codes, settings.get("paste_query"))), truth))
             rows["draft"].append(psnr(pil_to_float(result.stages["draft"]), truth))
             if scan:
                 rows["+SCAN"].append(psnr(pil_to_float(result.stages["scan"]), truth))

@@ -92,8 +92,8 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
             truth = truth_codes.numpy()
             result = engine.run(pair_images, query, refine=("scan",), seed=seed + index, **settings)
             add("*identity*", query, None, truth, target, None)
-            add("*ceiling*", engine.tokenizer.decode(truth_codes.view(1, engine.grid, engine.grid))[0], truth_codes, truth,
-                target, truth)
+            add("*ceiling*", pil_to_float(engine.render(truth_codes, query, query_codes, settings.get("paste_query"))),
+                truth_codes, truth, target, truth)
             draft_codes = np.asarray(result.codes["draft"]).reshape(-1)
             draft_seconds = result.timings["draft"]
             for base in ("draft", "scan"):
@@ -107,10 +107,8 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
                         new, latents = refine(refiner, engine.model, engine.vocab, codes_t, query_codes=query_codes[None],
                                               codebook=engine.tokenizer.codebook, gate=gate)
                         seconds = time.perf_counter() - start
-                        if continuous:
-                            image = engine.tokenizer.decode_latents(latents[:1])[0]
-                        else:
-                            image = engine.tokenizer.decode(new.view(1, engine.grid, engine.grid))[0]
+                        decoded = float_to_pil(engine.tokenizer.decode_latents(latents[:1])[0]) if continuous else None
+                        image = engine.render(new[0], query, query_codes, settings.get("paste_query"), decoded)
                         add(prefix + label, image, new[0].cpu().numpy(), truth, target, draft_codes,
                             seconds if base == "draft" else None, draft_seconds)
             bar.update(1)
@@ -173,7 +171,8 @@ def main(argv=None) -> int:
         print(f"error: {error}")
         return 1
     sampling = engine.sampling_defaults
-    settings = {"temperature": sampling["temperature"], "top_p": sampling["top_p"], "scan_iterations": 30, "scan_cells": 4}
+    settings = {"temperature": sampling["temperature"], "top_p": sampling["top_p"], "scan_iterations": 30, "scan_cells": 4,
+                "paste_query": engine.bundle.paste_query}
     start = time.time()
     try:
         table = evaluate_variants(engine, variants, tasks, args.n, args.pairs, args.seed, settings, gates, args.pool, args.split)
