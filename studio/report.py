@@ -87,6 +87,10 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
         elif quality is not None:
             captions[name] = f"quality {_mean(quality):.2f}"
         metrics_rows.append(row)
+    if truth_image is not None and result.query is not None:     # the yardstick: the query handed back unchanged
+        scores, lpips_ok = _image_scores(result.query, truth_image, lpips_ok)
+        metrics_rows.insert(0, [IDENTITY_ROW.format(query_name), round(scores["psnr"], 2), round(scores["ssim"], 3),
+                                round(scores["lpips"], 3) if "lpips" in scores else None, None, None, None, None, None])
     grid_images = dict(result.stages)
     if baseline is not None:
         grid_images[UNTAUGHT] = baseline.final
@@ -108,7 +112,8 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
         changed = [len(slide.changed) for slide in result.slides]
         window = max(len(slide.cells) for slide in result.slides)
         tensor_plot = gr.update(value=viz.revisions_figure(changed, window), visible=True)
-    metrics_note = (f"Metrics compare each stage with the {truth_name} you gave." if truth_image is not None else
+    metrics_note = (f"Metrics compare each stage with the {truth_name} you gave; the first row is the {query_name} "
+                    f"handed back unchanged, what doing nothing scores." if truth_image is not None else
                     ("Add the true next frame (the optional image under the frames)" if result.frames else
                      "Add a ground-truth answer (the optional image under the query)") + " to see PSNR, SSIM, LPIPS, "
                     "token accuracy and the per-token cosine-distance curve.")
@@ -128,6 +133,9 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
                  compare_a=gr.update(choices=choices, value=after_a), compare_b=gr.update(choices=choices, value=final_name),
                  stage_grid=sheet, metrics_table=metrics_rows, timings_table=timings_rows, cosine_plot=cosine_plot,
                  quality_plot=quality_plot, metrics_note=metrics_note, run_state=run)
+
+
+IDENTITY_ROW = "{} (doing nothing)"     # the metrics table's first row with a ground truth: the query handed back
 
 
 def _kept_note(result: Result, query_name: str) -> str:

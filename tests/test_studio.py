@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from demo_core.engine import load_engine
+from demo_core.images import load_square, pil_to_float
+from demo_core.metrics import psnr
 from demo_core.testing import build_tiny_bundle
 from demo_core import viz
 from studio import handlers
@@ -96,8 +98,11 @@ def test_generate_streams_the_canvas_then_every_view(studio, images):
     assert before.size == after.size
     assert last["compare_b"]["value"] == "scan" and ("ground truth", "ground truth") in last["compare_b"]["choices"]
     table = last["metrics_table"]
-    assert [row[0] for row in table] == ["draft", "SCAN"]
+    assert [row[0] for row in table] == ["query (doing nothing)", "draft", "SCAN"]
     assert all(isinstance(row[1], float) for row in table)                # PSNR with a ground truth
+    size = result.query.size[0]
+    assert table[0][1] == pytest.approx(psnr(pil_to_float(result.query), pil_to_float(load_square(images["truth"], size))),
+                                        abs=0.01)
     assert last["cosine_plot"] is not None and last["quality_plot"] is not None
     assert any(row[0] == "total" for row in last["timings_table"])
     status_stages = [f["status"] for f in frames if is_set(f["status"])]
@@ -137,7 +142,8 @@ def test_both_refiners_in_either_order(images, tmp_path):
         frames = run(studio, images, refiners=choice)
         last = frames[-1]
         assert list(last["run_state"].result.stages) == stages
-        assert [row[0] for row in last["metrics_table"]] == ["draft", *(viz_title(s) for s in stages[1:])]
+        assert [row[0] for row in last["metrics_table"]] == ["query (doing nothing)", "draft",
+                                                             *(viz_title(s) for s in stages[1:])]
         vsr_updates = [f["vsr_image"] for f in frames if is_set(f["vsr_image"]) and f["vsr_image"].get("visible")]
         assert vsr_updates and isinstance(vsr_updates[-1]["value"], Image.Image)
         assert "VSR" in last["status"] and last["stage_grid"].width > 3 * 100

@@ -88,7 +88,7 @@ def test_sequence_example_runs_through_the_default_bundle(studio, pan):
     assert ("true next frame", "true next frame") in last["compare_b"]["choices"]
     left, right = handlers.compare_view("last frame", "true next frame", run)
     assert left.size == right.size
-    assert [row[0] for row in last["metrics_table"]] == ["draft", "SCAN"]
+    assert [row[0] for row in last["metrics_table"]] == ["last frame (doing nothing)", "draft", "SCAN"]
     assert all(isinstance(row[1], float) for row in last["metrics_table"])           # PSNR against the true next frame
     assert "true next frame" in last["metrics_note"]
     assert last["timeline_slider"]["visible"] and last["quality_draft"] is not None and last["before_after"] is not None
