@@ -122,13 +122,13 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             outputs = run_stages(engine, example, labels, seed + index, **settings)
             target = pil_to_float(float_to_pil(example.answer))
             truths.append(target)
-            references["identity"].append(pil_to_float(float_to_pil(example.query)))
-            cells = engine.grid ** 2
+            query = float_to_pil(example.query)
+            query_codes = context[-engine.grid ** 2:]
+            references["identity"].append(pil_to_float(query))
             # the right answer rendered as the engine renders any answer (render.py: the query's pixels where it
             # keeps the query's codes, when paste is on)
-            references["ceiling"].append(pil_to_float(engine.render(truth_codes, float_to_pil(example.query), context[-cells:],
-                                                                    settings.get("paste_query"))))
-            kept = code_stability(example, context[-cells:], truth_codes, engine.grid)
+            references["ceiling"].append(pil_to_float(engine.render(truth_codes, query, query_codes, settings.get("paste_query"))))
+            kept = code_stability(example, query_codes, truth_codes, engine.grid)
             if kept is not None:
                 stability.append(kept)
             for label, out in outputs.items():

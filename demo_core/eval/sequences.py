@@ -25,8 +25,8 @@ def evaluate_sequences(engine, n: int, frames: int, seed: int, settings: dict, p
             truth = pil_to_float(float_to_pil(sequence.next_frame))
             result = engine.run(frames=[float_to_pil(f) for f in sequence.frames], refine=("scan",) if scan else (),
                                 seed=seed + index, **settings)
-            rows["identity"].append(psnr(pil_to_float(float_to_pil(sequence.frames[-1])), truth))
             last = float_to_pil(sequence.frames[-1])
+            rows["identity"].append(psnr(pil_to_float(last), truth))
             codes, last_codes = engine.encode([float_to_pil(sequence.next_frame), last])
             rows["ceiling"].append(psnr(pil_to_float(engine.render(codes, last, last_codes, settings.get("paste_query"))), truth))
             rows["draft"].append(psnr(pil_to_float(result.stages["draft"]), truth))
