@@ -104,7 +104,7 @@ def test_save_load_round_trip_is_exact_and_strict(parts, tmp_path):
     refiner.save_pretrained(tmp_path / "g")
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     assert config == {"dim": 32, "grid": 4, "heads": 8, "ffn_multiple": 2, "kind": "conv", "with_query": True,
-                      "space": "backbone", "width": None}
+                      "space": "backbone", "width": None, "learned_gate": False, "gate_threshold": 0.5}
     rebuilt = SelfRefiner(**config)                     # what bundle.py does, then a strict load
     rebuilt.load_state_dict(load_file(tmp_path / "g" / "model.safetensors"), strict=True)
     for loaded in (SelfRefiner.from_pretrained(tmp_path / "g"), rebuilt):
@@ -318,6 +318,56 @@ def test_the_confidence_gate_only_ever_keeps_draft_codes(parts, space):
     assert bool(((gated == codes) | (gated == free)).all())                     # each cell: the draft's or g_phi's
 
 
+def test_the_learned_gate_keeps_the_draft_where_it_doubts_and_loads_with_its_threshold(parts, tmp_path):
+    tokenizer, backbone, vocab = parts
+    refiner = randomised(SelfRefiner.for_backbone(backbone, grid=tokenizer.grid, learned_gate=True, gate_threshold=0.7),
+                         std=0.3)
+    codes = torch.randint(0, vocab.codebook_size, (3, vocab.cells), generator=torch.Generator().manual_seed(5))
+    free = self_refine(refiner, backbone, vocab, codes, learned_gate=False)
+    refined, logits = refiner(code_embeddings(backbone, vocab)[codes], with_gate=True)
+    assert logits.shape == codes.shape and torch.equal(refined, refiner(code_embeddings(backbone, vocab)[codes]))
+    probability = torch.sigmoid(logits)
+    for threshold in (0.0, 0.5, 0.7, 1.0):
+        gated = self_refine(refiner, backbone, vocab, codes, learned_gate=threshold)
+        expected = torch.where(probability > threshold, free, codes)
+        assert torch.equal(gated, expected)
+    assert torch.equal(self_refine(refiner, backbone, vocab, codes), self_refine(refiner, backbone, vocab, codes, learned_gate=0.7))
+    assert torch.equal(self_refine(refiner, backbone, vocab, codes, learned_gate=1.0), codes)     # never sure enough
+    refiner.save_pretrained(tmp_path / "g")
+    loaded = SelfRefiner.from_pretrained(tmp_path / "g")
+    assert loaded.learned_gate and loaded.gate_threshold == 0.7
+    assert torch.equal(self_refine(loaded, backbone, vocab, codes), self_refine(refiner, backbone, vocab, codes))
+
+
+def test_gate_labels_mark_proposals_that_bring_the_vq_vector_closer():
+    vq = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    table = vq.clone()
+    refiner = SelfRefiner(dim=2, grid=1, heads=1, space="codes", width=4, learned_gate=True)
+    refined = torch.tensor([[[1.1, 0.0]], [[2.9, 0.0]], [[0.1, 0.0]]])          # snaps to codes 1, 2, 0
+    draft = torch.tensor([[0], [1], [0]])
+    answer = torch.tensor([[1], [0], [2]])
+    proposed, helps = trainer.gate_labels(refiner, refined, table, draft, answer, vq)
+    assert proposed.tolist() == [[True], [True], [False]]
+    assert helps.tolist() == [[1.0], [0.0], [0.0]]       # 0 -> 1 reaches the answer; 1 -> 2 moves away from 0
+    logits = torch.zeros(3, 1, requires_grad=True)
+    loss = trainer.gate_loss(logits, proposed, helps)
+    assert abs(loss.item() - np.log(2)) < 1e-6
+    assert trainer.gate_loss(logits, torch.zeros_like(proposed), helps).item() == 0.0
+
+
+def test_the_trainer_learns_a_gate_and_stores_its_threshold(tmp_path):
+    folder = build_tiny_bundle(tmp_path / "b")
+    bundle = load_bundle(folder)
+    refiner, report = trainer.train_refiner(bundle, small_config(learned_gate=True, lr=1e-3), tmp_path / "run")
+    gate = report["learned_gate"]
+    assert refiner.learned_gate and refiner.gate_threshold == gate["threshold"]
+    assert gate["threshold"] == 1.0 or gate["candidates"][f"{gate['threshold']:g}"]["error_change"] < 0
+    assert report["refiner_config"]["gate_threshold"] == gate["threshold"]
+    assert report["train_loss"]["after"] < report["train_loss"]["before"]
+    refiner.save_pretrained(tmp_path / "g")
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["gate_threshold"] == gate["threshold"]
+
+
 def test_the_engine_runs_a_code_space_vsr_gated_and_its_continuous_decode(parts, tmp_path):
     """refine=("vsr", "vsr-continuous") with a code-space g_phi: the continuous stage's image is the refined latents
     decoded unsnapped, its codes their L2-nearest; the gate keeps more draft codes; a backbone-space g_phi refuses
@@ -381,9 +431,11 @@ def test_eval_vsr_compares_variants_on_the_same_drafts(parts, tmp_path, capsys):
     dim = tokenizer.codebook.shape[1]
     SelfRefiner(dim=dim, grid=tokenizer.grid, heads=4, space="codes", width=16).save_pretrained(tmp_path / "same")
     randomised(SelfRefiner(dim=dim, grid=tokenizer.grid, heads=4, space="codes", width=16), std=0.3).save_pretrained(tmp_path / "moves")
+    randomised(SelfRefiner(dim=dim, grid=tokenizer.grid, heads=4, space="codes", width=16, learned_gate=True,
+                           gate_threshold=1.0), std=0.3).save_pretrained(tmp_path / "doubts")
     code = eval_vsr.main(["--bundle", str(folder), "--variant", f"same={tmp_path / 'same'}", "--variant",
-                          f"moves={tmp_path / 'moves'}", "--gates", "0.01", "--tasks", "colorization", "--n", "2",
-                          "--pool", "builtin", "--out", str(tmp_path / "out")])
+                          f"moves={tmp_path / 'moves'}", "--variant", f"doubts={tmp_path / 'doubts'}", "--gates", "0.01",
+                          "--tasks", "colorization", "--n", "2", "--pool", "builtin", "--out", str(tmp_path / "out")])
     assert code == 0
     rows = json.loads((tmp_path / "out/results.json").read_text())["table"]["colorization"]
     for base in ("", "+SCAN"):
@@ -394,6 +446,9 @@ def test_eval_vsr_compares_variants_on_the_same_drafts(parts, tmp_path, capsys):
     assert rows["+VSR[same]"]["psnr"] == rows["draft"]["psnr"] and rows["+VSR[same]"]["changed"] == 0
     assert rows["+SCAN+VSR[same]"]["psnr"] == rows["+SCAN"]["psnr"]
     assert rows["+VSR[moves]"]["changed"] > 0 and rows["+VSR[moves]"]["vsr_share"] > 0
+    assert "+VSR[moves] learned gate 0.5" not in rows
+    assert rows["+VSR[doubts]"]["changed"] > 0                           # its ungated row moves cells...
+    assert rows["+VSR[doubts] learned gate 1"]["changed"] == 0          # ...its gate at 1.0 keeps every draft code
     assert len(rows["+VSR[moves]"]["curve"]) == vocab.cells
     assert "| colorization | +VSR[moves] |" in (tmp_path / "out/results.md").read_text()
     capsys.readouterr()

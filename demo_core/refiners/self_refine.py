@@ -19,7 +19,10 @@ Beyond the paper (issue 20), `space` says which vectors g_phi refines:
                 in and out), nearest code by L2 over the VQ codebook, the quantizer's own rule; the refined
                 latents can also go straight into the VQ decoder, unsnapped (`refine_latents`)
 and `gate` (a decode option, `self_refine(gate=)`) changes a cell only where the refined vector prefers its new
-code over the draft's by more than the margin.
+code over the draft's by more than the margin. A g_phi built with `learned_gate` also has a per-cell head, trained
+on its own proposals (`demo_core.train.refiner`): the probability that taking the snapped code brings the cell
+closer to the right answer's VQ code vector than the draft's; at decode a cell changes only where that probability
+exceeds `gate_threshold` (chosen on validation drafts and stored in the config).
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
     """
 
     def __init__(self, dim: int, grid: int, heads: int = 8, ffn_multiple: int = 4, kind: str = "attention",
-                 with_query: bool = False, space: str = "backbone", width: int | None = None):
+                 with_query: bool = False, space: str = "backbone", width: int | None = None,
+                 learned_gate: bool = False, gate_threshold: float = 0.5):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown g_phi kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -55,6 +59,7 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
             raise ValueError(f"block width {width} is not divisible by {heads} heads; pick heads dividing {width}")
         self.dim, self.grid, self.heads, self.kind, self.with_query = dim, grid, heads, kind, with_query
         self.space, self.width = space, width
+        self.learned_gate, self.gate_threshold = bool(learned_gate), float(gate_threshold)
         # refining narrow vectors (VQ codes, 8 wide) in a wider block: projected in here, out by `out` below
         self.in_proj = nn.Linear(dim, width) if width != dim else None
         dim = width
@@ -86,6 +91,9 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
         self.out = nn.Linear(dim, self.dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        if self.learned_gate:
+            # reads the block's output (detached in training, so the gate never bends the refinement itself)
+            self.gate_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
 
     @classmethod
     def for_backbone(cls, backbone: nn.Module, grid: int, **kwargs) -> "SelfRefiner":
@@ -107,8 +115,9 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
             return self.mix_out(F.gelu(self.mix_in(x)))
         return self.mix_out(F.gelu(self.mix_in(x.transpose(1, 2)).transpose(1, 2)))
 
-    def forward(self, embeddings: torch.Tensor, query_embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """embeddings (B, N, D) of the drafted answer [, query_embeddings (B, N, D)] -> e' (B, N, D)."""
+    def forward(self, embeddings: torch.Tensor, query_embeddings: torch.Tensor | None = None, with_gate: bool = False):
+        """embeddings (B, N, D) of the drafted answer [, query_embeddings (B, N, D)] -> e' (B, N, D); `with_gate`:
+        (e', the learned gate's logits (B, N), or None for a g_phi without one)."""
         cells = embeddings.shape[1]
         if cells != self.grid * self.grid:
             raise ValueError(f"g_phi was built for a {self.grid}x{self.grid} grid ({self.grid ** 2} tokens), got {cells} tokens")
@@ -124,8 +133,10 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
             else:
                 x = x + self.query_proj(query)
         h = self.norm1(x + self.mix(x))          # MultiHead-Attention + Add & LayerNorm
-        h = self.norm2(h + self.ffn(h))          # FFN + Add & LayerNorm
-        return embeddings + self.out(h[:, -cells:])                                       # Eq. 3: e' = e + g_phi(e)
+        h = self.norm2(h + self.ffn(h))[:, -cells:]   # FFN + Add & LayerNorm
+        logits = self.gate_head(h.detach()).squeeze(-1) if self.learned_gate else None
+        refined = embeddings + self.out(h)                                                # Eq. 3: e' = e + g_phi(e)
+        return (refined, logits) if with_gate else refined
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):
@@ -201,7 +212,7 @@ def _refined_vectors(refiner: SelfRefiner, table: torch.Tensor, vocab: Vocab, co
             raise ValueError("this g_phi also reads the query image: pass query_codes")
         query_codes = query_codes.reshape(-1, vocab.cells).expand(codes.shape[0], -1)
         query_embeddings = table[query_codes.to(parameter.device)].to(parameter.dtype)      # (B, N, dim)
-    return refiner(embeddings, query_embeddings)
+    return refiner(embeddings, query_embeddings, with_gate=True)
 
 
 @torch.no_grad()
@@ -209,33 +220,47 @@ def refine_latents(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, code
                    query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None) -> torch.Tensor:
     """Drafted answer codes (B, N) -> g_phi's refined vectors e' (B, N, dim), before any snapping (Eq. 3)."""
     table = refine_table(refiner, backbone, vocab, codebook).to(next(refiner.parameters()).device)   # (C, dim)
-    return _refined_vectors(refiner, table, vocab, codes, query_codes)
+    return _refined_vectors(refiner, table, vocab, codes, query_codes)[0]
 
 
 @torch.no_grad()
 def refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
            query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
-           gate: float = 0.0) -> tuple[torch.LongTensor, torch.Tensor]:
+           gate: float = 0.0, learned_gate: float | bool | None = None) -> tuple[torch.LongTensor, torch.Tensor]:
     """`self_refine`'s refined codes (B, N), and the refined vectors e' (B, N, dim) they were snapped from."""
     table = refine_table(refiner, backbone, vocab, codebook).to(next(refiner.parameters()).device)
-    refined = _refined_vectors(refiner, table, vocab, codes, query_codes)                  # (B, N, dim)
+    refined, logits = _refined_vectors(refiner, table, vocab, codes, query_codes)          # (B, N, dim), (B, N) | None
     new = nearest_codes_l2(refined, table) if refiner.space == "codes" else nearest_codes(refined, table)
+    old = codes.to(new.device)
     if gate > 0:
-        old = codes.to(new.device)
         keep = _preference(refined, table.to(new.device), new, old, refiner.space) <= gate
         new = torch.where(keep, old, new)
+    threshold = gate_threshold(refiner, learned_gate)
+    if threshold is not None:
+        new = torch.where(torch.sigmoid(logits.float()).to(new.device) > threshold, new, old)
     return new.to(codes.device), refined
+
+
+def gate_threshold(refiner: SelfRefiner, learned_gate: float | bool | None = None) -> float | None:
+    """The learned gate's threshold in use: None (no gate: a g_phi without one, or `learned_gate=False`), the
+    stored `refiner.gate_threshold` (`learned_gate` None or True), or the float given."""
+    if not refiner.learned_gate or learned_gate is False:
+        return None
+    if learned_gate is None or learned_gate is True:
+        return refiner.gate_threshold
+    return float(learned_gate)
 
 
 def self_refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
                 query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
-                gate: float = 0.0) -> torch.LongTensor:
+                gate: float = 0.0, learned_gate: float | bool | None = None) -> torch.LongTensor:
     """Drafted answer codes (B, N) -> refined codes (B, N) on the codes' device (Sec. 3.3, Fig. 1 lower right).
 
     e = f_embed(y_q) -> e' = g_phi(e) (Eq. 3) -> nearest code: by cosine over the backbone's code embeddings
     (the paper), or by L2 over the VQ codebook for a g_phi of space "codes" (pass `codebook`, the tokenizer's).
     `query_codes` ((N,), (1, N) or (B, N)) is read only by a g_phi built `with_query`. `gate` > 0: a cell takes
     its new code only where e' prefers it over the draft's code by more than `gate` (cosine gain, or the L2 gain
-    over the codebook's mean squared norm); elsewhere the draft's code stays.
+    over the codebook's mean squared norm); elsewhere the draft's code stays. A g_phi with a learned gate applies it
+    by default (its stored threshold; `learned_gate` a float: that threshold; False: off).
     """
-    return refine(refiner, backbone, vocab, codes, query_codes, codebook, gate)[0]
+    return refine(refiner, backbone, vocab, codes, query_codes, codebook, gate, learned_gate)[0]

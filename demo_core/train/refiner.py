@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from ..backbone import SamplingConfig
 from ..drafts.scan_form import draft_scan
-from ..refiners.self_refine import KINDS, SPACES, SelfRefiner, cosine_distance, refine_table, self_refine
+from ..refiners.self_refine import (KINDS, SPACES, SelfRefiner, cosine_distance, nearest_codes, nearest_codes_l2,
+                                    refine_table, self_refine)
 from ..task_family import KINDS as FAMILY_KINDS, TRAIN_KINDS
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from ..tokenizer import DEFAULT_PIXEL_RANGE
@@ -73,6 +74,8 @@ class RefinerTrainConfig:
     draft_batch: int = 1            # drafts written together (grouped by K); SCAN-form bundles only
     seed: int = 0                   # training examples, g_phi init, batch order
     pool: str = "builtin"           # image pool: "debian" (the `data fetch` photos) for a retouch-16 bundle
+    learned_gate: bool = False      # beyond the paper: a per-cell head learns where g_phi's new code helps
+    gate_weight: float = 1.0        # its binary cross-entropy's weight beside the refinement loss
 
 
 # -- drafts ----------------------------------------------------------------------------------------
@@ -276,13 +279,77 @@ def refiner_loss(refined: torch.Tensor, target: torch.Tensor, loss: str, table: 
     return (refined.float() - target.float()).pow(2).sum(-1).mean()
 
 
-def refine_batch(refiner: SelfRefiner, table: torch.Tensor, drafts: dict, index: torch.Tensor, forward=None):
-    """e' = g_phi(f_embed(draft)) and e* = f_embed(answer) for the examples `index`: (B, N, D) each.
-    `forward`: the module to call (g_phi as accelerate prepared it; default g_phi itself)."""
+def refine_batch(refiner: SelfRefiner, table: torch.Tensor, drafts: dict, index: torch.Tensor, forward=None, with_gate=False):
+    """e' = g_phi(f_embed(draft)) and e* = f_embed(answer) for the examples `index`: (B, N, D) each [, and the
+    learned gate's logits (B, N)]. `forward`: the module to call (g_phi as accelerate prepared it; default g_phi)."""
     device = table.device
     embeddings = table[drafts["draft"][index].to(device)]
     query = table[drafts["query"][index].to(device)] if refiner.with_query else None
-    return (forward or refiner)(embeddings, query), table[drafts["answer"][index].to(device)]
+    target = table[drafts["answer"][index].to(device)]
+    if with_gate:
+        refined, logits = (forward or refiner)(embeddings, query, with_gate=True)
+        return refined, target, logits
+    return (forward or refiner)(embeddings, query), target
+
+
+# -- the learned gate (beyond the paper) ----------------------------------------------------------
+
+def snap(refiner: SelfRefiner, refined: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """g_phi's own nearest-code rule: L2 over the VQ codebook (space "codes") or cosine over f_embed's rows."""
+    return nearest_codes_l2(refined, table) if refiner.space == "codes" else nearest_codes(refined, table)
+
+
+def code_error(codes: torch.Tensor, answer: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
+    """(B, N) squared L2 distance between the VQ code vectors of `codes` and of the right answer: what the decoder
+    reads, so a pixel proxy whichever space g_phi refines in."""
+    return (vq[codes.to(vq.device)] - vq[answer.to(vq.device)]).pow(2).sum(-1)
+
+
+@torch.no_grad()
+def gate_labels(refiner: SelfRefiner, refined: torch.Tensor, table: torch.Tensor, draft: torch.Tensor, answer: torch.Tensor,
+                vq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(proposed (B, N) bool: g_phi's snapped code differs from the draft's, helps (B, N) float: taking it brings
+    the cell's VQ vector closer to the right answer's). The gate learns P(helps | proposed)."""
+    new = snap(refiner, refined.detach(), table).to(draft.device)
+    proposed = new != draft
+    helps = code_error(new, answer, vq) < code_error(draft, answer, vq)
+    return proposed, helps.float()
+
+
+def gate_loss(logits: torch.Tensor, proposed: torch.Tensor, helps: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over the proposed cells (zero, with a graph, when g_phi proposes nothing)."""
+    proposed = proposed.to(logits.device)
+    if not proposed.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[proposed].float(), helps.to(logits.device)[proposed])
+
+
+@torch.no_grad()
+def choose_gate_threshold(refiner: SelfRefiner, bundle, drafts: dict, thresholds=None, batch: int = 64) -> dict:
+    """The threshold that most lowers the VQ-space error to the right answer on `drafts` (validation), per
+    candidate: mean error change per cell (negative is better) and the share of cells changed. 1.0 (change
+    nothing) wins when no threshold helps."""
+    thresholds = list(thresholds or (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95))
+    table, vq = refiner_table(refiner, bundle), bundle.tokenizer.codebook.detach().float()
+    sums = {t: [0.0, 0.0] for t in thresholds}
+    cells = 0
+    for index in torch.arange(len(drafts["tasks"])).split(batch):
+        refined, _, logits = refine_batch(refiner, table, drafts, index, with_gate=True)
+        draft, answer = drafts["draft"][index], drafts["answer"][index]
+        new = snap(refiner, refined, table).cpu()
+        before = code_error(draft, answer, vq).cpu()
+        gain = code_error(new, answer, vq).cpu() - before
+        probability = torch.sigmoid(logits.float()).cpu()
+        for t in thresholds:
+            take = (probability > t) & (new != draft)
+            sums[t][0] += (gain * take).sum().item()
+            sums[t][1] += take.float().sum().item()
+        cells += draft.numel()
+    table_rows = {t: {"error_change": sums[t][0] / max(1, cells), "changed": sums[t][1] / max(1, cells)} for t in thresholds}
+    best = min(thresholds, key=lambda t: table_rows[t]["error_change"])
+    if table_rows[best]["error_change"] >= 0:
+        best = 1.0
+    return {"threshold": best, "candidates": {f"{t:g}": row for t, row in table_rows.items()}}
 
 
 @torch.no_grad()
@@ -349,6 +416,18 @@ def refine_overhead(refiner: SelfRefiner, bundle, drafts: dict, repeats: int = 2
     return {"self_refine_seconds": seconds, "draft_seconds": draft_seconds, "ratio": seconds / draft_seconds}
 
 
+def step_loss(refiner: SelfRefiner, model, table: torch.Tensor, vq: torch.Tensor, drafts: dict, index: torch.Tensor,
+              config: "RefinerTrainConfig") -> torch.Tensor:
+    """One batch's loss: the refinement objective, plus the learned gate's cross-entropy when g_phi has one."""
+    if not refiner.learned_gate:
+        refined, target = refine_batch(refiner, table, drafts, index, model)
+        return refiner_loss(refined, target, config.loss, table, drafts["answer"][index])
+    refined, target, logits = refine_batch(refiner, table, drafts, index, model, with_gate=True)
+    proposed, helps = gate_labels(refiner, refined, table, drafts["draft"][index], drafts["answer"][index], vq)
+    return (refiner_loss(refined, target, config.loss, table, drafts["answer"][index])
+            + config.gate_weight * gate_loss(logits, proposed, helps))
+
+
 def new_refiner(bundle, config: RefinerTrainConfig) -> SelfRefiner:
     """A fresh g_phi for `bundle` as `config` asks: as wide as the backbone's embeddings (space "backbone"), or
     refining the tokenizer's code vectors in a `width`-wide block (space "codes")."""
@@ -357,9 +436,10 @@ def new_refiner(bundle, config: RefinerTrainConfig) -> SelfRefiner:
     grid = bundle.tokenizer.grid
     if config.space == "codes":
         return SelfRefiner(dim=int(bundle.tokenizer.codebook.shape[1]), grid=grid, heads=config.heads, kind=config.kind,
-                           with_query=config.with_query, space="codes", width=config.width or 128)
+                           with_query=config.with_query, space="codes", width=config.width or 128,
+                           learned_gate=config.learned_gate)
     return SelfRefiner.for_backbone(bundle.backbone, grid=grid, heads=config.heads, kind=config.kind,
-                                    with_query=config.with_query, width=config.width)
+                                    with_query=config.with_query, width=config.width, learned_gate=config.learned_gate)
 
 
 def refiner_table(refiner: SelfRefiner, bundle) -> torch.Tensor:
@@ -413,6 +493,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
                 f"params, width {refiner.dim}, {len(train['tasks'])} train / {len(validation['tasks'])} val drafts, "
                 f"tasks {', '.join(tasks)}, config {asdict(config)}")
     table = refiner_table(refiner, bundle)                             # frozen f_embed rows or VQ codes, (C, D)
+    vq = bundle.tokenizer.codebook.detach().float().to(device)          # the learned gate's pixel proxy
     optimizer = torch.optim.AdamW(refiner.parameters(), lr=config.lr)
     backbone_parameters = {id(p) for p in backbone.parameters()}
     assert not any(id(p) in backbone_parameters for group in optimizer.param_groups for p in group["params"])
@@ -429,8 +510,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
         total = 0.0
         for step, index in enumerate(torch.randperm(len(train["tasks"]), generator=order).split(config.batch)):
             if processes == 1:
-                refined, target = refine_batch(refiner, table, train, index, model)
-                loss = refiner_loss(refined, target, config.loss, table, train["answer"][index])
+                loss = step_loss(refiner, model, table, vq, train, index, config)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
@@ -438,8 +518,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
                 mine = index[uneven_rows(accelerator, len(index))]     # a short last batch may leave a process none
                 weight = len(mine) * processes / len(index)
                 mine = mine if len(mine) else index[:1]                # weight 0: it still joins the gradient reduction
-                refined, target = refine_batch(refiner, table, train, mine, model)
-                local = refiner_loss(refined, target, config.loss, table, train["answer"][mine])
+                local = step_loss(refiner, model, table, vq, train, mine, config)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(local * weight)
                 optimizer.step()
@@ -458,6 +537,13 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
         whole.load_state_dict(unwrapped_state(accelerator, model))
         refiner = whole.to(device)
     refiner.eval()
+    gate = None
+    if config.learned_gate:             # chosen on validation drafts, stored in the saved config
+        gate = choose_gate_threshold(refiner, bundle, validation)
+        refiner.gate_threshold = gate["threshold"]
+        refiner._hub_mixin_config["gate_threshold"] = gate["threshold"]
+        rows = ", ".join(f"{t} {r['error_change']:+.4f}/{r['changed']:.3f}" for t, r in gate["candidates"].items())
+        logger.info(f"learned gate: threshold {gate['threshold']:g} (by threshold: VQ error change per cell / cells changed: {rows})")
     train_after = evaluate(refiner, bundle, train, config.loss)["loss"]
 
     # Algorithm 1, line 10: g_phi only. The backbone must be exactly what it was.
@@ -467,6 +553,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     report = {"train_loss": {"before": train_before, "after": train_after, "per_epoch": epoch_losses},
               "validation": evaluate(refiner, bundle, validation, config.loss),
               "overhead": refine_overhead(refiner, bundle, validation, draft_seconds=unbatched),
+              **({"learned_gate": gate} if gate else {}),
               "timings_seconds": timings, "backbone_sha256": backbone_hash, "backbone_unchanged": True,
               "refiner_config": dict(refiner._hub_mixin_config), "parameters": sum(p.numel() for p in refiner.parameters()),
               "tasks": list(tasks), "train_drafts": len(train["tasks"]), "val_drafts": len(validation["tasks"]),
@@ -517,6 +604,9 @@ def main(argv=None):
     parser.add_argument("--space", choices=SPACES, default=defaults.space,
                         help="refine the backbone's code embeddings (the paper) or the tokenizer's VQ code vectors")
     parser.add_argument("--width", type=int, default=None, help="g_phi's block width (space codes: default 128)")
+    parser.add_argument("--learned-gate", action="store_true",
+                        help="also train a per-cell gate: change a cell only where g_phi's new code is likely to help")
+    parser.add_argument("--gate-weight", type=float, default=defaults.gate_weight, help="the gate's loss weight")
     parser.add_argument("--draft-batch", type=int, default=defaults.draft_batch,
                         help="drafts written together, grouped by K (SCAN-form bundles; about 3x faster at 16 on a CPU)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
