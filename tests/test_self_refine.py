@@ -339,6 +339,22 @@ def test_the_learned_gate_keeps_the_draft_where_it_doubts_and_loads_with_its_thr
     assert torch.equal(self_refine(loaded, backbone, vocab, codes), self_refine(refiner, backbone, vocab, codes))
 
 
+def test_keep_copies_leaves_every_cell_the_draft_copied_from_the_query(parts):
+    tokenizer, backbone, vocab = parts
+    refiner = randomised(SelfRefiner.for_backbone(backbone, grid=tokenizer.grid), std=0.3)
+    generator = torch.Generator().manual_seed(7)
+    query = torch.randint(0, vocab.codebook_size, (vocab.cells,), generator=generator)
+    codes = torch.randint(0, vocab.codebook_size, (2, vocab.cells), generator=generator)
+    codes[:, : vocab.cells // 2] = query[: vocab.cells // 2]                       # the first half copied
+    free = self_refine(refiner, backbone, vocab, codes)
+    kept = self_refine(refiner, backbone, vocab, codes, query_codes=query, keep_copies=True)
+    copied = codes == query[None]
+    assert bool((free[copied] != codes[copied]).any())                            # g_phi alone would move copies
+    assert torch.equal(kept[copied], codes[copied]) and torch.equal(kept[~copied], free[~copied])
+    with pytest.raises(ValueError, match="query_codes"):
+        self_refine(refiner, backbone, vocab, codes, keep_copies=True)
+
+
 def test_gate_labels_mark_proposals_that_bring_the_vq_vector_closer():
     vq = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
     table = vq.clone()
@@ -440,7 +456,7 @@ def test_eval_vsr_compares_variants_on_the_same_drafts(parts, tmp_path, capsys):
     rows = json.loads((tmp_path / "out/results.json").read_text())["table"]["colorization"]
     for base in ("", "+SCAN"):
         for name in ("same", "moves"):
-            for suffix in ("", " gate 0.01", " continuous"):
+            for suffix in ("", " gate 0.01", " keep copies", " continuous"):
                 assert f"{base}+VSR[{name}]{suffix}" in rows
     assert {"*identity*", "*ceiling*", "draft", "+SCAN"} <= set(rows)
     assert rows["+VSR[same]"]["psnr"] == rows["draft"]["psnr"] and rows["+VSR[same]"]["changed"] == 0

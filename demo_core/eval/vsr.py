@@ -7,7 +7,8 @@ Each validation example (the same ones, seeds and sampling as `demo_core eval`) 
 refined by SCAN once, and then every g_phi variant refines both the draft and the SCAN answer: snapped to codes
 (its own nearest-code rule), snapped with each confidence gate, and, for a g_phi of the tokenizer's code space,
 decoded continuously (its refined latents straight into the VQ decoder), and, for a g_phi with a learned gate, gated
-by it (its ungated row is the same g_phi with the gate off). So the rows differ only by the refiner.
+by it (its ungated row is the same g_phi with the gate off); and every g_phi once more keeping the cells the draft
+copied from the query (with paste, those show the query's own pixels). So the rows differ only by the refiner.
 Beside them, as in `eval`: identity (the query handed back) and ceiling (the right answer through the tokenizer).
 
 Per row: PSNR, token accuracy, the share of cells changed, g_phi's seconds as a share of the draft's, and the
@@ -48,14 +49,17 @@ def load_variants(items: list[str]) -> dict:
     return variants
 
 
-def variant_rows(name: str, refiner, gates: list[float]) -> list[tuple[str, float, bool, bool]]:
-    """(row label, margin gate, continuous, learned gate on) for one g_phi: snapped, each margin gate, its learned
-    gate (at its stored threshold) where it has one, and its continuous decode where it has one."""
-    rows = [(f"+VSR[{name}]", 0.0, False, False)] + [(f"+VSR[{name}] gate {g:g}", g, False, False) for g in gates]
+def variant_rows(name: str, refiner, gates: list[float]) -> list[tuple[str, float, bool, bool, bool]]:
+    """(row label, margin gate, continuous, learned gate on, keep copies) for one g_phi: snapped, each margin gate,
+    its learned gate (at its stored threshold) where it has one, snapped but keeping every cell the draft copied from
+    the query, and its continuous decode where it has one."""
+    rows = [(f"+VSR[{name}]", 0.0, False, False, False)] + [(f"+VSR[{name}] gate {g:g}", g, False, False, False)
+                                                           for g in gates]
     if refiner.learned_gate:
-        rows.append((f"+VSR[{name}] learned gate {refiner.gate_threshold:g}", 0.0, False, True))
+        rows.append((f"+VSR[{name}] learned gate {refiner.gate_threshold:g}", 0.0, False, True, False))
+    rows.append((f"+VSR[{name}] keep copies", 0.0, False, False, True))
     if refiner.space == "codes":
-        rows.append((f"+VSR[{name}] continuous", 0.0, True, False))
+        rows.append((f"+VSR[{name}] continuous", 0.0, True, False, False))
     return rows
 
 
@@ -106,10 +110,11 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
                 add("draft" if base == "draft" else "+SCAN", result.stages[base], codes, truth, target, draft_codes)
                 codes_t = torch.as_tensor(codes).long()[None]
                 for name, refiner in variants.items():
-                    for label, gate, continuous, learned in variant_rows(name, refiner, gates):
+                    for label, gate, continuous, learned, keep in variant_rows(name, refiner, gates):
                         start = time.perf_counter()
                         new, latents = refine(refiner, engine.model, engine.vocab, codes_t, query_codes=query_codes[None],
-                                              codebook=engine.tokenizer.codebook, gate=gate, learned_gate=learned)
+                                              codebook=engine.tokenizer.codebook, gate=gate, learned_gate=learned,
+                                              keep_copies=keep)
                         seconds = time.perf_counter() - start
                         decoded = float_to_pil(engine.tokenizer.decode_latents(latents[:1])[0]) if continuous else None
                         image = engine.render(new[0], query, query_codes, settings.get("paste_query"), decoded)

@@ -226,8 +226,11 @@ def refine_latents(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, code
 @torch.no_grad()
 def refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
            query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
-           gate: float = 0.0, learned_gate: float | bool | None = None) -> tuple[torch.LongTensor, torch.Tensor]:
+           gate: float = 0.0, learned_gate: float | bool | None = None, keep_copies: bool = False,
+           ) -> tuple[torch.LongTensor, torch.Tensor]:
     """`self_refine`'s refined codes (B, N), and the refined vectors e' (B, N, dim) they were snapped from."""
+    if keep_copies and query_codes is None:
+        raise ValueError("keep_copies needs the query's codes (query_codes)")
     table = refine_table(refiner, backbone, vocab, codebook).to(next(refiner.parameters()).device)
     refined, logits = _refined_vectors(refiner, table, vocab, codes, query_codes)          # (B, N, dim), (B, N) | None
     new = nearest_codes_l2(refined, table) if refiner.space == "codes" else nearest_codes(refined, table)
@@ -238,6 +241,9 @@ def refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch
     threshold = gate_threshold(refiner, learned_gate)
     if threshold is not None:
         new = torch.where(torch.sigmoid(logits.float()).to(new.device) > threshold, new, old)
+    if keep_copies:         # a cell the draft copied from the query stays (with paste, it shows the query's own pixels)
+        copied = old == query_codes.reshape(-1, vocab.cells).to(new.device)
+        new = torch.where(copied, old, new)
     return new.to(codes.device), refined
 
 
@@ -253,7 +259,7 @@ def gate_threshold(refiner: SelfRefiner, learned_gate: float | bool | None = Non
 
 def self_refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
                 query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
-                gate: float = 0.0, learned_gate: float | bool | None = None) -> torch.LongTensor:
+                gate: float = 0.0, learned_gate: float | bool | None = None, keep_copies: bool = False) -> torch.LongTensor:
     """Drafted answer codes (B, N) -> refined codes (B, N) on the codes' device (Sec. 3.3, Fig. 1 lower right).
 
     e = f_embed(y_q) -> e' = g_phi(e) (Eq. 3) -> nearest code: by cosine over the backbone's code embeddings
@@ -261,6 +267,7 @@ def self_refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: 
     `query_codes` ((N,), (1, N) or (B, N)) is read only by a g_phi built `with_query`. `gate` > 0: a cell takes
     its new code only where e' prefers it over the draft's code by more than `gate` (cosine gain, or the L2 gain
     over the codebook's mean squared norm); elsewhere the draft's code stays. A g_phi with a learned gate applies it
-    by default (its stored threshold; `learned_gate` a float: that threshold; False: off).
+    by default (its stored threshold; `learned_gate` a float: that threshold; False: off). `keep_copies`: cells whose
+    draft code is the query's own (`query_codes` needed) keep it, whatever g_phi proposes.
     """
-    return refine(refiner, backbone, vocab, codes, query_codes, codebook, gate, learned_gate)[0]
+    return refine(refiner, backbone, vocab, codes, query_codes, codebook, gate, learned_gate, keep_copies)[0]
