@@ -95,6 +95,15 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0.0 else float(10.0 * np.log10(1.0 / mse))
 
 
+PSNR_CAP = 100.0   # dB: an exact image's PSNR when it enters a mean (psnr_batch clamps there too)
+
+
+def mean_psnr(values) -> float:
+    """Mean of per-example PSNRs, each capped at PSNR_CAP, so one exact example (inf) cannot make the mean inf."""
+    values = np.minimum(np.asarray(list(values), dtype=np.float64), PSNR_CAP)
+    return float(values.mean()) if values.size else float("nan")
+
+
 def psnr_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(B,) PSNR in dB of each pair of two BxHxWxC float batches in [0, 1] (vectorised; clamped at 100 dB)."""
     mse = ((np.asarray(a) - np.asarray(b)) ** 2).reshape(len(a), -1).mean(1)

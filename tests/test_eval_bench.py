@@ -67,7 +67,7 @@ def test_perfect_predictor_scores_perfectly(bundle, monkeypatch):
     monkeypatch.setattr(eval_quality, "run_stages", perfect)      # the eval package measures in eval/quality.py
     result = eval_module.evaluate(engine, ["inpainting"], n=2, pairs=1, seed=0, labels=["draft"], settings={}, progress=False)
     row = result["table"]["inpainting"]["draft"]
-    assert row["psnr"] == float("inf") and row["ssim"] == pytest.approx(1.0) and row["token_acc"] == 1.0
+    assert row["psnr"] == 100.0 and row["ssim"] == pytest.approx(1.0) and row["token_acc"] == 1.0   # exact: capped
     assert row["lpips"] == pytest.approx(0.0, abs=1e-6) and row["cos_auc"] == pytest.approx(0.0, abs=1e-6)
 
 

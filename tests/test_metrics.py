@@ -48,6 +48,8 @@ def photos() -> dict[str, np.ndarray]:
 def test_identities(photos):
     face = photos["face"]
     assert metrics.psnr(face, face) == math.inf
+    assert metrics.mean_psnr([metrics.psnr(face, face), 20.0]) == 60.0     # an exact example enters a mean at 100 dB
+    assert math.isnan(metrics.mean_psnr([]))
     assert metrics.ssim(face, face) == pytest.approx(1.0, abs=1e-12)
     assert metrics.lpips_distance(face, face) == 0.0
     tokens = np.arange(64).reshape(8, 8)

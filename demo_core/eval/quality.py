@@ -102,7 +102,7 @@ def code_stability(example: Example, query_codes: torch.Tensor, answer_codes: to
 
 def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], settings: dict, examples_out: list | None = None,
              progress: bool = True, pool: str = "builtin", split: str = "val") -> dict:
-    from ..metrics import edge_precision_recall, fid, lpips_batch, psnr, ssim, token_accuracy
+    from ..metrics import edge_precision_recall, fid, lpips_batch, mean_psnr, psnr, ssim, token_accuracy
     from ..token_metrics import auroc, token_cosine_distances
 
     table, curves, task_curves = {}, {}, {}
@@ -159,7 +159,7 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
         table[task] = {}
         for label, row in rows.items():
             lp = lpips_batch(row["images"], truths)
-            entry = {"psnr": float(np.mean(row["psnr"])), "ssim": float(np.mean(row["ssim"])), "lpips": float(np.mean(lp)),
+            entry = {"psnr": mean_psnr(row["psnr"]), "ssim": float(np.mean(row["ssim"])), "lpips": float(np.mean(lp)),
                      "token_acc": float(np.mean(row["acc"])), "cos_auc": float(np.mean(row["cos"])),
                      "seconds": float(np.mean(row["time"])),
                      "fid": float(fid(row["images"], truths)) if n >= 10 else None}
@@ -170,7 +170,7 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             curves.setdefault(label, []).extend(row["cos"])
             task_curves.setdefault(task, {})[label] = np.mean(row["cos"], axis=0).tolist()
         table[task]["references"] = {
-            name: {"psnr": float(np.mean([psnr(image, t) for image, t in zip(images, truths)])),
+            name: {"psnr": mean_psnr(psnr(image, t) for image, t in zip(images, truths)),
                    "ssim": float(np.mean([ssim(image, t) for image, t in zip(images, truths)])),
                    "lpips": float(np.mean(lpips_batch(images, truths)))}
             for name, images in references.items()}
@@ -210,7 +210,7 @@ def incontext_check(engine, n: int, pairs: int, seed: int, settings: dict) -> di
 
 
 def scan_ablation(engine, tasks, n, pairs, seed, iterations: list[int], cells: list[int], settings) -> list[dict]:
-    from ..metrics import psnr
+    from ..metrics import mean_psnr, psnr
     from ..metrics import token_accuracy
 
     rows = []
@@ -227,7 +227,7 @@ def scan_ablation(engine, tasks, n, pairs, seed, iterations: list[int], cells: l
                     values.append(psnr(pil_to_float(out["image"]), pil_to_float(float_to_pil(example.answer))))
                     accs.append(token_accuracy(out["tokens"].flatten(), truth))
                     seconds.append(out["time"])
-            rows.append({"T": t, "c": c, "psnr": float(np.mean(values)), "token_acc": float(np.mean(accs)),
+            rows.append({"T": t, "c": c, "psnr": mean_psnr(values), "token_acc": float(np.mean(accs)),
                          "seconds": float(np.mean(seconds))})
     return rows
 

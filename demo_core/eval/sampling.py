@@ -26,7 +26,7 @@ def _floats(text: str) -> list[float]:
 def measure(engine, tasks, n: int, pairs: int, seed: int, settings: dict, stage: str, pool: str, progress=None) -> dict:
     """Mean PSNR of `stage` ('draft' or '+SCAN') per task for one setting; the same examples for every setting."""
     from ..images import float_to_pil, pil_to_float
-    from ..metrics import psnr
+    from ..metrics import mean_psnr, psnr
     from .family import example_sampler
     from .quality import run_stages
 
@@ -40,7 +40,7 @@ def measure(engine, tasks, n: int, pairs: int, seed: int, settings: dict, stage:
             values.append(psnr(pil_to_float(out["image"]), pil_to_float(float_to_pil(example.answer))))
             if progress:
                 progress()
-        per_task[task] = float(np.mean(values))
+        per_task[task] = mean_psnr(values)
     return {"per_task": per_task, "mean": float(np.mean(list(per_task.values())))}
 
 

@@ -2,15 +2,13 @@
 and the true next frame through the tokenizer (its ceiling), per sequence kind, draft and +SCAN."""
 from __future__ import annotations
 
-import numpy as np
-
 
 def evaluate_sequences(engine, n: int, frames: int, seed: int, settings: dict, pool: str, progress: bool = True) -> dict:
     """{kind: {"identity": psnr, "ceiling": psnr, "draft": psnr, "+SCAN": psnr, "n": n}} on validation photos."""
     from tqdm import tqdm
 
     from ..images import float_to_pil, pil_to_float
-    from ..metrics import psnr
+    from ..metrics import mean_psnr, psnr
     from ..sequences import SEQUENCE_KINDS, SequenceSampler
 
     frames = max(2, min(frames, engine.max_frames))
@@ -33,7 +31,7 @@ def evaluate_sequences(engine, n: int, frames: int, seed: int, settings: dict, p
             if scan:
                 rows["+SCAN"].append(psnr(pil_to_float(result.stages["scan"]), truth))
             bar.update(1)
-        table[kind] = {name: float(np.mean(values)) for name, values in rows.items() if values}
+        table[kind] = {name: mean_psnr(values) for name, values in rows.items() if values}
         table[kind]["n"] = n
     bar.close()
     return {"frames": frames, "table": table}

@@ -89,7 +89,7 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
     from tqdm import tqdm
 
     from .quality import encode_example
-    from ..metrics import psnr, ssim, token_accuracy
+    from ..metrics import mean_psnr, psnr, ssim, token_accuracy
 
     rows = []
     bar = tqdm(total=len(tasks) * n * len(variants), desc="eval tensor", disable=not progress, dynamic_ncols=True)
@@ -114,7 +114,7 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
             info = variants[name][1]
             rows.append({"task": task, "variant": name, "k": info["k"], "noise": info.get("noise"), "weights": info.get("weights"),
                          "schedule": info["schedule"], "steps": info["steps"],
-                         "psnr": float(np.mean(value["psnr"])), "ssim": float(np.mean(value["ssim"])),
+                         "psnr": mean_psnr(value["psnr"]), "ssim": float(np.mean(value["ssim"])),
                          "token_acc": float(np.mean(value["acc"])), "seconds": float(np.mean(value["time"]))})
     bar.close()
     return rows

@@ -67,7 +67,7 @@ def variant_rows(name: str, refiner, gates: list[float]) -> list[tuple[str, floa
 def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: int, seed: int, settings: dict,
                       gates: list[float], pool: str = "debian", split: str = "val", progress: bool = True) -> dict:
     """{task: {row: {psnr, token_acc, changed, vsr_share, curve}}} over `n` examples per task (see the module doc)."""
-    from ..metrics import psnr
+    from ..metrics import mean_psnr, psnr
     from ..refiners.self_refine import refine
     from ..token_metrics import token_cosine_distances
 
@@ -121,7 +121,7 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
                         add(prefix + label, image, new[0].cpu().numpy(), truth, target, draft_codes,
                             seconds if base == "draft" else None, draft_seconds)
             bar.update(1)
-        table[task] = {label: {"psnr": float(np.mean(r["psnr"])),
+        table[task] = {label: {"psnr": mean_psnr(r["psnr"]),
                                "token_acc": float(np.mean(r["acc"])) if r["acc"] else None,
                                "changed": float(np.mean(r["changed"])) if r["changed"] else None,
                                "vsr_share": float(np.median(r["share"])) if r["share"] else None,
