@@ -189,6 +189,11 @@ def nearest_codes_l2(vectors: torch.Tensor, codebook: torch.Tensor, chunk: int =
     return indices.view(vectors.shape[:-1])
 
 
+def snap_codes(refiner: SelfRefiner, vectors: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """g_phi's own nearest-code rule over `table` (its `refine_table`): L2 for space "codes", cosine otherwise."""
+    return nearest_codes_l2(vectors, table) if refiner.space == "codes" else nearest_codes(vectors, table)
+
+
 def _preference(refined: torch.Tensor, table: torch.Tensor, new: torch.Tensor, old: torch.Tensor, space: str) -> torch.Tensor:
     """How much the refined vectors prefer their new code over the draft's: cosine gain, or L2 gain in the
     codebook's own units (squared distance over the mean squared code norm)."""
@@ -233,7 +238,7 @@ def refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch
         raise ValueError("keep_copies needs the query's codes (query_codes)")
     table = refine_table(refiner, backbone, vocab, codebook).to(next(refiner.parameters()).device)
     refined, logits = _refined_vectors(refiner, table, vocab, codes, query_codes)          # (B, N, dim), (B, N) | None
-    new = nearest_codes_l2(refined, table) if refiner.space == "codes" else nearest_codes(refined, table)
+    new = snap_codes(refiner, refined, table)
     old = codes.to(new.device)
     if gate > 0:
         keep = _preference(refined, table.to(new.device), new, old, refiner.space) <= gate

@@ -41,8 +41,7 @@ from tqdm import tqdm
 
 from ..backbone import SamplingConfig
 from ..drafts.scan_form import draft_scan
-from ..refiners.self_refine import (KINDS, SPACES, SelfRefiner, cosine_distance, nearest_codes, nearest_codes_l2,
-                                    refine_table, self_refine)
+from ..refiners.self_refine import KINDS, SPACES, SelfRefiner, cosine_distance, refine_table, self_refine, snap_codes
 from ..task_family import KINDS as FAMILY_KINDS, TRAIN_KINDS
 from ..tasks import CORE_TASKS, TASKS, ExampleSampler
 from ..tokenizer import DEFAULT_PIXEL_RANGE
@@ -294,11 +293,6 @@ def refine_batch(refiner: SelfRefiner, table: torch.Tensor, drafts: dict, index:
 
 # -- the learned gate (beyond the paper) ----------------------------------------------------------
 
-def snap(refiner: SelfRefiner, refined: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """g_phi's own nearest-code rule: L2 over the VQ codebook (space "codes") or cosine over f_embed's rows."""
-    return nearest_codes_l2(refined, table) if refiner.space == "codes" else nearest_codes(refined, table)
-
-
 def code_error(codes: torch.Tensor, answer: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
     """(B, N) squared L2 distance between the VQ code vectors of `codes` and of the right answer: what the decoder
     reads, so a pixel proxy whichever space g_phi refines in."""
@@ -310,7 +304,7 @@ def gate_labels(refiner: SelfRefiner, refined: torch.Tensor, table: torch.Tensor
                 vq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(proposed (B, N) bool: g_phi's snapped code differs from the draft's, helps (B, N) float: taking it brings
     the cell's VQ vector closer to the right answer's). The gate learns P(helps | proposed)."""
-    new = snap(refiner, refined.detach(), table).to(draft.device)
+    new = snap_codes(refiner, refined.detach(), table).to(draft.device)
     proposed = new != draft
     helps = code_error(new, answer, vq) < code_error(draft, answer, vq)
     return proposed, helps.float()
@@ -336,7 +330,7 @@ def choose_gate_threshold(refiner: SelfRefiner, bundle, drafts: dict, thresholds
     for index in torch.arange(len(drafts["tasks"])).split(batch):
         refined, _, logits = refine_batch(refiner, table, drafts, index, with_gate=True)
         draft, answer = drafts["draft"][index], drafts["answer"][index]
-        new = snap(refiner, refined, table).cpu()
+        new = snap_codes(refiner, refined, table).cpu()
         before = code_error(draft, answer, vq).cpu()
         gain = code_error(new, answer, vq).cpu() - before
         probability = torch.sigmoid(logits.float()).cpu()
