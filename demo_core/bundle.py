@@ -73,6 +73,13 @@ class Bundle:
         return None if value is None else float(value)
 
     @property
+    def vsr_defaults(self) -> dict:
+        """VSR's decode rules a run uses unless told otherwise (bundle.json "vsr": "keep_copies", "score_gate",
+        "gate"), as RunSettings fields (vsr_keep_copies, vsr_score_gate, vsr_gate); {} if the bundle says nothing."""
+        section = self.info.get("vsr") or {}
+        return {f"vsr_{key}": section[key] for key in VSR_FIELDS if key in section}
+
+    @property
     def paste_query(self) -> bool:
         """Whether answers show the query's own pixels where they keep its codes (`render.py`): bundle.json
         "paste_query" when it says, else on exactly for a tokenizer with local codes."""
@@ -94,6 +101,7 @@ class Bundle:
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+VSR_FIELDS = ("keep_copies", "score_gate", "gate")
 
 
 def sampling_defaults(info: dict) -> dict:

@@ -48,6 +48,7 @@ def reconstruct_main(argv=None) -> int:
 
 def generate_main(argv=None) -> int:
     from .backbone import QUALITY_SCORES
+    from .refiners.self_refine import SCORE_GATES
     from .engine import DRAFT_MODES
 
     parser = argparse.ArgumentParser(prog="python -m demo_core generate",
@@ -74,8 +75,14 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--scan-temperature", type=float, default=None,
                         help="SCAN's regeneration temperature (default: the model's own, else the draft's)")
-    parser.add_argument("--vsr-gate", type=float, default=0.0,
-                        help="VSR changes a cell only where g_phi prefers its new code by more than this margin")
+    parser.add_argument("--vsr-gate", type=float, default=None,
+                        help="VSR changes a cell only where g_phi prefers its new code by more than this margin "
+                             "(default: the bundle's, else 0)")
+    parser.add_argument("--vsr-keep-copies", choices=("bundle", "on", "off"), default="bundle",
+                        help="VSR leaves the cells the draft copied from the query (default: the bundle's choice)")
+    parser.add_argument("--vsr-score-gate", choices=("bundle", *SCORE_GATES), default="bundle",
+                        help="keep VSR's proposals only where (cells) or if (answer) the backbone scores them above the "
+                             "draft, SCAN's acceptance rule (default: the bundle's choice, else off)")
     parser.add_argument("--paste", choices=("bundle", "on", "off"), default="bundle",
                         help="where the answer keeps the query's code: on shows the query's own pixels, off the "
                              "tokenizer's decode (default: the bundle's choice, on for local codes; render.py)")
@@ -112,7 +119,10 @@ def generate_main(argv=None) -> int:
                     if value is not None}
         options = dict(refine=refine, seed=args.seed, **sampling, candidates=args.candidates,
                        scan_iterations=args.scan_iterations, scan_cells=args.scan_cells, quality_score=args.quality_score,
-                       draft_mode=args.draft_mode, adapter=adapter, vsr_gate=args.vsr_gate,
+                       draft_mode=args.draft_mode, adapter=adapter,
+                       **({} if args.vsr_gate is None else {"vsr_gate": args.vsr_gate}),
+                       **({} if args.vsr_keep_copies == "bundle" else {"vsr_keep_copies": args.vsr_keep_copies == "on"}),
+                       **({} if args.vsr_score_gate == "bundle" else {"vsr_score_gate": args.vsr_score_gate}),
                        **({} if args.paste == "bundle" else {"paste_query": args.paste == "on"}))
         truth = _load_truth(args, engine.image_size) if args.truth else None
         if args.frames is not None:

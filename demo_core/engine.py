@@ -26,7 +26,7 @@ from .events import (DraftDone, Event, Finished, GenerationStarted, Result, Scan
                      as_grid)
 from .formats import sequence_format
 from .images import ImageInputError, float_to_pil, load_square, open_image, to_square
-from .refiners.self_refine import refine, self_refine
+from .refiners.self_refine import SCORE_GATES, gated_latents, refine, score_gate
 from .render import kept_cells, render
 from .sequence import context_tokens, frames_context
 from .teach.adapter import AdapterError, TaskAdapter, applied
@@ -59,6 +59,9 @@ class RunSettings:
     scan_cells: int = 4                   # SCAN c
     quality_score: str = "combined"       # backbone.token_score: "combined" p(<good>) x p(code), or "head" (SCAN paper)
     vsr_gate: float = 0.0                 # VSR changes a cell only where g_phi prefers its new code by this margin
+    vsr_keep_copies: bool = False         # VSR leaves the cells the draft copied from the query as they are
+    vsr_score_gate: str = "off"           # VSR's proposals kept only where ("cells") or if ("answer") the backbone
+                                          # scores them above the draft (SCAN's Eq. 5); a bundle's "vsr" sets these
     canvas_every: int = 4                 # decode the live canvas every n tokens (0: never); a run's default is the
                                           # engine's `canvas_every_default` (CANVAS_FRAMES canvases a draft)
     decode_scan_steps: bool = True        # decode an image after every SCAN iteration
@@ -340,7 +343,8 @@ class Engine:
             raise EngineInputError(f"Unknown setting {unknown_settings[0]!r}; see RunSettings for the options.")
         stages = tuple(STAGE_ALIASES.get(stage, stage) for stage in (refine or ()))
         settings = RunSettings(refine=stages, seed=int(seed), **{**self.sampling_defaults, "canvas_every": self.canvas_every_default,
-                                                                 "scan_temperature": self.bundle.scan_temperature, **settings})
+                                                                 "scan_temperature": self.bundle.scan_temperature,
+                                                                 **self.bundle.vsr_defaults, **settings})
         if settings.paste_query is None:
             settings.paste_query = self.bundle.paste_query
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
@@ -362,6 +366,8 @@ class Engine:
         if settings.quality_score not in self.format.quality_scores:
             raise EngineInputError(f"This model has no quality token ({self.format.name} format): it scores a token by "
                                    f"its probability; choose the quality score {self.format.quality_scores[0]!r}.")
+        if settings.vsr_score_gate not in SCORE_GATES:
+            raise EngineInputError(f"Unknown VSR score gate {settings.vsr_score_gate!r}; choose from {', '.join(SCORE_GATES)}.")
         if settings.candidates < 1 or settings.scan_iterations < 0 or settings.scan_cells < 1:
             raise EngineInputError("candidates and SCAN c must be at least 1, SCAN T at least 0.")
         return settings
@@ -449,14 +455,16 @@ class Engine:
                         record.image = decode(record.codes)
                     history.append(record)
                     yield record
-            elif stage == "vsr":                    # g_phi over the answer's embeddings, then re-scored
-                new_codes = self_refine(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None],
-                                        codebook=self.tokenizer.codebook, gate=settings.vsr_gate)
-                fmt.rescore(state, new_codes, context, settings)
-            else:                                   # "vsr-continuous": the refined latents decoded as they are
+            else:       # "vsr" (snapped) or "vsr-continuous" (the refined latents decoded as they are): g_phi, re-scored
                 new_codes, latents = refine(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None],
-                                            codebook=self.tokenizer.codebook)
-                fmt.rescore(state, new_codes, context, settings)  # its codes, for the scores and later stages: L2-snapped
+                                            codebook=self.tokenizer.codebook, gate=settings.vsr_gate,
+                                            keep_copies=settings.vsr_keep_copies)
+                draft_codes, draft_scores = state.codes, state.scores
+                fmt.rescore(state, new_codes, context, settings)  # its codes, for the scores and later stages: snapped
+                if settings.vsr_score_gate != "off":               # the backbone keeps only the proposals it prefers
+                    kept = score_gate(draft_codes, state.codes, draft_scores, state.scores, settings.vsr_score_gate)
+                    if not torch.equal(kept, state.codes):
+                        fmt.rescore(state, kept, context, settings)
             name = stage if stage not in stage_images else f"{stage}#{len(stage_images)}"
             changed[name] = torch.nonzero(state.codes[0].cpu() != before.cpu()).flatten().tolist()
             stage_codes[name] = as_grid(state.codes[0])
@@ -464,7 +472,8 @@ class Engine:
             timings[name] = time.perf_counter() - start - (timings["decode"] - decoded)
             if stage == "vsr-continuous":
                 tick = time.perf_counter()
-                continuous = float_to_pil(self.tokenizer.decode_latents(latents[:1])[0])
+                latents = gated_latents(latents[:1], state.codes[:1], self.tokenizer.codebook)   # a kept cell: its code
+                continuous = float_to_pil(self.tokenizer.decode_latents(latents)[0])
                 timings["decode"] += time.perf_counter() - tick
                 stage_images[name] = decode(state.codes[0], continuous)
             else:

@@ -194,3 +194,12 @@ def test_fid_of_a_set_with_itself_and_with_another_set(photos):
 def test_fid_needs_two_images_per_side(photos):
     with pytest.raises(ValueError, match="at least 2 images"):
         metrics.fid([photos["face"]], [photos["cup"], photos["beans"]])
+
+
+def test_pooled_psnr_is_the_psnr_of_the_mean_squared_error():
+    """Pooled PSNR: one near-exact example cannot dominate (the mean of PSNRs 60 and 10 is 35; the pooled is ~13)."""
+    assert abs(metrics.pooled_psnr([20.0, 20.0]) - 20.0) < 1e-9
+    expected = 10 * math.log10(1 / ((1e-6 + 1e-1) / 2))
+    assert abs(metrics.pooled_psnr([60.0, 10.0]) - expected) < 1e-9 and metrics.pooled_psnr([60.0, 10.0]) < 13.1
+    assert metrics.pooled_psnr([float("inf"), 20.0]) == metrics.pooled_psnr([100.0, 20.0])
+    assert math.isnan(metrics.pooled_psnr([]))

@@ -10,8 +10,8 @@ from demo_core.backbone import BackboneConfig, build_backbone
 from demo_core.bundle import BundleError, load_bundle, save_bundle
 from demo_core.engine import load_engine
 from demo_core.events import StageDone
-from demo_core.refiners.self_refine import (KINDS, SelfRefiner, code_embeddings, nearest_codes, nearest_codes_l2,
-                                           refine_latents, self_refine)
+from demo_core.refiners.self_refine import (KINDS, SelfRefiner, code_embeddings, gated_latents, nearest_codes,
+                                           nearest_codes_l2, refine_latents, score_gate, self_refine)
 from demo_core.testing import build_tiny_bundle, tiny_parts
 from demo_core.train import refiner as trainer
 
@@ -104,7 +104,7 @@ def test_save_load_round_trip_is_exact_and_strict(parts, tmp_path):
     refiner.save_pretrained(tmp_path / "g")
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     assert config == {"dim": 32, "grid": 4, "heads": 8, "ffn_multiple": 2, "kind": "conv", "with_query": True,
-                      "space": "backbone", "width": None, "learned_gate": False, "gate_threshold": 0.5}
+                      "space": "backbone", "width": None, "learned_gate": False, "gate_threshold": 0.5, "gate_scope": "cells"}
     rebuilt = SelfRefiner(**config)                     # what bundle.py does, then a strict load
     rebuilt.load_state_dict(load_file(tmp_path / "g" / "model.safetensors"), strict=True)
     for loaded in (SelfRefiner.from_pretrained(tmp_path / "g"), rebuilt):
@@ -415,7 +415,11 @@ def test_the_engine_runs_a_code_space_vsr_gated_and_its_continuous_decode(parts,
 def test_a_family_bundle_drafts_its_training_kinds_with_shared_parameters(tmp_path):
     folder = build_tiny_bundle(tmp_path / "b")
     info = json.loads((folder / "bundle.json").read_text())
-    info["tasks"] = ["colorize", "inpaint", "solarize"]            # solarize: a held-out kind, never trained on
+    info["tasks"] = ["colorize", "inpaint", "posterize", "solarize"]   # solarize: a held-out kind, never trained on
+    (folder / "bundle.json").write_text(json.dumps(info))
+    # posterize is a five-task name too: a family bundle still drafts every training kind, not the five tasks' two
+    assert trainer.recipe_tasks(load_bundle(folder)) == ("colorize", "inpaint", "posterize")
+    info["tasks"] = ["colorize", "inpaint", "solarize"]
     (folder / "bundle.json").write_text(json.dumps(info))
     assert trainer.recipe_tasks(load_bundle(folder)) == ("colorize", "inpaint")
     recipe = trainer.DraftRecipe("train", 0, 16, ("colorize", "inpaint"), (2, 2), "scan", (1.0, 0, 0.9, 1),
@@ -456,17 +460,150 @@ def test_eval_vsr_compares_variants_on_the_same_drafts(parts, tmp_path, capsys):
     rows = json.loads((tmp_path / "out/results.json").read_text())["table"]["colorization"]
     for base in ("", "+SCAN"):
         for name in ("same", "moves"):
-            for suffix in ("", " gate 0.01", " keep copies", " continuous"):
+            for suffix in ("", " gate 0.01", " keep copies", " continuous", " score gate (cells)", " score gate (answer)",
+                           " keep copies, score gate (cells)", " keep copies, score gate (answer)"):
                 assert f"{base}+VSR[{name}]{suffix}" in rows
     assert {"*identity*", "*ceiling*", "draft", "+SCAN"} <= set(rows)
     assert rows["+VSR[same]"]["psnr"] == rows["draft"]["psnr"] and rows["+VSR[same]"]["changed"] == 0
+    assert rows["+VSR[same]"]["better"] == rows["+VSR[same]"]["worse"] == 0 and rows["draft"]["better"] is None
+    assert rows["+VSR[same]"]["pooled_psnr"] == rows["draft"]["pooled_psnr"]
     assert rows["+SCAN+VSR[same]"]["psnr"] == rows["+SCAN"]["psnr"]
     assert rows["+VSR[moves]"]["changed"] > 0 and rows["+VSR[moves]"]["vsr_share"] > 0
+    for gate in ("cells", "answer"):       # the backbone's score gate only ever takes back proposals
+        assert rows[f"+VSR[moves] score gate ({gate})"]["changed"] <= rows["+VSR[moves]"]["changed"]
+        assert rows[f"+VSR[same] score gate ({gate})"]["psnr"] == rows["draft"]["psnr"]
     assert "+VSR[moves] learned gate 0.5" not in rows
     assert rows["+VSR[doubts]"]["changed"] > 0                           # its ungated row moves cells...
     assert rows["+VSR[doubts] learned gate 1"]["changed"] == 0          # ...its gate at 1.0 keeps every draft code
+    assert rows["+VSR[doubts] keep copies, learned gate 1"]["changed"] == 0
     assert len(rows["+VSR[moves]"]["curve"]) == vocab.cells
     assert "| colorization | +VSR[moves] |" in (tmp_path / "out/results.md").read_text()
     capsys.readouterr()
     assert eval_vsr.main(["--bundle", str(folder), "--variant", "nofolder", "--n", "1"]) == 1
     assert capsys.readouterr().out.startswith("error: --variant takes name=folder")
+
+
+def test_the_score_gate_keeps_a_proposal_only_where_the_backbone_scores_it_higher():
+    """SCAN's Eq. 5 on VSR's proposals: per cell, the new code only where its score beats the draft's; per answer,
+    all of them or none, by the mean score; "off" takes every proposal; a wrong mode or shape is one clear error."""
+    old = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    new = torch.tensor([[9, 2, 9, 9], [9, 9, 9, 9]])
+    old_scores = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.9, 0.9, 0.9, 0.9]])
+    new_scores = torch.tensor([[0.6, 0.1, 0.4, 1.0], [0.8, 0.8, 0.8, 1.0]])
+    assert score_gate(old, new, old_scores, new_scores, "cells").tolist() == [[9, 2, 3, 9], [5, 6, 7, 9]]
+    assert score_gate(old, new, old_scores, new_scores, "answer").tolist() == [[9, 2, 9, 9], [5, 6, 7, 8]]
+    assert torch.equal(score_gate(old, new, old_scores, new_scores, "off"), new)
+    assert torch.equal(score_gate(old, new, new_scores, new_scores, "cells"), old)      # a tie keeps the draft
+    with pytest.raises(ValueError, match="score gate must be one of"):
+        score_gate(old, new, old_scores, new_scores, "best")
+    with pytest.raises(ValueError, match="one shape"):
+        score_gate(old, new[:1], old_scores, new_scores, "cells")
+
+
+def test_gated_latents_show_a_kept_cell_as_its_code_and_leave_the_rest_unsnapped(parts):
+    tokenizer, _, _ = parts
+    codebook = tokenizer.codebook
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn(1, 6, codebook.shape[1], generator=generator)
+    proposed = nearest_codes_l2(latents, codebook)
+    final = proposed.clone()
+    final[0, 2] = (proposed[0, 2] + 1) % codebook.shape[0]           # a gate kept another code at cell 2
+    out = gated_latents(latents, final, codebook)
+    assert torch.equal(out[0, 2], codebook[final[0, 2]])
+    keep = [i for i in range(6) if i != 2]
+    assert torch.equal(out[0, keep], latents[0, keep])
+
+
+def test_the_engine_takes_vsr_decode_rules_from_the_bundle_and_per_run(parts, tmp_path):
+    """vsr_keep_copies and vsr_score_gate: from bundle.json "vsr", overridden per run; with the score gate, the final
+    answer's cells are each the draft's or VSR's proposal, and its scores are the re-scored answer's; a wrong gate
+    name is one EngineInputError line."""
+    from demo_core.engine import EngineInputError
+
+    tokenizer, backbone, vocab = parts
+    refiner = randomised(SelfRefiner(dim=tokenizer.codebook.shape[1], grid=tokenizer.grid, heads=4, space="codes",
+                                     width=16), std=0.3)
+    folder = save_bundle(tmp_path / "codes", tokenizer, backbone, vsr=refiner, name="codes-vsr", tasks=["colorization"])
+    rng = np.random.default_rng(0)
+    image = lambda: rng.random((16, 16, 3)).astype(np.float32)          # noqa: E731
+    pairs, query = [(image(), image())], image()
+    engine = load_engine(folder)
+    assert engine.settings(("vsr",), 0, {}).vsr_score_gate == "off" and not engine.settings(("vsr",), 0, {}).vsr_keep_copies
+    plain = engine.run(pairs, query, refine=("vsr",), seed=0)
+    gated = engine.run(pairs, query, refine=("vsr",), seed=0, vsr_score_gate="cells")
+    draft, proposal, final = (np.asarray(x).reshape(-1) for x in (plain.codes["draft"], plain.codes["vsr"], gated.codes["vsr"]))
+    assert np.array_equal(np.asarray(gated.codes["draft"]).reshape(-1), draft)
+    assert ((final == draft) | (final == proposal)).all()
+    answer = engine.run(pairs, query, refine=("vsr", "vsr-continuous"), seed=0, vsr_score_gate="answer")
+    assert np.array_equal(np.asarray(answer.codes["vsr"]).reshape(-1), draft) or np.array_equal(
+        np.asarray(answer.codes["vsr"]).reshape(-1), proposal)
+    with pytest.raises(EngineInputError, match="score gate"):
+        engine.run(pairs, query, refine=("vsr",), seed=0, vsr_score_gate="best")
+    info = json.loads((folder / "bundle.json").read_text())
+    info["vsr"] = {"keep_copies": True, "score_gate": "cells", "source": "measured"}
+    (folder / "bundle.json").write_text(json.dumps(info))
+    engine = load_engine(folder)
+    settings = engine.settings(("vsr",), 0, {})
+    assert settings.vsr_keep_copies and settings.vsr_score_gate == "cells"
+    assert engine.settings(("vsr",), 0, {"vsr_score_gate": "off"}).vsr_score_gate == "off"
+    again = engine.run(pairs, query, refine=("vsr",), seed=0)
+    assert np.array_equal(again.codes["vsr"], engine.run(pairs, query, refine=("vsr",), seed=0, vsr_keep_copies=True,
+                                                         vsr_score_gate="cells").codes["vsr"])
+
+
+def test_pixel_labels_mark_proposals_whose_decoded_cells_near_the_answer(parts):
+    """The learned gate's pixel label: a proposal helps where its decoded cell is nearer the right answer's decode
+    than the draft's; a cell whose draft code is the query's (a copy) is never a proposal; the right answers' and
+    drafts' decodes are made once per draft set."""
+    tokenizer, _, vocab = parts
+    codes = lambda seed: torch.randint(0, vocab.codebook_size, (3, vocab.cells), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    answer, draft = codes(5), codes(6)
+    query = (draft + 1) % vocab.codebook_size
+    query[:, 0] = draft[:, 0]                            # cell 0 is a copy of the query in every draft
+    drafts = {"draft": draft, "answer": answer, "query": query, "tasks": ["t"] * 3}
+    table = tokenizer.codebook
+    refiner = SelfRefiner(dim=table.shape[1], grid=tokenizer.grid, heads=4, space="codes", width=16, learned_gate=True)
+    labels = trainer.PixelLabels(tokenizer)
+    index = torch.arange(3)
+    proposed, helps, change = labels(refiner, table[answer], table, drafts, index)     # g_phi proposes the right answer
+    assert not proposed[:, 0].any()
+    snapped = nearest_codes_l2(table[answer], table)
+    assert proposed[:, 1:].equal((snapped != draft)[:, 1:])
+    assert (change <= 1e-6).all() and torch.equal(helps, (change < 0).float())         # the answer itself: never worse
+    assert len(labels.cache) == 1
+    labels(refiner, table[draft], table, drafts, index)                                 # proposing the draft: no change
+    assert len(labels.cache) == 1
+    _, _, same = labels(refiner, table[draft], table, drafts, index)
+    assert same.abs().max() < 1e-5
+
+
+def test_the_trainer_learns_a_pixel_gate(tmp_path):
+    folder = build_tiny_bundle(tmp_path / "b")
+    bundle = load_bundle(folder)
+    refiner, report = trainer.train_refiner(bundle, small_config(learned_gate=True, gate_label="pixels", lr=1e-3),
+                                            tmp_path / "run")
+    gate = report["learned_gate"]
+    assert gate["label"] == "pixels" and refiner.gate_threshold == gate["threshold"]
+    assert gate["threshold"] == 1.0 or gate["candidates"][f"{gate['threshold']:g}"]["error_change"] < 0
+    with pytest.raises(ValueError, match="unknown gate label"):
+        trainer.train_refiner(bundle, small_config(learned_gate=True, gate_label="vibes"), tmp_path / "run")
+
+
+def test_an_answer_scoped_learned_gate_takes_all_proposals_or_none(parts):
+    """gate_scope "answer": one decision per answer on its cells' mean gate probability; a bad scope is refused."""
+    from demo_core.refiners.self_refine import refine
+
+    tokenizer, backbone, vocab = parts
+    refiner = randomised(SelfRefiner(dim=tokenizer.codebook.shape[1], grid=tokenizer.grid, heads=4, space="codes",
+                                     width=16, learned_gate=True, gate_scope="answer"), std=0.3)
+    codes = torch.randint(0, vocab.codebook_size, (2, vocab.cells), generator=torch.Generator().manual_seed(8))
+    ungated, latents = refine(refiner, backbone, vocab, codes, codebook=tokenizer.codebook, learned_gate=False)
+    with torch.no_grad():
+        logits = refiner(tokenizer.codebook[codes], with_gate=True)[1]
+    means = torch.sigmoid(logits.float()).mean(1)
+    for row in range(2):
+        for threshold, taken in ((float(means[row]) - 1e-4, True), (float(means[row]) + 1e-4, False)):
+            gated = refine(refiner, backbone, vocab, codes, codebook=tokenizer.codebook, learned_gate=threshold)[0]
+            assert torch.equal(gated[row], ungated[row] if taken else codes[row])
+    with pytest.raises(ValueError, match="gate scope"):
+        SelfRefiner(dim=8, grid=4, heads=4, learned_gate=True, gate_scope="image")

@@ -8,7 +8,9 @@ refined by SCAN once, and then every g_phi variant refines both the draft and th
 (its own nearest-code rule), snapped with each confidence gate, and, for a g_phi of the tokenizer's code space,
 decoded continuously (its refined latents straight into the VQ decoder), and, for a g_phi with a learned gate, gated
 by it (its ungated row is the same g_phi with the gate off); and every g_phi once more keeping the cells the draft
-copied from the query (with paste, those show the query's own pixels). So the rows differ only by the refiner.
+copied from the query (with paste, those show the query's own pixels), and gated by the backbone's own quality
+score (SCAN's acceptance rule: a proposal stays only where, or only if, the re-scored answer scores higher; its
+time includes the re-scoring forward). So the rows differ only by the refiner.
 Beside them, as in `eval`: identity (the query handed back) and ceiling (the right answer through the tokenizer).
 
 Per row: PSNR, token accuracy, the share of cells changed, g_phi's seconds as a share of the draft's, and the
@@ -22,6 +24,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,26 +52,44 @@ def load_variants(items: list[str]) -> dict:
     return variants
 
 
-def variant_rows(name: str, refiner, gates: list[float]) -> list[tuple[str, float, bool, bool, bool]]:
-    """(row label, margin gate, continuous, learned gate on, keep copies) for one g_phi: snapped, each margin gate,
-    its learned gate (at its stored threshold) where it has one, snapped but keeping every cell the draft copied from
-    the query, and its continuous decode where it has one."""
-    rows = [(f"+VSR[{name}]", 0.0, False, False, False)] + [(f"+VSR[{name}] gate {g:g}", g, False, False, False)
-                                                           for g in gates]
+class Row(NamedTuple):
+    """One decode of one g_phi."""
+
+    label: str
+    gate: float = 0.0           # margin gate
+    continuous: bool = False    # refined latents into the VQ decoder, unsnapped
+    learned: bool = False       # the g_phi's learned gate on
+    keep: bool = False          # keep copies
+    score: str = "off"          # the backbone's score gate (self_refine.SCORE_GATES)
+
+
+def variant_rows(name: str, refiner, gates: list[float], score_gates=("cells", "answer")) -> list[Row]:
+    """The decodes of one g_phi: snapped, each margin gate, its learned gate (at its stored threshold) where it has
+    one, snapped but keeping every cell the draft copied from the query (and with the learned gate too, where there
+    is one; every other row has the learned gate off), the backbone's score gate per cell and per
+    answer (alone and with keep copies), and its continuous decode where it has one."""
+    rows = [Row(f"+VSR[{name}]")] + [Row(f"+VSR[{name}] gate {g:g}", gate=g) for g in gates]
     if refiner.learned_gate:
-        rows.append((f"+VSR[{name}] learned gate {refiner.gate_threshold:g}", 0.0, False, True, False))
-    rows.append((f"+VSR[{name}] keep copies", 0.0, False, False, True))
+        rows.append(Row(f"+VSR[{name}] learned gate {refiner.gate_threshold:g}", learned=True))
+    rows.append(Row(f"+VSR[{name}] keep copies", keep=True))
+    if refiner.learned_gate:
+        rows.append(Row(f"+VSR[{name}] keep copies, learned gate {refiner.gate_threshold:g}", learned=True, keep=True))
+    for keep in (False, True):
+        for score in score_gates:
+            rows.append(Row(f"+VSR[{name}] {'keep copies, ' if keep else ''}score gate ({score})", keep=keep, score=score))
     if refiner.space == "codes":
-        rows.append((f"+VSR[{name}] continuous", 0.0, True, False, False))
+        rows.append(Row(f"+VSR[{name}] continuous", continuous=True))
     return rows
 
 
 @torch.no_grad()
 def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: int, seed: int, settings: dict,
-                      gates: list[float], pool: str = "debian", split: str = "val", progress: bool = True) -> dict:
+                      gates: list[float], pool: str = "debian", split: str = "val", progress: bool = True,
+                      score_gates=("cells", "answer")) -> dict:
     """{task: {row: {psnr, token_acc, changed, vsr_share, curve}}} over `n` examples per task (see the module doc)."""
-    from ..metrics import mean_psnr, psnr
-    from ..refiners.self_refine import refine
+    from ..metrics import mean_psnr, pooled_psnr, psnr
+    from ..drafts.scan_form import score_answer
+    from ..refiners.self_refine import refine, score_gate
     from ..token_metrics import token_cosine_distances
 
     embeddings = engine.model.get_input_embeddings().weight
@@ -109,19 +130,32 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
                 prefix = "" if base == "draft" else "+SCAN"
                 add("draft" if base == "draft" else "+SCAN", result.stages[base], codes, truth, target, draft_codes)
                 codes_t = torch.as_tensor(codes).long()[None]
+                base_scores = None
                 for name, refiner in variants.items():
-                    for label, gate, continuous, learned, keep in variant_rows(name, refiner, gates):
+                    for label, gate, continuous, learned, keep, score in variant_rows(name, refiner, gates, score_gates):
                         start = time.perf_counter()
                         new, latents = refine(refiner, engine.model, engine.vocab, codes_t, query_codes=query_codes[None],
                                               codebook=engine.tokenizer.codebook, gate=gate, learned_gate=learned,
                                               keep_copies=keep)
+                        if score != "off":    # the engine re-scores after VSR anyway; the gate adds that one forward
+                            if base_scores is None:      # the draft's (or SCAN answer's) scores: the engine has them
+                                base_scores = score_answer(engine.model, engine.vocab, context, codes_t)[1]
+                            new_scores = score_answer(engine.model, engine.vocab, context, new)[1]
+                            new = score_gate(codes_t, new, base_scores, new_scores, score)
                         seconds = time.perf_counter() - start
                         decoded = float_to_pil(engine.tokenizer.decode_latents(latents[:1])[0]) if continuous else None
                         image = engine.render(new[0], query, query_codes, settings.get("paste_query"), decoded)
                         add(prefix + label, image, new[0].cpu().numpy(), truth, target, draft_codes,
                             seconds if base == "draft" else None, draft_seconds)
             bar.update(1)
-        table[task] = {label: {"psnr": mean_psnr(r["psnr"]),
+        def versus(label, r):        # per example against the row's base (the draft, or the SCAN answer)
+            base = rows["+SCAN" if label.startswith("+SCAN") else "draft"]["psnr"]
+            if label.startswith("*") or label in ("draft", "+SCAN"):
+                return None
+            return float(np.mean([a > b + 1e-9 for a, b in zip(r["psnr"], base)])), float(np.mean([a < b - 1e-9 for a, b in zip(r["psnr"], base)]))
+
+        table[task] = {label: {"psnr": mean_psnr(r["psnr"]), "pooled_psnr": pooled_psnr(r["psnr"]),
+                               "better": (versus(label, r) or (None, None))[0], "worse": (versus(label, r) or (None, None))[1],
                                "token_acc": float(np.mean(r["acc"])) if r["acc"] else None,
                                "changed": float(np.mean(r["changed"])) if r["changed"] else None,
                                "vsr_share": float(np.median(r["share"])) if r["share"] else None,
@@ -135,15 +169,22 @@ def markdown(report: dict) -> str:
     lines = [f"# VSR variants in pixels: {report['bundle']}", "",
              f"N = {report['n']} validation examples per task, K = {report['pairs']}, seed {report['seed']}, sampling "
              f"{report['settings']}; every row refines the same draft (or SCAN answer). Command: `{report['command']}`", "",
-             "| task | row | PSNR ↑ | Δ vs draft (or +SCAN) | token acc | cells changed | g_φ time / draft |",
-             "|---|---|---|---|---|---|---|"]
+             "PSNR is the mean of per-example PSNRs (each capped at 100 dB); pooled is the PSNR of the examples' mean "
+             "squared error, which one near-exact example (a blank edge map drafted exactly) cannot dominate; better / "
+             "worse: the share of examples the row raises / lowers against its base.", "",
+             "| task | row | PSNR ↑ | Δ vs draft (or +SCAN) | pooled PSNR (Δ) | better / worse | token acc | cells changed | g_φ time / draft |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for task, rows in report["table"].items():
         for label, row in rows.items():
-            base = rows["+SCAN" if label.startswith("+SCAN") else "draft"]["psnr"]
-            delta = "" if label.startswith("*") or label in ("draft", "+SCAN") else f"{row['psnr'] - base:+.2f}"
+            base_row = rows["+SCAN" if label.startswith("+SCAN") else "draft"]
+            plain = label.startswith("*") or label in ("draft", "+SCAN")
+            delta = "" if plain else f"{row['psnr'] - base_row['psnr']:+.2f}"
+            pooled = row.get("pooled_psnr")
+            pooled = "" if pooled is None else f"{pooled:.2f}" + ("" if plain else f" ({pooled - base_row['pooled_psnr']:+.2f})")
+            versus = "" if row.get("better") is None else f"{100 * row['better']:.0f}% / {100 * row['worse']:.0f}%"
             acc = "" if row["token_acc"] is None else f"{row['token_acc']:.3f}"
             pct = lambda v: "" if v is None else f"{100 * v:.1f}%"           # noqa: E731
-            lines.append(f"| {task} | {label} | {row['psnr']:.2f} | {delta} | {acc} | {pct(row['changed'])} | "
+            lines.append(f"| {task} | {label} | {row['psnr']:.2f} | {delta} | {pooled} | {versus} | {acc} | {pct(row['changed'])} | "
                          f"{pct(row['vsr_share'])} |")
     return "\n".join(lines) + "\n"
 
@@ -153,6 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle", required=True, help="bundle folder (its backbone drafted the variants' training drafts)")
     parser.add_argument("--variant", action="append", default=[], help="name=folder of a trained g_phi (repeatable)")
     parser.add_argument("--gates", default="", help="confidence-gate margins to try for every variant, e.g. 0.05,0.1")
+    parser.add_argument("--score-gates", default="cells,answer",
+                        help="the backbone's score gates to try for every variant (cells, answer; '' for none: faster)")
     parser.add_argument("--tasks", default=None, help=f"task specs (default for a family bundle: {','.join(FAMILY_CORE)})")
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--pairs", type=int, default=2)
@@ -171,6 +214,9 @@ def main(argv=None) -> int:
         if not variants:
             raise ValueError("no g_phi to compare: give --variant name=folder, or a bundle with refiner/")
         gates = [float(g) for g in args.gates.split(",") if g.strip()]
+        score_gates = tuple(g.strip() for g in args.score_gates.split(",") if g.strip())
+        if any(g not in ("cells", "answer") for g in score_gates):
+            raise ValueError(f"--score-gates takes cells and/or answer, got {args.score_gates!r}")
         family = any(is_family(t) for t in engine.bundle.info.get("tasks", ()))
         tasks = [t.strip() for t in (args.tasks or ",".join(FAMILY_CORE if family else ("colorization", "inpainting", "edges"))).split(",")
                  if t.strip()]
@@ -184,7 +230,8 @@ def main(argv=None) -> int:
                 "paste_query": engine.bundle.paste_query}
     start = time.time()
     try:
-        table = evaluate_variants(engine, variants, tasks, args.n, args.pairs, args.seed, settings, gates, args.pool, args.split)
+        table = evaluate_variants(engine, variants, tasks, args.n, args.pairs, args.seed, settings, gates, args.pool, args.split,
+                                   score_gates=score_gates)
     except FetchError as error:
         print(f"error: {error}")
         return 1

@@ -22,7 +22,14 @@ and `gate` (a decode option, `self_refine(gate=)`) changes a cell only where the
 code over the draft's by more than the margin. A g_phi built with `learned_gate` also has a per-cell head, trained
 on its own proposals (`demo_core.train.refiner`): the probability that taking the snapped code brings the cell
 closer to the right answer's VQ code vector than the draft's; at decode a cell changes only where that probability
-exceeds `gate_threshold` (chosen on validation drafts and stored in the config).
+exceeds `gate_threshold` (chosen on validation drafts and stored in the config); with `gate_scope="answer"` the
+head is trained on whole answers (does taking every proposal bring the decoded answer nearer the right one?) and
+the decision is one per answer, on its cells' mean probability.
+
+`score_gate` is the backbone's own say (SCAN's acceptance rule, Eq. 5, applied to VSR's proposals): with the
+answer re-scored teacher-forced after g_phi, a cell keeps its new code only where the backbone's quality score
+of it beats the draft's ("cells"), or the whole refined answer is kept only if its mean score beats the draft's
+("answer"). The engine scores; this module only applies the rule.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from ..sequence import Vocab
 from ..token_metrics import cosine_distance  # noqa: F401  (VSR's loss, Eq. 4; the trainer imports it from here)
 
 KINDS = ("attention", "mlp", "conv")
+GATE_SCOPES = ("cells", "answer")
 SPACES = ("backbone", "codes")
 
 
@@ -48,8 +56,10 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
 
     def __init__(self, dim: int, grid: int, heads: int = 8, ffn_multiple: int = 4, kind: str = "attention",
                  with_query: bool = False, space: str = "backbone", width: int | None = None,
-                 learned_gate: bool = False, gate_threshold: float = 0.5):
+                 learned_gate: bool = False, gate_threshold: float = 0.5, gate_scope: str = "cells"):
         super().__init__()
+        if gate_scope not in GATE_SCOPES:
+            raise ValueError(f"unknown gate scope {gate_scope!r}; choose from {', '.join(GATE_SCOPES)}")
         if kind not in KINDS:
             raise ValueError(f"unknown g_phi kind {kind!r}; choose from {', '.join(KINDS)}")
         if space not in SPACES:
@@ -60,6 +70,7 @@ class SelfRefiner(nn.Module, PyTorchModelHubMixin, library_name="retouch",
         self.dim, self.grid, self.heads, self.kind, self.with_query = dim, grid, heads, kind, with_query
         self.space, self.width = space, width
         self.learned_gate, self.gate_threshold = bool(learned_gate), float(gate_threshold)
+        self.gate_scope = gate_scope        # "cells": each cell by its own probability; "answer": all by their mean
         # refining narrow vectors (VQ codes, 8 wide) in a wider block: projected in here, out by `out` below
         self.in_proj = nn.Linear(dim, width) if width != dim else None
         dim = width
@@ -245,11 +256,46 @@ def refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch
         new = torch.where(keep, old, new)
     threshold = gate_threshold(refiner, learned_gate)
     if threshold is not None:
-        new = torch.where(torch.sigmoid(logits.float()).to(new.device) > threshold, new, old)
+        probability = torch.sigmoid(logits.float()).to(new.device)                     # (B, N)
+        if refiner.gate_scope == "answer":          # one decision per answer: its cells' mean probability
+            probability = probability.mean(1, keepdim=True).expand_as(probability)
+        new = torch.where(probability > threshold, new, old)
     if keep_copies:         # a cell the draft copied from the query stays (with paste, it shows the query's own pixels)
         copied = old == query_codes.reshape(-1, vocab.cells).to(new.device)
         new = torch.where(copied, old, new)
     return new.to(codes.device), refined
+
+
+def gated_latents(latents: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """A code-space g_phi's refined latents (B, N, dim) for the continuous decode, where a gate has the last word: a
+    cell whose final code (B, N) is not the latent's own nearest code (a gate kept the draft's) shows that code's
+    VQ vector instead; every other cell keeps its unsnapped latent."""
+    table = codebook.to(latents.device, latents.dtype)
+    codes = codes.to(latents.device)
+    proposed = nearest_codes_l2(latents, table)
+    return torch.where((proposed == codes)[..., None], latents, table[codes])
+
+
+SCORE_GATES = ("off", "cells", "answer")
+
+
+def score_gate(old: torch.Tensor, new: torch.Tensor, old_scores: torch.Tensor, new_scores: torch.Tensor,
+               mode: str = "cells") -> torch.LongTensor:
+    """VSR's proposals `new` (B, N) kept where the backbone scores them above the draft `old` (B, N): per cell
+    ("cells": new_scores > old_scores, SCAN's Eq. 5 per token), per answer ("answer": the mean score rises), or
+    all of them ("off"). Scores are (B, N), higher is better, as `score_answer` gives them."""
+    if mode not in SCORE_GATES:
+        raise ValueError(f"score gate must be one of {', '.join(SCORE_GATES)}, not {mode!r}")
+    if old.shape != new.shape or old_scores.shape != new.shape or new_scores.shape != new.shape:
+        raise ValueError(f"codes and scores must share one shape (B, N), got {tuple(old.shape)}, {tuple(new.shape)}, "
+                         f"{tuple(old_scores.shape)}, {tuple(new_scores.shape)}")
+    old = old.to(new.device)
+    if mode == "off":
+        return new
+    if mode == "answer":
+        better = new_scores.float().mean(1, keepdim=True) > old_scores.float().mean(1, keepdim=True)
+        return torch.where(better.to(new.device), new, old)
+    return torch.where((new_scores.float() > old_scores.float()).to(new.device), new, old)
 
 
 def gate_threshold(refiner: SelfRefiner, learned_gate: float | bool | None = None) -> float | None:

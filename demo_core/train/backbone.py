@@ -387,8 +387,9 @@ def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int,
         old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         info = manifest(tokenizer, model, name=name, tasks=list(tasks), extra=extra)
         info["parts"] = {**old.get("parts", {}), **info["parts"]}
-        if "sampling" in old:                 # measured defaults (tune-sampling) outlive a re-export
-            info["sampling"] = old["sampling"]
+        for key in ("sampling", "vsr", "paste_query"):   # measured defaults (tune-sampling, VSR's decode) outlive a re-export
+            if key in old:
+                info[key] = old[key]
         write_json(manifest_path, info)
     history = history or [{"command": "python -m demo_core.train backbone", "from_step": 0, "to_step": step}]
     write_json(out / "training.json", {"step": step, "elapsed_minutes": round(elapsed / 60, 1),

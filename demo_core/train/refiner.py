@@ -75,6 +75,8 @@ class RefinerTrainConfig:
     pool: str = "builtin"           # image pool: "debian" (the `data fetch` photos) for a retouch-16 bundle
     learned_gate: bool = False      # beyond the paper: a per-cell head learns where g_phi's new code helps
     gate_weight: float = 1.0        # its binary cross-entropy's weight beside the refinement loss
+    gate_label: str = "codes"       # what "helps" means for the gate: the VQ vector nears the answer's ("codes"), or
+                                    # the decoded cell's pixels near the right answer's decode ("pixels")
 
 
 # -- drafts ----------------------------------------------------------------------------------------
@@ -141,9 +143,10 @@ def recipe_tasks(bundle) -> tuple[str, ...]:
     """What g_phi trains on: the bundle's five-task names, else its task-family kinds that training may see
     (held-out kinds stay held out), else the five tasks' core three."""
     listed = tuple(bundle.info.get("tasks", ()))
-    return (tuple(task for task in listed if task in TASKS)
-            or tuple(task for task in listed if task in TRAIN_KINDS)
-            or CORE_TASKS)
+    family = tuple(task for task in listed if task in TRAIN_KINDS)
+    if any(task in FAMILY_KINDS and task not in TASKS for task in listed):
+        return family       # a family bundle: "posterize" and "invert" are family kinds too, not the five tasks'
+    return tuple(task for task in listed if task in TASKS) or family or CORE_TASKS
 
 
 def draft_example(bundle, example, sampling: SamplingConfig, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -310,6 +313,83 @@ def gate_labels(refiner: SelfRefiner, refined: torch.Tensor, table: torch.Tensor
     return proposed, helps.float()
 
 
+GATE_LABELS = ("codes", "pixels", "pixels-answer")
+
+
+def cell_errors(images: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, 3, H, W) decodes against (B, 3, H, W) targets -> (B, N) mean squared error of each cell's patch."""
+    error = (images.float() - target.float()).pow(2).mean(1, keepdim=True)              # (B, 1, H, W)
+    return F.avg_pool2d(error, images.shape[-1] // grid).flatten(1)                      # (B, g*g), raster
+
+
+class PixelLabels:
+    """The learned gate's pixel label: a proposal helps where the decoded cell (the whole proposal decoded together,
+    as the engine decodes it) is nearer the right answer's decode than the draft's decode is. Cells the draft copied
+    from the query are left out: `keep_copies` keeps them at decode. The right answers' and the drafts' decodes are
+    made once per draft set; each step decodes its batch's proposals."""
+
+    def __init__(self, tokenizer, batch: int = 64, scope: str = "cells"):
+        self.tokenizer, self.batch, self.cache, self.scope = tokenizer, batch, {}, scope
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        grid = self.tokenizer.grid
+        return self.tokenizer.decode_codes(codes.reshape(-1, grid, grid)).float()
+
+    def prepared(self, drafts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(right answers' decodes (M, 3, H, W), drafts' cell errors (M, N)) of a draft set, made once."""
+        key = id(drafts)
+        if key not in self.cache:
+            targets, errors = [], []
+            for index in torch.arange(len(drafts["tasks"])).split(self.batch):
+                target = self.decode(drafts["answer"][index])
+                targets.append(target)
+                errors.append(cell_errors(self.decode(drafts["draft"][index]), target, self.tokenizer.grid))
+            self.cache[key] = (torch.cat(targets), torch.cat(errors))
+        return self.cache[key]
+
+    @torch.no_grad()
+    def __call__(self, refiner: SelfRefiner, refined: torch.Tensor, table: torch.Tensor, drafts: dict,
+                 index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(proposed (B, N) bool, helps (B, N) float, error change (B, N): the proposal's cell error minus the draft's)."""
+        targets, draft_errors = self.prepared(drafts)
+        draft = drafts["draft"][index]
+        new = snap_codes(refiner, refined.detach(), table).to(draft.device)
+        change = cell_errors(self.decode(new), targets[index], self.tokenizer.grid).cpu() - draft_errors[index]
+        proposed = (new != draft) & (draft != drafts["query"][index])
+        if self.scope == "answer":          # one label per answer: do its proposals, taken together, lower its error?
+            total = (change * proposed).sum(1, keepdim=True)
+            return proposed, (total < 0).float().expand_as(change), change
+        return proposed, (change < 0).float(), change
+
+
+class CodeLabels:
+    """The learned gate's VQ-space label (`gate_labels`), with the same interface as `PixelLabels`."""
+
+    def __init__(self, vq: torch.Tensor):
+        self.vq = vq
+
+    @torch.no_grad()
+    def __call__(self, refiner, refined, table, drafts, index):
+        draft, answer = drafts["draft"][index], drafts["answer"][index]
+        new = snap_codes(refiner, refined.detach(), table).to(draft.device)
+        change = (code_error(new, answer, self.vq) - code_error(draft, answer, self.vq)).cpu()
+        return new != draft, (change < 0).float(), change
+
+
+def gate_scope(config: "RefinerTrainConfig") -> str:
+    """The decode rule's scope for the gate `config.gate_label` trains: one decision per answer for pixels-answer."""
+    return "answer" if config.gate_label == "pixels-answer" else "cells"
+
+
+def gate_labeler(bundle, config: "RefinerTrainConfig", vq: torch.Tensor):
+    """The labeler `config.gate_label` names."""
+    if config.gate_label not in GATE_LABELS:
+        raise ValueError(f"unknown gate label {config.gate_label!r}; choose from {', '.join(GATE_LABELS)}")
+    if config.gate_label == "codes":
+        return CodeLabels(vq)
+    return PixelLabels(bundle.tokenizer, scope="answer" if config.gate_label == "pixels-answer" else "cells")
+
+
 def gate_loss(logits: torch.Tensor, proposed: torch.Tensor, helps: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy over the proposed cells (zero, with a graph, when g_phi proposes nothing)."""
     proposed = proposed.to(logits.device)
@@ -319,31 +399,34 @@ def gate_loss(logits: torch.Tensor, proposed: torch.Tensor, helps: torch.Tensor)
 
 
 @torch.no_grad()
-def choose_gate_threshold(refiner: SelfRefiner, bundle, drafts: dict, thresholds=None, batch: int = 64) -> dict:
-    """The threshold that most lowers the VQ-space error to the right answer on `drafts` (validation), per
-    candidate: mean error change per cell (negative is better) and the share of cells changed. 1.0 (change
-    nothing) wins when no threshold helps."""
-    thresholds = list(thresholds or (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95))
-    table, vq = refiner_table(refiner, bundle), bundle.tokenizer.codebook.detach().float()
+def choose_gate_threshold(refiner: SelfRefiner, bundle, drafts: dict, thresholds=None, batch: int = 64,
+                          labeler=None) -> dict:
+    """The threshold that most lowers the error to the right answer on `drafts` (validation), as `labeler` measures
+    it (default the VQ-space one; `PixelLabels`: the decoded cells'), per candidate: mean error change per cell
+    (negative is better) and the share of cells changed. 1.0 (change nothing) wins when no threshold helps."""
+    thresholds = list(thresholds or (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95))
+    table = refiner_table(refiner, bundle)
+    labeler = labeler or CodeLabels(bundle.tokenizer.codebook.detach().float())
     sums = {t: [0.0, 0.0] for t in thresholds}
     cells = 0
     for index in torch.arange(len(drafts["tasks"])).split(batch):
         refined, _, logits = refine_batch(refiner, table, drafts, index, with_gate=True)
-        draft, answer = drafts["draft"][index], drafts["answer"][index]
-        new = snap_codes(refiner, refined, table).cpu()
-        before = code_error(draft, answer, vq).cpu()
-        gain = code_error(new, answer, vq).cpu() - before
+        proposed, _, gain = labeler(refiner, refined, table, drafts, index)
         probability = torch.sigmoid(logits.float()).cpu()
+        if refiner.gate_scope == "answer":
+            probability = probability.mean(1, keepdim=True).expand_as(probability)
         for t in thresholds:
-            take = (probability > t) & (new != draft)
+            take = (probability > t) & proposed.cpu()
             sums[t][0] += (gain * take).sum().item()
             sums[t][1] += take.float().sum().item()
-        cells += draft.numel()
+        cells += proposed.numel()
     table_rows = {t: {"error_change": sums[t][0] / max(1, cells), "changed": sums[t][1] / max(1, cells)} for t in thresholds}
     best = min(thresholds, key=lambda t: table_rows[t]["error_change"])
     if table_rows[best]["error_change"] >= 0:
         best = 1.0
-    return {"threshold": best, "candidates": {f"{t:g}": row for t, row in table_rows.items()}}
+    return {"threshold": best, "label": ("codes" if not isinstance(labeler, PixelLabels)
+                                                 else "pixels-answer" if labeler.scope == "answer" else "pixels"),
+            "candidates": {f"{t:g}": row for t, row in table_rows.items()}}
 
 
 @torch.no_grad()
@@ -410,14 +493,15 @@ def refine_overhead(refiner: SelfRefiner, bundle, drafts: dict, repeats: int = 2
     return {"self_refine_seconds": seconds, "draft_seconds": draft_seconds, "ratio": seconds / draft_seconds}
 
 
-def step_loss(refiner: SelfRefiner, model, table: torch.Tensor, vq: torch.Tensor, drafts: dict, index: torch.Tensor,
+def step_loss(refiner: SelfRefiner, model, table: torch.Tensor, labeler, drafts: dict, index: torch.Tensor,
               config: "RefinerTrainConfig") -> torch.Tensor:
-    """One batch's loss: the refinement objective, plus the learned gate's cross-entropy when g_phi has one."""
+    """One batch's loss: the refinement objective, plus the learned gate's cross-entropy on `labeler`'s labels
+    (`CodeLabels`, `PixelLabels`) when g_phi has one."""
     if not refiner.learned_gate:
         refined, target = refine_batch(refiner, table, drafts, index, model)
         return refiner_loss(refined, target, config.loss, table, drafts["answer"][index])
     refined, target, logits = refine_batch(refiner, table, drafts, index, model, with_gate=True)
-    proposed, helps = gate_labels(refiner, refined, table, drafts["draft"][index], drafts["answer"][index], vq)
+    proposed, helps, _ = labeler(refiner, refined, table, drafts, index)
     return (refiner_loss(refined, target, config.loss, table, drafts["answer"][index])
             + config.gate_weight * gate_loss(logits, proposed, helps))
 
@@ -431,9 +515,10 @@ def new_refiner(bundle, config: RefinerTrainConfig) -> SelfRefiner:
     if config.space == "codes":
         return SelfRefiner(dim=int(bundle.tokenizer.codebook.shape[1]), grid=grid, heads=config.heads, kind=config.kind,
                            with_query=config.with_query, space="codes", width=config.width or 128,
-                           learned_gate=config.learned_gate)
+                           learned_gate=config.learned_gate, gate_scope=gate_scope(config))
     return SelfRefiner.for_backbone(bundle.backbone, grid=grid, heads=config.heads, kind=config.kind,
-                                    with_query=config.with_query, width=config.width, learned_gate=config.learned_gate)
+                                    with_query=config.with_query, width=config.width, learned_gate=config.learned_gate,
+                                    gate_scope=gate_scope(config))
 
 
 def refiner_table(refiner: SelfRefiner, bundle) -> torch.Tensor:
@@ -449,6 +534,8 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     (each process refines its rows of it, DDP averages the gradients) and every process ends with the same g_phi."""
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
+    if config.gate_label not in GATE_LABELS:
+        raise ValueError(f"unknown gate label {config.gate_label!r}; choose from {', '.join(GATE_LABELS)}")
     if min(config.drafts, config.val_drafts, config.epochs, config.batch, config.draft_batch) < 1:
         raise ValueError("drafts, val_drafts, epochs, batch and draft_batch must each be at least 1")
     backbone = bundle.backbone
@@ -487,7 +574,8 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
                 f"params, width {refiner.dim}, {len(train['tasks'])} train / {len(validation['tasks'])} val drafts, "
                 f"tasks {', '.join(tasks)}, config {asdict(config)}")
     table = refiner_table(refiner, bundle)                             # frozen f_embed rows or VQ codes, (C, D)
-    vq = bundle.tokenizer.codebook.detach().float().to(device)          # the learned gate's pixel proxy
+    vq = bundle.tokenizer.codebook.detach().float().to(device)          # the learned gate's VQ-space label
+    labeler = gate_labeler(bundle, config, vq)
     optimizer = torch.optim.AdamW(refiner.parameters(), lr=config.lr)
     backbone_parameters = {id(p) for p in backbone.parameters()}
     assert not any(id(p) in backbone_parameters for group in optimizer.param_groups for p in group["params"])
@@ -504,7 +592,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
         total = 0.0
         for step, index in enumerate(torch.randperm(len(train["tasks"]), generator=order).split(config.batch)):
             if processes == 1:
-                loss = step_loss(refiner, model, table, vq, train, index, config)
+                loss = step_loss(refiner, model, table, labeler, train, index, config)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
@@ -512,7 +600,7 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
                 mine = index[uneven_rows(accelerator, len(index))]     # a short last batch may leave a process none
                 weight = len(mine) * processes / len(index)
                 mine = mine if len(mine) else index[:1]                # weight 0: it still joins the gradient reduction
-                local = step_loss(refiner, model, table, vq, train, mine, config)
+                local = step_loss(refiner, model, table, labeler, train, mine, config)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(local * weight)
                 optimizer.step()
@@ -533,11 +621,11 @@ def train_refiner(bundle, config: RefinerTrainConfig, run_dir: Path, logger=None
     refiner.eval()
     gate = None
     if config.learned_gate:             # chosen on validation drafts, stored in the saved config
-        gate = choose_gate_threshold(refiner, bundle, validation)
+        gate = choose_gate_threshold(refiner, bundle, validation, labeler=labeler)
         refiner.gate_threshold = gate["threshold"]
         refiner._hub_mixin_config["gate_threshold"] = gate["threshold"]
         rows = ", ".join(f"{t} {r['error_change']:+.4f}/{r['changed']:.3f}" for t, r in gate["candidates"].items())
-        logger.info(f"learned gate: threshold {gate['threshold']:g} (by threshold: VQ error change per cell / cells changed: {rows})")
+        logger.info(f"learned gate: threshold {gate['threshold']:g} (by threshold: {config.gate_label} error change per cell / cells changed: {rows})")
     train_after = evaluate(refiner, bundle, train, config.loss)["loss"]
 
     # Algorithm 1, line 10: g_phi only. The backbone must be exactly what it was.
@@ -601,6 +689,11 @@ def main(argv=None):
     parser.add_argument("--learned-gate", action="store_true",
                         help="also train a per-cell gate: change a cell only where g_phi's new code is likely to help")
     parser.add_argument("--gate-weight", type=float, default=defaults.gate_weight, help="the gate's loss weight")
+    parser.add_argument("--gate-label", choices=GATE_LABELS, default=defaults.gate_label,
+                        help="what the learned gate learns helps: the VQ vector nearing the answer's (codes), the "
+                             "decoded cell's pixels nearing the right answer's decode (pixels), or the whole decoded "
+                             "answer's, one decision per answer at decode (pixels-answer); pixels* are meant with keep "
+                             "copies")
     parser.add_argument("--draft-batch", type=int, default=defaults.draft_batch,
                         help="drafts written together, grouped by K (SCAN-form bundles; about 3x faster at 16 on a CPU)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
