@@ -101,7 +101,7 @@ class Bundle:
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
-VSR_FIELDS = ("keep_copies", "score_gate", "gate")
+VSR_FIELDS = ("keep_copies", "keep_confident", "score_gate", "gate")
 
 
 def sampling_defaults(info: dict) -> dict:

@@ -80,6 +80,8 @@ def generate_main(argv=None) -> int:
                              "(default: the bundle's, else 0)")
     parser.add_argument("--vsr-keep-copies", choices=("bundle", "on", "off"), default="bundle",
                         help="VSR leaves the cells the draft copied from the query (default: the bundle's choice)")
+    parser.add_argument("--vsr-keep-confident", type=float, default=None,
+                        help="VSR leaves the cells whose draft quality score is at least this (default: the bundle's, else off)")
     parser.add_argument("--vsr-score-gate", choices=("bundle", *SCORE_GATES), default="bundle",
                         help="keep VSR's proposals only where (cells) or if (answer) the backbone scores them above the "
                              "draft, SCAN's acceptance rule (default: the bundle's choice, else off)")
@@ -123,6 +125,7 @@ def generate_main(argv=None) -> int:
                        **({} if args.vsr_gate is None else {"vsr_gate": args.vsr_gate}),
                        **({} if args.vsr_keep_copies == "bundle" else {"vsr_keep_copies": args.vsr_keep_copies == "on"}),
                        **({} if args.vsr_score_gate == "bundle" else {"vsr_score_gate": args.vsr_score_gate}),
+                       **({} if args.vsr_keep_confident is None else {"vsr_keep_confident": args.vsr_keep_confident}),
                        **({} if args.paste == "bundle" else {"paste_query": args.paste == "on"}))
         truth = _load_truth(args, engine.image_size) if args.truth else None
         if args.frames is not None:

@@ -60,6 +60,7 @@ class RunSettings:
     quality_score: str = "combined"       # backbone.token_score: "combined" p(<good>) x p(code), or "head" (SCAN paper)
     vsr_gate: float = 0.0                 # VSR changes a cell only where g_phi prefers its new code by this margin
     vsr_keep_copies: bool = False         # VSR leaves the cells the draft copied from the query as they are
+    vsr_keep_confident: float | None = None  # VSR leaves the cells whose draft quality score is at least this
     vsr_score_gate: str = "off"           # VSR's proposals kept only where ("cells") or if ("answer") the backbone
                                           # scores them above the draft (SCAN's Eq. 5); a bundle's "vsr" sets these
     canvas_every: int = 4                 # decode the live canvas every n tokens (0: never); a run's default is the
@@ -458,7 +459,8 @@ class Engine:
             else:       # "vsr" (snapped) or "vsr-continuous" (the refined latents decoded as they are): g_phi, re-scored
                 new_codes, latents = refine(self.vsr, self.model, self.vocab, state.codes, query_codes=query_codes[None],
                                             codebook=self.tokenizer.codebook, gate=settings.vsr_gate,
-                                            keep_copies=settings.vsr_keep_copies)
+                                            keep_copies=settings.vsr_keep_copies,
+                                            keep_confident=settings.vsr_keep_confident, scores=state.scores)
                 draft_codes, draft_scores = state.codes, state.scores
                 fmt.rescore(state, new_codes, context, settings)  # its codes, for the scores and later stages: snapped
                 if settings.vsr_score_gate != "off":               # the backbone keeps only the proposals it prefers

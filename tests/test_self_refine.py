@@ -607,3 +607,40 @@ def test_an_answer_scoped_learned_gate_takes_all_proposals_or_none(parts):
             assert torch.equal(gated[row], ungated[row] if taken else codes[row])
     with pytest.raises(ValueError, match="gate scope"):
         SelfRefiner(dim=8, grid=4, heads=4, learned_gate=True, gate_scope="image")
+
+
+def test_keep_confident_leaves_every_cell_the_backbone_is_sure_of(parts):
+    """keep_confident: a cell whose draft quality score is at or above the level keeps its code; without scores (or
+    with scores of another shape) it is one clear error; the engine takes it per run and from bundle.json "vsr"."""
+    from demo_core.refiners.self_refine import refine
+
+    tokenizer, backbone, vocab = parts
+    refiner = randomised(SelfRefiner(dim=tokenizer.codebook.shape[1], grid=tokenizer.grid, heads=4, space="codes",
+                                     width=16), std=0.3)
+    codes = torch.randint(0, vocab.codebook_size, (2, vocab.cells), generator=torch.Generator().manual_seed(9))
+    scores = torch.rand(2, vocab.cells, generator=torch.Generator().manual_seed(10))
+    free = refine(refiner, backbone, vocab, codes, codebook=tokenizer.codebook)[0]
+    kept = refine(refiner, backbone, vocab, codes, codebook=tokenizer.codebook, keep_confident=0.5, scores=scores)[0]
+    sure = scores >= 0.5
+    assert torch.equal(kept[sure], codes[sure]) and torch.equal(kept[~sure], free[~sure])
+    with pytest.raises(ValueError, match="quality scores"):
+        refine(refiner, backbone, vocab, codes, codebook=tokenizer.codebook, keep_confident=0.5)
+    with pytest.raises(ValueError, match="quality scores"):
+        refine(refiner, backbone, vocab, codes, codebook=tokenizer.codebook, keep_confident=0.5, scores=scores[:, :3])
+
+
+def test_the_engine_keeps_the_cells_it_is_sure_of(parts, tmp_path):
+    tokenizer, backbone, vocab = parts
+    refiner = randomised(SelfRefiner(dim=tokenizer.codebook.shape[1], grid=tokenizer.grid, heads=4, space="codes",
+                                     width=16), std=0.3)
+    folder = save_bundle(tmp_path / "codes", tokenizer, backbone, vsr=refiner, name="codes-vsr", tasks=["colorization"])
+    rng = np.random.default_rng(1)
+    image = lambda: rng.random((16, 16, 3)).astype(np.float32)          # noqa: E731
+    pairs, query = [(image(), image())], image()
+    engine = load_engine(folder)
+    everything = engine.run(pairs, query, refine=("vsr",), seed=0, vsr_keep_confident=0.0)
+    assert everything.changed["vsr"] == []                              # every score is >= 0: nothing changes
+    info = json.loads((folder / "bundle.json").read_text())
+    info["vsr"] = {"keep_confident": 0.0}
+    (folder / "bundle.json").write_text(json.dumps(info))
+    assert load_engine(folder).settings(("vsr",), 0, {}).vsr_keep_confident == 0.0

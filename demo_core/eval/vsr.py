@@ -61,9 +61,10 @@ class Row(NamedTuple):
     learned: bool = False       # the g_phi's learned gate on
     keep: bool = False          # keep copies
     score: str = "off"          # the backbone's score gate (self_refine.SCORE_GATES)
+    confident: float | None = None   # keep the cells whose draft quality score is at least this
 
 
-def variant_rows(name: str, refiner, gates: list[float], score_gates=("cells", "answer")) -> list[Row]:
+def variant_rows(name: str, refiner, gates: list[float], score_gates=("cells", "answer"), confident=()) -> list[Row]:
     """The decodes of one g_phi: snapped, each margin gate, its learned gate (at its stored threshold) where it has
     one, snapped but keeping every cell the draft copied from the query (and with the learned gate too, where there
     is one; every other row has the learned gate off), the backbone's score gate per cell and per
@@ -77,6 +78,8 @@ def variant_rows(name: str, refiner, gates: list[float], score_gates=("cells", "
     for keep in (False, True):
         for score in score_gates:
             rows.append(Row(f"+VSR[{name}] {'keep copies, ' if keep else ''}score gate ({score})", keep=keep, score=score))
+    for level in confident:
+        rows.append(Row(f"+VSR[{name}] keep copies, keep confident {level:g}", keep=True, confident=level))
     if refiner.space == "codes":
         rows.append(Row(f"+VSR[{name}] continuous", continuous=True))
     return rows
@@ -85,7 +88,7 @@ def variant_rows(name: str, refiner, gates: list[float], score_gates=("cells", "
 @torch.no_grad()
 def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: int, seed: int, settings: dict,
                       gates: list[float], pool: str = "debian", split: str = "val", progress: bool = True,
-                      score_gates=("cells", "answer")) -> dict:
+                      score_gates=("cells", "answer"), confident=()) -> dict:
     """{task: {row: {psnr, token_acc, changed, vsr_share, curve}}} over `n` examples per task (see the module doc)."""
     from ..metrics import mean_psnr, pooled_psnr, psnr
     from ..drafts.scan_form import score_answer
@@ -130,13 +133,15 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
                 prefix = "" if base == "draft" else "+SCAN"
                 add("draft" if base == "draft" else "+SCAN", result.stages[base], codes, truth, target, draft_codes)
                 codes_t = torch.as_tensor(codes).long()[None]
+                base_quality = torch.as_tensor(np.asarray(result.quality[base], dtype=np.float32)).reshape(1, -1)
                 base_scores = None
                 for name, refiner in variants.items():
-                    for label, gate, continuous, learned, keep, score in variant_rows(name, refiner, gates, score_gates):
+                    for label, gate, continuous, learned, keep, score, level in variant_rows(name, refiner, gates, score_gates,
+                                                                                             confident):
                         start = time.perf_counter()
                         new, latents = refine(refiner, engine.model, engine.vocab, codes_t, query_codes=query_codes[None],
                                               codebook=engine.tokenizer.codebook, gate=gate, learned_gate=learned,
-                                              keep_copies=keep)
+                                              keep_copies=keep, keep_confident=level, scores=base_quality)
                         if score != "off":    # the engine re-scores after VSR anyway; the gate adds that one forward
                             if base_scores is None:      # the draft's (or SCAN answer's) scores: the engine has them
                                 base_scores = score_answer(engine.model, engine.vocab, context, codes_t)[1]
@@ -196,6 +201,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gates", default="", help="confidence-gate margins to try for every variant, e.g. 0.05,0.1")
     parser.add_argument("--score-gates", default="cells,answer",
                         help="the backbone's score gates to try for every variant (cells, answer; '' for none: faster)")
+    parser.add_argument("--confident", default="",
+                        help="keep-confident levels to try for every variant with keep copies, e.g. 0.8,0.9 (the cells whose "
+                             "draft quality score is at least the level keep their code)")
     parser.add_argument("--tasks", default=None, help=f"task specs (default for a family bundle: {','.join(FAMILY_CORE)})")
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--pairs", type=int, default=2)
@@ -215,6 +223,7 @@ def main(argv=None) -> int:
             raise ValueError("no g_phi to compare: give --variant name=folder, or a bundle with refiner/")
         gates = [float(g) for g in args.gates.split(",") if g.strip()]
         score_gates = tuple(g.strip() for g in args.score_gates.split(",") if g.strip())
+        confident = tuple(float(c) for c in args.confident.split(",") if c.strip())
         if any(g not in ("cells", "answer") for g in score_gates):
             raise ValueError(f"--score-gates takes cells and/or answer, got {args.score_gates!r}")
         family = any(is_family(t) for t in engine.bundle.info.get("tasks", ()))
@@ -231,7 +240,7 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         table = evaluate_variants(engine, variants, tasks, args.n, args.pairs, args.seed, settings, gates, args.pool, args.split,
-                                   score_gates=score_gates)
+                                   score_gates=score_gates, confident=confident)
     except FetchError as error:
         print(f"error: {error}")
         return 1

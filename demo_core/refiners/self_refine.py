@@ -243,10 +243,15 @@ def refine_latents(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, code
 def refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch.Tensor,
            query_codes: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
            gate: float = 0.0, learned_gate: float | bool | None = None, keep_copies: bool = False,
+           keep_confident: float | None = None, scores: torch.Tensor | None = None,
            ) -> tuple[torch.LongTensor, torch.Tensor]:
-    """`self_refine`'s refined codes (B, N), and the refined vectors e' (B, N, dim) they were snapped from."""
+    """`self_refine`'s refined codes (B, N), and the refined vectors e' (B, N, dim) they were snapped from.
+    `keep_confident` (with `scores`, the draft's quality scores (B, N)): a cell the backbone scores at or above it
+    keeps its draft code; VSR refines only the cells it doubts."""
     if keep_copies and query_codes is None:
         raise ValueError("keep_copies needs the query's codes (query_codes)")
+    if keep_confident is not None and (scores is None or scores.shape != codes.shape):
+        raise ValueError("keep_confident needs the draft's quality scores (scores), one per code")
     table = refine_table(refiner, backbone, vocab, codebook).to(next(refiner.parameters()).device)
     refined, logits = _refined_vectors(refiner, table, vocab, codes, query_codes)          # (B, N, dim), (B, N) | None
     new = snap_codes(refiner, refined, table)
@@ -263,6 +268,8 @@ def refine(refiner: SelfRefiner, backbone: nn.Module, vocab: Vocab, codes: torch
     if keep_copies:         # a cell the draft copied from the query stays (with paste, it shows the query's own pixels)
         copied = old == query_codes.reshape(-1, vocab.cells).to(new.device)
         new = torch.where(copied, old, new)
+    if keep_confident is not None:      # a cell the backbone is sure of stays
+        new = torch.where(scores.float().to(new.device) >= keep_confident, old, new)
     return new.to(codes.device), refined
 
 
