@@ -514,19 +514,24 @@ def test_gated_latents_show_a_kept_cell_as_its_code_and_leave_the_rest_unsnapped
     assert torch.equal(out[0, keep], latents[0, keep])
 
 
+def code_space_bundle(parts, tmp_path, seed):
+    """A tiny bundle with a randomised code-space g_phi, and one pair and a query of random 16x16 images."""
+    tokenizer, backbone, _ = parts
+    refiner = randomised(SelfRefiner(dim=tokenizer.codebook.shape[1], grid=tokenizer.grid, heads=4, space="codes",
+                                     width=16), std=0.3)
+    folder = save_bundle(tmp_path / "codes", tokenizer, backbone, vsr=refiner, name="codes-vsr", tasks=["colorization"])
+    rng = np.random.default_rng(seed)
+    image = lambda: rng.random((16, 16, 3)).astype(np.float32)          # noqa: E731
+    return folder, [(image(), image())], image()
+
+
 def test_the_engine_takes_vsr_decode_rules_from_the_bundle_and_per_run(parts, tmp_path):
     """vsr_keep_copies and vsr_score_gate: from bundle.json "vsr", overridden per run; with the score gate, the final
     answer's cells are each the draft's or VSR's proposal, and its scores are the re-scored answer's; a wrong gate
     name is one EngineInputError line."""
     from demo_core.engine import EngineInputError
 
-    tokenizer, backbone, vocab = parts
-    refiner = randomised(SelfRefiner(dim=tokenizer.codebook.shape[1], grid=tokenizer.grid, heads=4, space="codes",
-                                     width=16), std=0.3)
-    folder = save_bundle(tmp_path / "codes", tokenizer, backbone, vsr=refiner, name="codes-vsr", tasks=["colorization"])
-    rng = np.random.default_rng(0)
-    image = lambda: rng.random((16, 16, 3)).astype(np.float32)          # noqa: E731
-    pairs, query = [(image(), image())], image()
+    folder, pairs, query = code_space_bundle(parts, tmp_path, seed=0)
     engine = load_engine(folder)
     assert engine.settings(("vsr",), 0, {}).vsr_score_gate == "off" and not engine.settings(("vsr",), 0, {}).vsr_keep_copies
     plain = engine.run(pairs, query, refine=("vsr",), seed=0)
@@ -630,13 +635,7 @@ def test_keep_confident_leaves_every_cell_the_backbone_is_sure_of(parts):
 
 
 def test_the_engine_keeps_the_cells_it_is_sure_of(parts, tmp_path):
-    tokenizer, backbone, vocab = parts
-    refiner = randomised(SelfRefiner(dim=tokenizer.codebook.shape[1], grid=tokenizer.grid, heads=4, space="codes",
-                                     width=16), std=0.3)
-    folder = save_bundle(tmp_path / "codes", tokenizer, backbone, vsr=refiner, name="codes-vsr", tasks=["colorization"])
-    rng = np.random.default_rng(1)
-    image = lambda: rng.random((16, 16, 3)).astype(np.float32)          # noqa: E731
-    pairs, query = [(image(), image())], image()
+    folder, pairs, query = code_space_bundle(parts, tmp_path, seed=1)
     engine = load_engine(folder)
     everything = engine.run(pairs, query, refine=("vsr",), seed=0, vsr_keep_confident=0.0)
     assert everything.changed["vsr"] == []                              # every score is >= 0: nothing changes

@@ -133,8 +133,8 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
                 prefix = "" if base == "draft" else "+SCAN"
                 add("draft" if base == "draft" else "+SCAN", result.stages[base], codes, truth, target, draft_codes)
                 codes_t = torch.as_tensor(codes).long()[None]
+                # the draft's (or SCAN answer's) quality scores, as the engine holds them for keep-confident and the score gate
                 base_quality = torch.as_tensor(np.asarray(result.quality[base], dtype=np.float32)).reshape(1, -1)
-                base_scores = None
                 for name, refiner in variants.items():
                     for label, gate, continuous, learned, keep, score, level in variant_rows(name, refiner, gates, score_gates,
                                                                                              confident):
@@ -143,24 +143,16 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
                                               codebook=engine.tokenizer.codebook, gate=gate, learned_gate=learned,
                                               keep_copies=keep, keep_confident=level, scores=base_quality)
                         if score != "off":    # the engine re-scores after VSR anyway; the gate adds that one forward
-                            if base_scores is None:      # the draft's (or SCAN answer's) scores: the engine has them
-                                base_scores = score_answer(engine.model, engine.vocab, context, codes_t)[1]
                             new_scores = score_answer(engine.model, engine.vocab, context, new)[1]
-                            new = score_gate(codes_t, new, base_scores, new_scores, score)
+                            new = score_gate(codes_t, new, base_quality, new_scores, score)
                         seconds = time.perf_counter() - start
                         decoded = float_to_pil(engine.tokenizer.decode_latents(latents[:1])[0]) if continuous else None
                         image = engine.render(new[0], query, query_codes, settings.get("paste_query"), decoded)
                         add(prefix + label, image, new[0].cpu().numpy(), truth, target, draft_codes,
                             seconds if base == "draft" else None, draft_seconds)
             bar.update(1)
-        def versus(label, r):        # per example against the row's base (the draft, or the SCAN answer)
-            base = rows["+SCAN" if label.startswith("+SCAN") else "draft"]["psnr"]
-            if label.startswith("*") or label in ("draft", "+SCAN"):
-                return None
-            return float(np.mean([a > b + 1e-9 for a, b in zip(r["psnr"], base)])), float(np.mean([a < b - 1e-9 for a, b in zip(r["psnr"], base)]))
-
         table[task] = {label: {"psnr": mean_psnr(r["psnr"]), "pooled_psnr": pooled_psnr(r["psnr"]),
-                               "better": (versus(label, r) or (None, None))[0], "worse": (versus(label, r) or (None, None))[1],
+                               **versus(r["psnr"], rows[base_of(label)]["psnr"] if base_of(label) else None),
                                "token_acc": float(np.mean(r["acc"])) if r["acc"] else None,
                                "changed": float(np.mean(r["changed"])) if r["changed"] else None,
                                "vsr_share": float(np.median(r["share"])) if r["share"] else None,
@@ -168,6 +160,22 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
                        for label, r in rows.items()}
     bar.close()
     return table
+
+
+def base_of(label: str) -> str | None:
+    """The row a refined row is compared with: the SCAN answer for "+SCAN..." rows, else the draft; None for the
+    references (identity, ceiling) and the two bases themselves."""
+    if label.startswith("*") or label in ("draft", "+SCAN"):
+        return None
+    return "+SCAN" if label.startswith("+SCAN") else "draft"
+
+
+def versus(psnrs: list, base: list | None) -> dict:
+    """{better, worse}: the shares of examples whose PSNR is above / below the base row's (None without a base)."""
+    if base is None:
+        return {"better": None, "worse": None}
+    return {"better": float(np.mean([a > b + 1e-9 for a, b in zip(psnrs, base)])),
+            "worse": float(np.mean([a < b - 1e-9 for a, b in zip(psnrs, base)]))}
 
 
 def markdown(report: dict) -> str:
@@ -181,11 +189,10 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for task, rows in report["table"].items():
         for label, row in rows.items():
-            base_row = rows["+SCAN" if label.startswith("+SCAN") else "draft"]
-            plain = label.startswith("*") or label in ("draft", "+SCAN")
-            delta = "" if plain else f"{row['psnr'] - base_row['psnr']:+.2f}"
+            base_row = rows[base_of(label)] if base_of(label) else None
+            delta = "" if base_row is None else f"{row['psnr'] - base_row['psnr']:+.2f}"
             pooled = row.get("pooled_psnr")
-            pooled = "" if pooled is None else f"{pooled:.2f}" + ("" if plain else f" ({pooled - base_row['pooled_psnr']:+.2f})")
+            pooled = "" if pooled is None else f"{pooled:.2f}" + ("" if base_row is None else f" ({pooled - base_row['pooled_psnr']:+.2f})")
             versus = "" if row.get("better") is None else f"{100 * row['better']:.0f}% / {100 * row['worse']:.0f}%"
             acc = "" if row["token_acc"] is None else f"{row['token_acc']:.3f}"
             pct = lambda v: "" if v is None else f"{100 * v:.1f}%"           # noqa: E731
@@ -215,6 +222,7 @@ def main(argv=None) -> int:
     from ..bundle import BundleError
     from ..engine import load_engine
     from ..photos import FetchError
+    from ..refiners.self_refine import SCORE_GATES
 
     try:
         engine = load_engine(args.bundle)
@@ -224,7 +232,7 @@ def main(argv=None) -> int:
         gates = [float(g) for g in args.gates.split(",") if g.strip()]
         score_gates = tuple(g.strip() for g in args.score_gates.split(",") if g.strip())
         confident = tuple(float(c) for c in args.confident.split(",") if c.strip())
-        if any(g not in ("cells", "answer") for g in score_gates):
+        if any(g not in SCORE_GATES or g == "off" for g in score_gates):
             raise ValueError(f"--score-gates takes cells and/or answer, got {args.score_gates!r}")
         family = any(is_family(t) for t in engine.bundle.info.get("tasks", ()))
         tasks = [t.strip() for t in (args.tasks or ",".join(FAMILY_CORE if family else ("colorization", "inpainting", "edges"))).split(",")

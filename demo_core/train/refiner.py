@@ -307,10 +307,8 @@ def gate_labels(refiner: SelfRefiner, refined: torch.Tensor, table: torch.Tensor
                 vq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(proposed (B, N) bool: g_phi's snapped code differs from the draft's, helps (B, N) float: taking it brings
     the cell's VQ vector closer to the right answer's). The gate learns P(helps | proposed)."""
-    new = snap_codes(refiner, refined.detach(), table).to(draft.device)
-    proposed = new != draft
-    helps = code_error(new, answer, vq) < code_error(draft, answer, vq)
-    return proposed, helps.float()
+    proposed, helps, _ = CodeLabels(vq)(refiner, refined, table, {"draft": draft, "answer": answer}, slice(None))
+    return proposed, helps
 
 
 GATE_LABELS = ("codes", "pixels", "pixels-answer")
@@ -330,6 +328,7 @@ class PixelLabels:
 
     def __init__(self, tokenizer, batch: int = 64, scope: str = "cells"):
         self.tokenizer, self.batch, self.cache, self.scope = tokenizer, batch, {}, scope
+        self.name = "pixels-answer" if scope == "answer" else "pixels"      # its --gate-label
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         grid = self.tokenizer.grid
@@ -365,6 +364,8 @@ class PixelLabels:
 class CodeLabels:
     """The learned gate's VQ-space label (`gate_labels`), with the same interface as `PixelLabels`."""
 
+    name = "codes"
+
     def __init__(self, vq: torch.Tensor):
         self.vq = vq
 
@@ -382,12 +383,10 @@ def gate_scope(config: "RefinerTrainConfig") -> str:
 
 
 def gate_labeler(bundle, config: "RefinerTrainConfig", vq: torch.Tensor):
-    """The labeler `config.gate_label` names."""
-    if config.gate_label not in GATE_LABELS:
-        raise ValueError(f"unknown gate label {config.gate_label!r}; choose from {', '.join(GATE_LABELS)}")
+    """The labeler `config.gate_label` names (checked by `train_refiner`)."""
     if config.gate_label == "codes":
         return CodeLabels(vq)
-    return PixelLabels(bundle.tokenizer, scope="answer" if config.gate_label == "pixels-answer" else "cells")
+    return PixelLabels(bundle.tokenizer, scope=gate_scope(config))
 
 
 def gate_loss(logits: torch.Tensor, proposed: torch.Tensor, helps: torch.Tensor) -> torch.Tensor:
@@ -424,9 +423,7 @@ def choose_gate_threshold(refiner: SelfRefiner, bundle, drafts: dict, thresholds
     best = min(thresholds, key=lambda t: table_rows[t]["error_change"])
     if table_rows[best]["error_change"] >= 0:
         best = 1.0
-    return {"threshold": best, "label": ("codes" if not isinstance(labeler, PixelLabels)
-                                                 else "pixels-answer" if labeler.scope == "answer" else "pixels"),
-            "candidates": {f"{t:g}": row for t, row in table_rows.items()}}
+    return {"threshold": best, "label": labeler.name, "candidates": {f"{t:g}": row for t, row in table_rows.items()}}
 
 
 @torch.no_grad()
