@@ -114,9 +114,12 @@ def test_eval_compares_ar_tensorar_control_and_extra_variants(tmp_path):
                              "--scan-iterations", "1", "--tensor-variants", f"k=2 linear={tmp_path / 'k2'}", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["tensor"]
     assert {r["task"] for r in rows} == {"colorization"}           # core tasks only
-    assert [r["variant"] for r in rows] == ["AR (SCAN-form draft)", "TensorAR k=4", "control (k=1, same steps)", "k=2 linear"]
+    assert [r["variant"] for r in rows] == ["*identity*", "*ceiling*", "AR (SCAN-form draft)", "TensorAR k=4",
+                                            "control (k=1, same steps)", "k=2 linear"]    # the references first
+    references, rows = rows[:2], rows[2:]
     assert [r["k"] for r in rows] == [1, 4, 1, 2] and rows[3]["schedule"] == "linear"
     assert all(0 <= r["token_acc"] <= 1 and r["seconds"] > 0 for r in rows)
+    assert references[0]["token_acc"] is None and references[1]["token_acc"] == 1.0 and references[1]["seconds"] is None
     assert "TensorAR k=4 beats AR (SCAN-form draft) in PSNR on" in (out / "results.md").read_text()
     assert eval_module.main(["--bundle", str(folder), "--n", "1", "--tensor-variants", f"x={tmp_path / 'missing'}",
                              "--out", str(tmp_path / "bad")]) == 1

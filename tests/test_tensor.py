@@ -309,6 +309,25 @@ def test_main_trains_exports_lists_and_resumes(tmp_path, control):
     assert len(steps) == bundle.vocab.cells
 
 
+def test_a_family_bundle_trains_its_adapter_on_its_training_kinds(tmp_path):
+    """A task-family bundle (retouch-16's kinds) trains and validates TensorAR on FamilySampler examples of its
+    training kinds (a held-out kind stays out), parameters shared by the pairs and the query."""
+    folder = build_tiny_bundle(tmp_path / "bundle")
+    info = json.loads((folder / "bundle.json").read_text())
+    info["tasks"] = ["colorize", "inpaint", "posterize", "solarize"]      # solarize: held out of training
+    (folder / "bundle.json").write_text(json.dumps(info))
+    sampler = trainer.example_sampler("train", 16, 0, ("colorize", "inpaint", "posterize"), (2, 2), pool="builtin")
+    example = sampler.sample(task="posterize", k=2)
+    assert example.task == "posterize" and len(example.pairs) == 2 and "levels" in example.params
+    assert not trainer.is_family(("colorization", "inpainting")) and trainer.is_family(("colorize", "posterize"))
+    assert trainer.main(["--bundle", str(folder), "--run-dir", str(tmp_path / "run"), "--batch", "2", "--heads", "4",
+                         "--val-examples", "3", "--validate-every", "1", "--k", "2", "--steps", "1", "--pool", "builtin"]) == 0
+    report = json.loads((folder / "tensor" / "training.json").read_text())
+    assert report["step"] == 1 and report["backbone_unchanged"]
+    assert set(report["validation"]["per_task"]) <= {"colorize", "inpaint", "posterize"}
+    assert "tasks colorize, inpaint, posterize (builtin pool)" in (tmp_path / "run" / "train.log").read_text()
+
+
 # -- engine (runs once the engine has draft_mode="tensor"; see the wiring notes) -------------------------
 
 def engine_wired() -> bool:

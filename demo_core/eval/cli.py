@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         from .tensor_rows import tensor_comparison
 
         report["tensor"] = tensor_comparison(engine, [t for t in tasks if t in CORE_TASKS] or tasks, args.n, args.pairs,
-                                             args.seed, settings, variants)
+                                             args.seed, settings, variants, pool=args.pool)
     report["seconds"] = round(time.time() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -5,7 +5,10 @@ bundle's TensorAR (tensor/, k = 4 by default); the paper's equal-steps control (
 the same LoRA budget fine-tuned with k = 1 for the same number of steps); and any further adapter
 folders given as `--tensor-variants name=folder,...` (the k and noise-schedule ablations, each
 trained with `python -m demo_core.train tensor --k K --schedule S --out folder`). Every variant
-drafts the same examples with the same seeds; the time is the draft's own (model only).
+drafts the same examples with the same seeds; the time is the draft's own (model only). Every draft is rendered as
+the main table's rows are (the query's pixels where it keeps the query's codes when paste is on), and beside the
+variants stand the two references: *identity* (the query handed back) and *ceiling* (the right answer through the
+tokenizer).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from .family import example_sampler
 
 AR = "AR (SCAN-form draft)"
 CONTROL = "control (k=1, same steps)"
+IDENTITY, CEILING = "*identity*", "*ceiling*"
 
 
 def adapter_info(folder: Path) -> dict:
@@ -84,38 +88,51 @@ def draft_codes(engine, model, context: torch.Tensor, seed: int, settings: dict)
     return states[0].codes[0].cpu(), seconds
 
 
-def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: dict, variants: dict, progress: bool = True) -> list[dict]:
-    """Per task and variant: PSNR, SSIM, token accuracy and seconds of the draft, on the same examples and seeds."""
+def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: dict, variants: dict, progress: bool = True,
+                      pool: str = "builtin") -> list[dict]:
+    """Per task: *identity* and *ceiling*, then per variant PSNR, SSIM, token accuracy and seconds of the draft, on the
+    same examples (from `pool`) and seeds, rendered with `settings["paste_query"]` (None: the bundle's default)."""
     from tqdm import tqdm
 
     from .quality import encode_example
     from ..metrics import mean_psnr, psnr, ssim, token_accuracy
 
     rows = []
+    paste = settings.get("paste_query")
     bar = tqdm(total=len(tasks) * n * len(variants), desc="eval tensor", disable=not progress, dynamic_ncols=True)
     for task in tasks:
-        sampler = example_sampler(task, "val", engine.image_size, seed, "builtin")
-        values = {name: {"psnr": [], "ssim": [], "acc": [], "time": []} for name in variants}
+        sampler = example_sampler(task, "val", engine.image_size, seed, pool)
+        values = {name: {"psnr": [], "ssim": [], "acc": [], "time": []} for name in (IDENTITY, CEILING, *variants)}
+
+        def add(name, image, target, codes=None, truth=None, seconds=None):
+            image = pil_to_float(image)
+            value = values[name]
+            value["psnr"].append(psnr(image, target))
+            value["ssim"].append(ssim(image, target))
+            if codes is not None:
+                value["acc"].append(token_accuracy(np.asarray(codes), truth))
+            if seconds is not None:
+                value["time"].append(seconds)
+
         for index in range(n):
             example = sampler.sample(task=task, k=pairs)
-            context, truth = encode_example(engine, example)       # no perplexity pass: the drafts need only these
-            truth = truth.numpy()
+            context, truth_codes = encode_example(engine, example)   # no perplexity pass: the drafts need only these
+            truth = truth_codes.numpy()
+            query, query_codes = float_to_pil(example.query), context[-engine.vocab.cells:]
             target = pil_to_float(float_to_pil(example.answer))
+            add(IDENTITY, query, target)
+            add(CEILING, engine.render(truth_codes, query, query_codes, paste), target, truth, truth)
             for name, (model, _) in variants.items():
                 codes, seconds = draft_codes(engine, model, context, seed + index, settings)
-                image = pil_to_float(engine.decode(codes))
-                value = values[name]
-                value["psnr"].append(psnr(image, target))
-                value["ssim"].append(ssim(image, target))
-                value["acc"].append(token_accuracy(codes.numpy(), truth))
-                value["time"].append(seconds)
+                add(name, engine.render(codes, query, query_codes, paste), target, codes.numpy(), truth, seconds)
                 bar.update(1)
         for name, value in values.items():
-            info = variants[name][1]
-            rows.append({"task": task, "variant": name, "k": info["k"], "noise": info.get("noise"), "weights": info.get("weights"),
-                         "schedule": info["schedule"], "steps": info["steps"],
+            info = variants[name][1] if name in variants else {}
+            rows.append({"task": task, "variant": name, "k": info.get("k"), "noise": info.get("noise"),
+                         "weights": info.get("weights"), "schedule": info.get("schedule"), "steps": info.get("steps"),
                          "psnr": mean_psnr(value["psnr"]), "ssim": float(np.mean(value["ssim"])),
-                         "token_acc": float(np.mean(value["acc"])), "seconds": float(np.mean(value["time"]))})
+                         "token_acc": float(np.mean(value["acc"])) if value["acc"] else None,
+                         "seconds": float(np.mean(value["time"])) if value["time"] else None})
     bar.close()
     return rows
 
@@ -131,8 +148,9 @@ def markdown(rows: list[dict]) -> list[str]:
         steps = r["steps"] if r["steps"] is not None else ""
         noise = {"self": "own drafts", "uniform": f"uniform, {r.get('schedule')} β"}.get(r.get("noise"), "")
         noise += f", {r['weights']}" if noise and r.get("weights") else ""
-        lines.append(f"| {r['task']} | {r['variant']} | {r['k']} | {noise} | {steps} | {r['psnr']:.2f} | "
-                     f"{r['ssim']:.3f} | {r['token_acc']:.3f} | {r['seconds']:.2f} |")
+        blank = lambda value, form: "" if value is None else format(value, form)      # noqa: E731
+        lines.append(f"| {r['task']} | {r['variant']} | {blank(r['k'], 'd')} | {noise} | {steps} | {r['psnr']:.2f} | "
+                     f"{r['ssim']:.3f} | {blank(r['token_acc'], '.3f')} | {blank(r['seconds'], '.2f')} |")
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     by = {(r["task"], r["variant"]): r for r in rows}
     tensor = next((r["variant"] for r in rows if r["variant"].startswith("TensorAR")), None)

@@ -3,8 +3,9 @@
     nohup nice -n 5 python -m demo_core.train tensor > runs/tensor.out 2>&1 &
     nohup nice -n 5 python -m demo_core.train tensor --control > runs/tensor-control.out 2>&1 &
 
-Every example is [x1, y1, ..., xK, yK, xq] (K in 1..3, the bundle's tasks) followed by the answer
-in LVM raster format. The input at answer index a is the window [y_a .. y_{a+k-1}] with tensor
+Every example is [x1, y1, ..., xK, yK, xq] (K in 1..3, the bundle's tasks: the five tasks, or for a task-family
+bundle such as retouch-16 its training kinds, parameters drawn per example, from the `data fetch` photos unless
+`--pool builtin`) followed by the answer in LVM raster format. The input at answer index a is the window [y_a .. y_{a+k-1}] with tensor
 noise on the overlapped slots j >= 1: `--noise self` (default) puts the model's own drafts there
 (`self_draft_windows`, one extra no-grad pass per step, sampled like the studio: T = 1, top-p 0.9);
 `--noise uniform` is the paper's discrete noise, slot j replaced by a uniform random code with
@@ -41,12 +42,12 @@ from tqdm import tqdm
 from ..backbone import SamplingConfig
 from ..drafts.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_noise, answer_windows,
                                draft_tensor, parameter_count, self_draft_windows, teacher_forced_logits)
-from ..tasks import CORE_TASKS, TASKS, ExampleSampler
+from ..tasks import TASKS, ExampleSampler
 from .curriculum import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
 from .distributed import (accelerator_for, any_process, mean_across, per_process_batch, process_device,
                           process_logger, process_seed, refuse_fsdp, rows)
-from .refiner import state_fingerprint
+from .refiner import recipe_tasks, state_fingerprint
 
 VALIDATION_SEED = 1234
 
@@ -142,14 +143,47 @@ def tensor_loss(model: TensorAR, context, windows, valid, targets, weights: torc
 
 # -- validation ------------------------------------------------------------------------------------------
 
+def is_family(tasks: tuple[str, ...]) -> bool:
+    """Task-family kinds (a retouch-16 bundle's, from recipe_tasks) rather than the five tasks."""
+    from ..task_family import KINDS as FAMILY_KINDS
+
+    return all(task in FAMILY_KINDS for task in tasks) and not all(task in TASKS for task in tasks)
+
+
+def example_sampler(split: str, image_size: int, seed: int, tasks: tuple[str, ...], pairs_range=(1, 3),
+                    pool: str | None = None):
+    """The examples the adapter trains (or validates) on: the five tasks (tasks.ExampleSampler) or, for a task-family
+    bundle, task_family.FamilySampler over its training kinds, parameters drawn per example and shared by the pairs
+    and the query. Both answer `.sample(task=name, k=K)`. pool None: the Debian photos for the family (what
+    retouch-16 trained on), the packaged images for the five tasks (retouch-tiny's)."""
+    from ..task_family import FamilySampler
+
+    if is_family(tasks):
+        return _FamilyExamples(FamilySampler(split, image_size, seed, kinds=tasks, pairs_range=pairs_range,
+                                             pool=pool or "debian"))
+    return ExampleSampler(split, image_size, seed, tasks, pairs_range, pool=pool or "builtin")
+
+
+class _FamilyExamples:
+    """FamilySampler behind ExampleSampler's `sample(task=, k=)` (its examples' `.task` is their kind), its rng
+    exposed like ExampleSampler's."""
+
+    def __init__(self, sampler):
+        self.sampler, self.rng = sampler, sampler.rng
+
+    def sample(self, task: str | None = None, k: int | None = None):
+        return self.sampler.sample(kind=task, k=k)
+
+
 class TensorValidation:
     """Fixed validation-split examples (equal K per group), encoded once."""
 
-    def __init__(self, tokenizer, tasks: tuple[str, ...], count: int = 48, seed: int = VALIDATION_SEED, max_pairs: int = 3):
+    def __init__(self, tokenizer, tasks: tuple[str, ...], count: int = 48, seed: int = VALIDATION_SEED, max_pairs: int = 3,
+                 pool: str | None = None):
         self.groups = []
         ks = list(range(1, max(1, min(3, max_pairs)) + 1))
         for k in ks:
-            sampler = ExampleSampler("val", tokenizer.image_size, seed + k, tasks)
+            sampler = example_sampler("val", tokenizer.image_size, seed + k, tasks, pool=pool)
             examples = [sampler.sample(task=tasks[i % len(tasks)], k=k) for i in range(max(1, count // len(ks)))]
             context, answer = encode_examples(tokenizer, examples)
             self.groups.append(([e.task for e in examples], context, answer))
@@ -262,7 +296,7 @@ def export(model: TensorAR, out: Path, bundle_folder: Path | None, config: Tenso
 
 def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bundle_folder: Path | None = None,
                  validate_every: int = 250, checkpoint_minutes: float = 5.0, command: str = "", logger=None,
-                 accelerator=None) -> dict:
+                 accelerator=None, pool: str | None = None) -> dict:
     """Train (or resume) the adapter for `config.steps` total steps; returns the last validation.
 
     Under P processes `config.batch` is the global batch: every process samples the same examples (from the step)
@@ -280,7 +314,7 @@ def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bu
     logger = logger or process_logger(accelerator, run_dir, part_name(config))
     backbone.eval().requires_grad_(False)
     backbone_hash = state_fingerprint(backbone)
-    tasks = tuple(t for t in bundle.info.get("tasks", ()) if t in TASKS) or CORE_TASKS
+    tasks = recipe_tasks(bundle)      # the five tasks, or a family bundle's training kinds (held-out ones stay out)
     max_k = max(1, min(3, bundle.max_pairs))
 
     torch.manual_seed(config.seed)
@@ -303,13 +337,13 @@ def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bu
     timer = Timer(elapsed)
     logger.info(f"{part_name(config)}: adapter {parameter_count(adapter):,} params "
                 f"({parameter_count(adapter) * 4 / 2**20:.2f} MB float32) on a frozen {parameter_count(backbone):,}-param "
-                f"backbone; beta {[round(b, 3) for b in adapter.beta().tolist()]}; tasks {', '.join(tasks)}; config {asdict(config)}")
+                f"backbone; beta {[round(b, 3) for b in adapter.beta().tolist()]}; tasks {', '.join(tasks)} ({pool or 'default'} pool); config {asdict(config)}")
     backbone_ids = {id(p) for p in backbone.parameters()}
     assert not any(id(p) in backbone_ids for group in optimizer.param_groups for p in group["params"])
 
-    sampler = ExampleSampler("train", tokenizer.image_size, config.seed + step, tasks, (1, max_k))
+    sampler = example_sampler("train", tokenizer.image_size, config.seed + step, tasks, (1, max_k), pool)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    validation_set = TensorValidation(tokenizer, tasks, config.val_examples, max_pairs=max_k)
+    validation_set = TensorValidation(tokenizer, tasks, config.val_examples, max_pairs=max_k, pool=pool)
     last_save = time.time()
 
     forward, optimizer = accelerator.prepare(TensorLoss(model), optimizer)   # one process: as is; several: DDP
@@ -382,6 +416,9 @@ def main(argv=None):
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--pool", choices=("builtin", "debian"), default=None,
+                        help="image pool (default: debian, the `data fetch` photos, for a task-family bundle such as "
+                             "retouch-16; builtin, the packaged images, for the five tasks)")
     args = parser.parse_args(argv)
     config = TensorTrainConfig(**{f.name: getattr(args, f.name) for f in fields(TensorTrainConfig)})
     if config.k < 1 or config.steps < 1 or config.batch < 1:
@@ -404,7 +441,7 @@ def main(argv=None):
     logger.info(command)
     bundle = load_bundle(bundle_folder, device=device, dtype=torch.float32)
     train_tensor(bundle, config, run_dir, out, bundle_folder, args.validate_every, args.checkpoint_minutes, command, logger,
-                 accelerator)
+                 accelerator, args.pool)
     return 0
 
 
