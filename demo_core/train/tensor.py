@@ -150,18 +150,23 @@ def is_family(tasks: tuple[str, ...]) -> bool:
     return all(task in FAMILY_KINDS for task in tasks) and not all(task in TASKS for task in tasks)
 
 
+def default_pool(tasks: tuple[str, ...]) -> str:
+    """The image pool a bundle's adapter trains on when none is named: the Debian photos for a task family (what
+    retouch-16 trained on), the packaged images for the five tasks (retouch-tiny's)."""
+    return "debian" if is_family(tasks) else "builtin"
+
+
 def example_sampler(split: str, image_size: int, seed: int, tasks: tuple[str, ...], pairs_range=(1, 3),
                     pool: str | None = None):
     """The examples the adapter trains (or validates) on: the five tasks (tasks.ExampleSampler) or, for a task-family
     bundle, task_family.FamilySampler over its training kinds, parameters drawn per example and shared by the pairs
-    and the query. Both answer `.sample(task=name, k=K)`. pool None: the Debian photos for the family (what
-    retouch-16 trained on), the packaged images for the five tasks (retouch-tiny's)."""
+    and the query. Both answer `.sample(task=name, k=K)`. pool None: default_pool(tasks)."""
     from ..task_family import FamilySampler
 
+    pool = pool or default_pool(tasks)
     if is_family(tasks):
-        return _FamilyExamples(FamilySampler(split, image_size, seed, kinds=tasks, pairs_range=pairs_range,
-                                             pool=pool or "debian"))
-    return ExampleSampler(split, image_size, seed, tasks, pairs_range, pool=pool or "builtin")
+        return _FamilyExamples(FamilySampler(split, image_size, seed, kinds=tasks, pairs_range=pairs_range, pool=pool))
+    return ExampleSampler(split, image_size, seed, tasks, pairs_range, pool=pool)
 
 
 class _FamilyExamples:
@@ -337,7 +342,7 @@ def train_tensor(bundle, config: TensorTrainConfig, run_dir: Path, out: Path, bu
     timer = Timer(elapsed)
     logger.info(f"{part_name(config)}: adapter {parameter_count(adapter):,} params "
                 f"({parameter_count(adapter) * 4 / 2**20:.2f} MB float32) on a frozen {parameter_count(backbone):,}-param "
-                f"backbone; beta {[round(b, 3) for b in adapter.beta().tolist()]}; tasks {', '.join(tasks)} ({pool or 'default'} pool); config {asdict(config)}")
+                f"backbone; beta {[round(b, 3) for b in adapter.beta().tolist()]}; tasks {', '.join(tasks)} ({pool or default_pool(tasks)} pool); config {asdict(config)}")
     backbone_ids = {id(p) for p in backbone.parameters()}
     assert not any(id(p) in backbone_ids for group in optimizer.param_groups for p in group["params"])
 
