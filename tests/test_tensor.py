@@ -320,6 +320,8 @@ def test_a_family_bundle_trains_its_adapter_on_its_training_kinds(tmp_path):
     example = sampler.sample(task="posterize", k=2)
     assert example.task == "posterize" and len(example.pairs) == 2 and "levels" in example.params
     assert not trainer.is_family(("colorization", "inpainting")) and trainer.is_family(("colorize", "posterize"))
+    assert trainer.default_pool(("colorize", "posterize")) == "debian"        # retouch-16 trained on the photos
+    assert trainer.default_pool(("colorization", "inpainting")) == "builtin"
     assert trainer.main(["--bundle", str(folder), "--run-dir", str(tmp_path / "run"), "--batch", "2", "--heads", "4",
                          "--val-examples", "3", "--validate-every", "1", "--k", "2", "--steps", "1", "--pool", "builtin"]) == 0
     report = json.loads((folder / "tensor" / "training.json").read_text())
