@@ -15,7 +15,7 @@ If even the mean of several draws does not beat identity, no decode rule will: t
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     from demo_core.eval.quality import encode_example
     from demo_core.images import float_to_pil, pil_to_float
     from demo_core.metrics import mean_psnr, psnr
+    from demo_core.train.common import write_json
 
     parser = argparse.ArgumentParser(prog="python -m scripts.decode_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", default="checkpoints/retouch16")
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     codebook = engine.tokenizer.codebook.float()
     temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
     cells = engine.vocab.cells
-    report = {"command": "python -m scripts.decode_probe " + " ".join(argv or __import__("sys").argv[1:]), "tasks": {}}
+    report = {"command": "python -m scripts.decode_probe " + " ".join(argv or sys.argv[1:]), "tasks": {}}
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         sampler = example_sampler(task, "val", engine.image_size, args.seed, args.pool)
         rows: dict[str, list] = {}
@@ -82,8 +83,7 @@ def main(argv=None) -> int:
         print(task, {name: round(value, 2) for name, value in report["tasks"][task].items()}, f"{time.time() - start:.0f} s",
               flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
     return 0
 
 

@@ -319,7 +319,7 @@ def test_a_family_bundle_trains_its_adapter_on_its_training_kinds(tmp_path):
     sampler = trainer.example_sampler("train", 16, 0, ("colorize", "inpaint", "posterize"), (2, 2), pool="builtin")
     example = sampler.sample(task="posterize", k=2)
     assert example.task == "posterize" and len(example.pairs) == 2 and "levels" in example.params
-    assert not trainer.is_family(("colorization", "inpainting")) and trainer.is_family(("colorize", "posterize"))
+    assert not trainer.is_family_tasks(("colorization", "inpainting")) and trainer.is_family_tasks(("colorize", "posterize"))
     assert trainer.default_pool(("colorize", "posterize")) == "debian"        # retouch-16 trained on the photos
     assert trainer.default_pool(("colorization", "inpainting")) == "builtin"
     assert trainer.main(["--bundle", str(folder), "--run-dir", str(tmp_path / "run"), "--batch", "2", "--heads", "4",

@@ -139,13 +139,19 @@ class DraftRecipe:
         return sampler.sample(task=task)
 
 
+def is_family_tasks(tasks) -> bool:
+    """A task-family list (a retouch-16 bundle's) rather than the five tasks: some kind that is not a five-task name
+    ("posterize" and "invert" are both, so they alone do not decide)."""
+    return any(task in FAMILY_KINDS and task not in TASKS for task in tasks)
+
+
 def recipe_tasks(bundle) -> tuple[str, ...]:
     """What g_phi trains on: the bundle's five-task names, else its task-family kinds that training may see
     (held-out kinds stay held out), else the five tasks' core three."""
     listed = tuple(bundle.info.get("tasks", ()))
     family = tuple(task for task in listed if task in TRAIN_KINDS)
-    if any(task in FAMILY_KINDS and task not in TASKS for task in listed):
-        return family       # a family bundle: "posterize" and "invert" are family kinds too, not the five tasks'
+    if is_family_tasks(listed):
+        return family
     return tuple(task for task in listed if task in TASKS) or family or CORE_TASKS
 
 

@@ -42,12 +42,12 @@ from tqdm import tqdm
 from ..backbone import SamplingConfig
 from ..drafts.tensor import (SCHEDULES, TensorAdapter, TensorAR, add_tensor_noise, answer_windows,
                                draft_tensor, parameter_count, self_draft_windows, teacher_forced_logits)
-from ..tasks import TASKS, ExampleSampler
+from ..tasks import ExampleSampler
 from .curriculum import encode_examples
 from .common import DEFAULT_BUNDLE, RUNS, Timer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, setup_logging, write_json  # noqa: F401
 from .distributed import (accelerator_for, any_process, mean_across, per_process_batch, process_device,
                           process_logger, process_seed, refuse_fsdp, rows)
-from .refiner import recipe_tasks, state_fingerprint
+from .refiner import is_family_tasks, recipe_tasks, state_fingerprint
 
 VALIDATION_SEED = 1234
 
@@ -143,17 +143,10 @@ def tensor_loss(model: TensorAR, context, windows, valid, targets, weights: torc
 
 # -- validation ------------------------------------------------------------------------------------------
 
-def is_family(tasks: tuple[str, ...]) -> bool:
-    """Task-family kinds (a retouch-16 bundle's, from recipe_tasks) rather than the five tasks."""
-    from ..task_family import KINDS as FAMILY_KINDS
-
-    return all(task in FAMILY_KINDS for task in tasks) and not all(task in TASKS for task in tasks)
-
-
 def default_pool(tasks: tuple[str, ...]) -> str:
     """The image pool a bundle's adapter trains on when none is named: the Debian photos for a task family (what
     retouch-16 trained on), the packaged images for the five tasks (retouch-tiny's)."""
-    return "debian" if is_family(tasks) else "builtin"
+    return "debian" if is_family_tasks(tasks) else "builtin"
 
 
 def example_sampler(split: str, image_size: int, seed: int, tasks: tuple[str, ...], pairs_range=(1, 3),
@@ -164,7 +157,7 @@ def example_sampler(split: str, image_size: int, seed: int, tasks: tuple[str, ..
     from ..task_family import FamilySampler
 
     pool = pool or default_pool(tasks)
-    if is_family(tasks):
+    if is_family_tasks(tasks):
         return _FamilyExamples(FamilySampler(split, image_size, seed, kinds=tasks, pairs_range=pairs_range, pool=pool))
     return ExampleSampler(split, image_size, seed, tasks, pairs_range, pool=pool)
 
