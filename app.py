@@ -17,7 +17,7 @@ import gradio as gr  # noqa: E402
 
 from demo_core import viz  # noqa: E402
 from studio.handlers import (DEFAULT_MODEL, DRAFT_MODES, LIVE_OUTPUTS, MAX_ROWS, PROMPT_KINDS, REPORT_OUTPUTS,  # noqa: E402
-                             METRIC_COLUMNS, TIMING_COLUMNS, PASTE_CHOICES, QUALITY_SCORE_CHOICES, Studio, add_pair, clear_frames, clear_refusal, compare_view,
+                             METRIC_COLUMNS, TIMING_COLUMNS, LUMA_CHOICES, PASTE_CHOICES, QUALITY_SCORE_CHOICES, Studio, add_pair, clear_frames, clear_refusal, compare_view,
                              default_refiner, draft_modes, example_preview, list_examples, list_sequence_examples, move_earlier,
                              move_later, prompt_kind_updates, refiner_choices, remove_frame, remove_pair, report, select_frame,
                              sequence_preview, stopped_status, timeline_view)
@@ -165,6 +165,10 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
                     paste = gr.Radio(PASTE_CHOICES, value="default", label="Cells the answer copies from the query",
                                      info="show the query's own pixels there, or the tokenizer's decode of the copied "
                                           "code (default: pixels for models with local codes)", elem_id="paste")
+                    luma = gr.Radio(LUMA_CHOICES, value="default", label="Brightness where the examples keep it",
+                                    info="when the demonstrations' answers keep their inputs' brightness (colourising, "
+                                         "inverting, tone curves), take it from the query and the colours from the "
+                                         "model, or show the model's own", elem_id="luma")
                     with gr.Row(equal_height=True):
                         seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                         randomize = gr.Checkbox(value=False, label="randomize seed")
@@ -290,7 +294,7 @@ def build_demo(engine, model_label: str = "embedded default", models=None, model
             studio.generate_endpoint(),
             [*pair_images, query, truth, refiners, scan_iterations, scan_cells, temperature, top_p, top_k, seed,
              randomize, candidates, canvas_every, frame_ms, draft_mode, quality_score, prompt_kind, frames, next_truth,
-             use_adapter, taught_state, model_state, paste],
+             use_adapter, taught_state, model_state, paste, luma],
             live_outputs, api_name="generate", concurrency_limit=1, concurrency_id="model", show_progress="full",
             show_progress_on=[status])
         # the finished run's other views, once (a stopped or refused run leaves them as they were)

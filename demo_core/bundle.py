@@ -80,6 +80,12 @@ class Bundle:
         return {f"vsr_{key}": section[key] for key in VSR_FIELDS if key in section}
 
     @property
+    def luma_carry(self) -> bool:
+        """Whether answers take the query's luminance where the demonstrations show their answers keep their inputs'
+        (`render.luminance_map`): bundle.json "luma_carry", off when it says nothing (measured per bundle)."""
+        return bool(self.info.get("luma_carry", False))
+
+    @property
     def paste_query(self) -> bool:
         """Whether answers show the query's own pixels where they keep its codes (`render.py`): bundle.json
         "paste_query" when it says, else on exactly for a tokenizer with local codes."""

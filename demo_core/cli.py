@@ -88,6 +88,9 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--paste", choices=("bundle", "on", "off"), default="bundle",
                         help="where the answer keeps the query's code: on shows the query's own pixels, off the "
                              "tokenizer's decode (default: the bundle's choice, on for local codes; render.py)")
+    parser.add_argument("--luma-carry", choices=("bundle", "on", "off"), default="bundle",
+                        help="where the pairs show their answers keep their inputs' luminance, on takes the answer's "
+                             "luminance from the query (default: the bundle's choice; render.py)")
     parser.add_argument("--scan-iterations", type=int, default=30, help="SCAN T")
     parser.add_argument("--scan-cells", type=int, default=4, help="SCAN c")
     parser.add_argument("--quality-score", choices=QUALITY_SCORES, default="combined",
@@ -126,7 +129,8 @@ def generate_main(argv=None) -> int:
                        **({} if args.vsr_keep_copies == "bundle" else {"vsr_keep_copies": args.vsr_keep_copies == "on"}),
                        **({} if args.vsr_score_gate == "bundle" else {"vsr_score_gate": args.vsr_score_gate}),
                        **({} if args.vsr_keep_confident is None else {"vsr_keep_confident": args.vsr_keep_confident}),
-                       **({} if args.paste == "bundle" else {"paste_query": args.paste == "on"}))
+                       **({} if args.paste == "bundle" else {"paste_query": args.paste == "on"}),
+                       **({} if args.luma_carry == "bundle" else {"luma_carry": args.luma_carry == "on"}))
         truth = _load_truth(args, engine.image_size) if args.truth else None
         if args.frames is not None:
             result = engine.run(frames=list(args.frames), **options)

@@ -27,7 +27,7 @@ from .events import (DraftDone, Event, Finished, GenerationStarted, Result, Scan
 from .formats import sequence_format
 from .images import ImageInputError, float_to_pil, load_square, open_image, to_square
 from .refiners.self_refine import SCORE_GATES, gated_latents, refine, score_gate
-from .render import kept_cells, render
+from .render import kept_cells, luminance_map, render
 from .sequence import context_tokens, frames_context
 from .teach.adapter import AdapterError, TaskAdapter, applied
 
@@ -68,6 +68,8 @@ class RunSettings:
     decode_scan_steps: bool = True        # decode an image after every SCAN iteration
     paste_query: bool | None = None       # show the query's pixels where the answer keeps its codes (render.py);
                                           # None: the bundle's default (on for local codes)
+    luma_carry: bool | None = None        # answers take the query's luminance where the pairs show their answers keep
+                                          # their inputs' (render.py); None: the bundle's default (bundle.json)
 
 
 @dataclass
@@ -241,11 +243,20 @@ class Engine:
         return self.tokenizer.decode_pil(codes)
 
     def render(self, codes, query: Image.Image | None, query_codes, paste: bool | None = None,
-               decoded: Image.Image | None = None) -> Image.Image:
+               decoded: Image.Image | None = None, luminance=None) -> Image.Image:
         """What a user sees of an answer's `codes` (render.py): their decode (`decoded` when already made), with the
-        prepared `query`'s pixels where they keep `query_codes` when `paste` (None: the bundle's default)."""
+        prepared `query`'s pixels where they keep `query_codes` when `paste` (None: the bundle's default), and the
+        query's luminance through `luminance` (`luminance_for`'s map of the prompt's pairs) when given."""
         paste = self.bundle.paste_query if paste is None else bool(paste)
-        return render(self.decode(codes) if decoded is None else decoded, codes, query, query_codes, self.grid, paste)
+        return render(self.decode(codes) if decoded is None else decoded, codes, query, query_codes, self.grid, paste,
+                      luminance)
+
+    def luminance_for(self, pairs, carry: bool | None = None):
+        """The luminance map an answer to these demonstration pairs is rendered with (render.luminance_map), or None:
+        when `carry` (None: the bundle's default) and the pairs show their answers' luminance following their
+        inputs'. `pairs`: prepared (x, y) images, or float arrays of the model's size."""
+        carry = self.bundle.luma_carry if carry is None else bool(carry)
+        return luminance_map(pairs) if carry and pairs else None
 
     # -- generation -----------------------------------------------------------------------------
     def stream(self, pairs: Sequence | None = None, query=None, refine: Sequence[str] = ("scan",), seed: int = 0, *,
@@ -348,6 +359,8 @@ class Engine:
                                                                  **self.bundle.vsr_defaults, **settings})
         if settings.paste_query is None:
             settings.paste_query = self.bundle.paste_query
+        if settings.luma_carry is None:
+            settings.luma_carry = self.bundle.luma_carry
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
             raise EngineInputError("Sampling needs temperature >= 0 (0 = greedy), 0 < top-p <= 1 and top-k >= 0 (0 = off).")
         unknown = [stage for stage in settings.refine if stage not in REFINERS]
@@ -382,12 +395,13 @@ class Engine:
         else:
             context, query_codes = self.build_context(prompt.pairs, prompt.query)
         query_image = prompt.query
+        luminance = self.luminance_for(prompt.pairs, settings.luma_carry) if prompt.frames is None else None
 
         def decode(codes, decoded: Image.Image | None = None) -> Image.Image:
             """What the user sees of `codes` (render.py; `decoded`: their decode when already made); every decode
             counts under "decode", never in a stage's time."""
             tick = time.perf_counter()
-            image = self.render(codes, query_image, query_codes, settings.paste_query, decoded)
+            image = self.render(codes, query_image, query_codes, settings.paste_query, decoded, luminance)
             timings["decode"] += time.perf_counter() - tick
             return image
         timings["encode"] = time.perf_counter() - start
@@ -489,7 +503,7 @@ class Engine:
                         quality=stage_quality, history=history, changed=changed, timings=timings,
                         candidates=candidate_images, query=query_image, slides=slides, frames=len(prompt.frames or ()),
                         kept=as_grid(kept_cells(state.codes[0], query_codes)),
-                        pasted=bool(settings.paste_query))
+                        pasted=bool(settings.paste_query), luma_carried=luminance is not None)
         yield Finished(result)
 
 

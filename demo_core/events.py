@@ -124,6 +124,7 @@ class Result:
     frames: int = 0                                # context frames of a sequential prompt (0 for pairs + query)
     kept: np.ndarray | None = None                 # (grid, grid) bool: final cells that keep the query's code
     pasted: bool = False                           # whether those cells show the query's own pixels (render.py)
+    luma_carried: bool = False                     # whether the images take the query's luminance (render.py)
 
 
     @property

@@ -12,8 +12,18 @@ through the codes it writes, so nothing task-specific is assumed.
 
 Without local codes (retouch-tiny's VQModel, LVM's VQGAN: their encoders mix the whole image, so an equal code
 says little about the pixels) paste is off by default; a bundle may set "paste_query" in bundle.json either way.
+
+Luminance carry, the same idea for brightness. When the demonstrations show that an answer's luminance is a
+function of its input's luminance at the same pixel (colorization, inversion, gamma and contrast, false colour: the
+fit `luminance_map` makes on the pairs leaves an RMS residual under `LUMA_TOLERANCE`), the answer a user sees takes
+its luminance from the query through that fitted curve and keeps the model's own chroma (`carry_luminance`).
+The model then decides the colours and the query gives the detail the tokenizer's round trip blurs. Nothing
+task-specific is assumed: the pairs decide, per prompt, and where they show no such relation (inpainting, edges,
+deblurring, denoising) nothing changes. Off unless a bundle says "luma_carry" (measured per bundle).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,9 +53,69 @@ def paste_query(image: Image.Image, query: Image.Image, kept: np.ndarray, grid: 
     return Image.fromarray(pasted.astype(np.uint8))
 
 
-def render(decoded: Image.Image, codes, query: Image.Image | None, query_codes, grid: int, paste: bool) -> Image.Image:
+# full-range BT.601 YCbCr: Y is the Rec. 601 luminance the task family uses (task_family.luminance)
+_TO_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
+_FROM_YCC = np.linalg.inv(_TO_YCC).astype(np.float32)
+LUMA_BINS = 32              # the fitted curve's knots over [0, 1]
+LUMA_TOLERANCE = 0.01       # RMS residual (of [0, 1] luminance) under which the pairs count as showing the relation
+
+
+def _luminance(image) -> np.ndarray:
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.float32)
+    if array.max() > 1.0:
+        array = array / 255.0
+    return array @ _TO_YCC[0]
+
+
+@dataclass(frozen=True)
+class LuminanceMap:
+    """y-luminance as a piecewise-linear function of x-luminance, fitted on demonstration pairs."""
+
+    knots: np.ndarray           # x-luminance of the populated bins' centres, increasing
+    values: np.ndarray          # the mean y-luminance there
+    residual: float             # RMS error of the fit on the pairs' own pixels
+
+    def __call__(self, luminance: np.ndarray) -> np.ndarray:
+        return np.interp(luminance, self.knots, self.values).astype(np.float32)
+
+
+def luminance_map(pairs, bins: int = LUMA_BINS, tolerance: float = LUMA_TOLERANCE) -> LuminanceMap | None:
+    """The demonstrations' (x, y) luminance relation when they show one (RMS residual <= `tolerance`), else None.
+    `pairs`: (x, y) images of one size (PIL, or HxWx3 arrays in [0, 1] or [0, 255])."""
+    if not pairs:
+        return None
+    xs = np.concatenate([_luminance(x).ravel() for x, _ in pairs])
+    ys = np.concatenate([_luminance(y).ravel() for _, y in pairs])
+    if xs.shape != ys.shape:
+        return None
+    index = np.clip((xs * bins).astype(int), 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    total = np.bincount(index, ys, minlength=bins)
+    have = count > 0
+    fitted = LuminanceMap(((np.arange(bins) + 0.5) / bins)[have], (total[have] / count[have]), 0.0)
+    residual = float(np.sqrt(np.mean((fitted(xs) - ys) ** 2)))
+    return LuminanceMap(fitted.knots, fitted.values, residual) if residual <= tolerance else None
+
+
+def carry_luminance(image: Image.Image, query: Image.Image, luminance: LuminanceMap) -> Image.Image:
+    """`image`'s chroma with the luminance `luminance` maps the `query`'s to (same size)."""
+    if image.size != query.size:
+        raise ValueError(f"cannot carry a {query.size[0]}x{query.size[1]} query's luminance into a "
+                         f"{image.size[0]}x{image.size[1]} answer")
+    ycc = (np.asarray(image.convert("RGB"), np.float32) / 255.0) @ _TO_YCC.T
+    ycc[..., 0] = luminance(_luminance(query))
+    rgb = np.clip(ycc @ _FROM_YCC.T, 0.0, 1.0)
+    return Image.fromarray(np.round(rgb * 255.0).astype(np.uint8))
+
+
+def render(decoded: Image.Image, codes, query: Image.Image | None, query_codes, grid: int, paste: bool,
+           luminance: LuminanceMap | None = None) -> Image.Image:
     """The image a user sees for `codes`: `decoded` (the tokenizer's decode of them), with the query's pixels pasted
-    into the kept cells when `paste` (and a query is given)."""
-    if not paste or query is None or query_codes is None:
-        return decoded
-    return paste_query(decoded, query, kept_cells(codes, query_codes), grid)
+    into the kept cells when `paste` (and a query is given), then the query's luminance carried through `luminance`
+    (a `luminance_map` of the prompt's pairs) when one is given."""
+    image = decoded
+    if paste and query is not None and query_codes is not None:
+        image = paste_query(decoded, query, kept_cells(codes, query_codes), grid)
+    if luminance is not None and query is not None:
+        image = carry_luminance(image, query, luminance)
+    return image

@@ -27,7 +27,7 @@ from demo_core.images import ImageInputError, load_square
 
 from .examples import (EXAMPLES_DIR, MAX_ROWS, Example, SequenceExample, add_pair, example_preview, list_examples,  # noqa: F401
                        list_sequence_examples, pair_row_updates, remove_pair, sequence_preview)
-from .models import (DEFAULT_MODEL, DRAFT_MODES, PASTE_CHOICES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
+from .models import (DEFAULT_MODEL, DRAFT_MODES, LUMA_CHOICES, PASTE_CHOICES, QUALITY_SCORE_CHOICES, REFINER_CHOICES, EngineCache, ModelHolder,  # noqa: F401
                      ModelOption, allowed_models, default_refiner, draft_mode_update, draft_modes, refiner_choices)
 from .prefetch import batches
 from .presentation import (LIVE_OUTPUTS, METRIC_COLUMNS, OUTPUTS, REPORT_OUTPUTS, TIMING_COLUMNS, RunView,  # noqa: F401
@@ -140,7 +140,7 @@ class Studio(ModelHolder):
                  temperature=None, top_p=None, top_k=None, seed=0, randomize_seed=False, candidates=1,
                  canvas_every=4, frame_ms=60, draft_mode="ar", quality_score="combined", prompt_kind="pairs",
                  frames=None, next_frame=None, use_adapter=False, taught=None, model=None,
-                 paste="default") -> Iterator[tuple]:
+                 paste="default", luma="default") -> Iterator[tuple]:
         """Draft the answer token by token, then refine; yields output tuples (OUTPUTS order) as it goes.
 
         temperature / top_p / top_k left out (None): the model's own defaults (`Engine.sampling_defaults`).
@@ -149,7 +149,9 @@ class Studio(ModelHolder):
         `use_adapter`: run with the visitor's taught adapter (`taught`, their session's `studio.teach.Taught`), for
         this run only. `model` is the visitor's model id (their session state; None: the server's first model).
         `paste`: "on" shows the query's pixels where the answer keeps its codes, "off" the plain decode, "default" (or
-        None) the model's own choice (`Bundle.paste_query`: on for local codes)."""
+        None) the model's own choice (`Bundle.paste_query`: on for local codes). `luma`: "on" takes the answer's
+        luminance from the query where the pairs show their answers keep their inputs' (render.py), "off" never,
+        "default" (or None) the model's own choice (`Bundle.luma_carry`)."""
         if prompt_kind not in (None, "pairs", "sequence"):
             raise gr.Error(f"Unknown prompt kind {prompt_kind!r}; choose pairs or sequence.")
         if prompt_kind == "sequence":
@@ -182,6 +184,11 @@ class Studio(ModelHolder):
             raise gr.Error(f"Unknown paste setting {paste!r}; choose default, on or off.")
         if paste != "default":
             settings["paste_query"] = paste == "on"
+        luma = luma or "default"
+        if not isinstance(luma, str) or luma not in dict(LUMA_CHOICES).values():
+            raise gr.Error(f"Unknown brightness setting {luma!r}; choose default, on or off.")
+        if luma != "default":
+            settings["luma_carry"] = luma == "on"
         seed = random.randint(0, MAX_SEED) if randomize_seed else _number(seed, "seed", 0, MAX_SEED, int)
         frame_seconds = _number(frame_ms, "live view pace", 0, 2000, float) / 1000.0
         truth_image = None

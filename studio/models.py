@@ -38,6 +38,7 @@ DRAFT_MODES = {"ar": "AR: one token per step", "tensor": "TensorAR: sliding wind
 QUALITY_SCORE_CHOICES = [("quality head × token probability", "combined"), ("quality head only (SCAN paper)", "head")]
 # demo_core/render.py: where the answer keeps the query's code, show the query's own pixels or the decode
 PASTE_CHOICES = [("the model's default", "default"), ("the query's pixels", "on"), ("the tokenizer's decode", "off")]
+LUMA_CHOICES = [("the model's default", "default"), ("from the query", "on"), ("the model's own", "off")]
 DEFAULT_MODEL = "default"
 LOCAL_PREFIX = "local:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,100})?$")

@@ -144,10 +144,17 @@ def _kept_note(result: Result, query_name: str) -> str:
         return ""
     kept, cells = int(np.asarray(result.kept).sum()), int(np.asarray(result.kept).size)
     if not kept:
-        return f" Every cell was redrawn (none keeps the {query_name}'s code)."
+        return f" Every cell was redrawn (none keeps the {query_name}'s code).{_luma_note(result, query_name)}"
     shown = (f"they show the {query_name}'s own pixels" if result.pasted else
              "they are shown as the tokenizer decodes them (paste is off)")
-    return f" {kept} of {cells} cells keep the {query_name}'s code: {shown}."
+    return f" {kept} of {cells} cells keep the {query_name}'s code: {shown}.{_luma_note(result, query_name)}"
+
+
+def _luma_note(result: Result, query_name: str) -> str:
+    if not getattr(result, "luma_carried", False):
+        return ""
+    return (f" The demonstrations' answers keep their inputs' brightness, so the answer takes its luminance from the "
+            f"{query_name} and its colours from the model.")
 
 
 def _image_scores(image, truth, lpips_ok: bool) -> tuple[dict, bool]:

@@ -56,6 +56,20 @@ def test_eval_paste_flag_reaches_the_runs_and_the_ceiling(bundle, tmp_path):
     assert all(np.isfinite(value) for value in ceilings.values())
 
 
+def test_eval_luma_carry_flag_reaches_the_runs_and_the_ceiling(bundle, tmp_path):
+    """--luma-carry on renders the ceiling, as every answer, with the query's luminance where the pairs show their
+    answers keep their inputs' (colorization does): the ceiling moves; the bundle's default is off."""
+    ceilings = {}
+    for carry in ("bundle", "on"):
+        out = tmp_path / carry
+        assert eval_module.main(["--bundle", str(bundle), "--n", "2", "--tasks", "colorization", "--incontext", "0",
+                                 "--scan-iterations", "1", "--luma-carry", carry, "--out", str(out)]) == 0
+        report = json.loads((out / "results.json").read_text())
+        assert report["settings"]["luma_carry"] is (carry == "on")
+        ceilings[carry] = report["table"]["colorization"]["references"]["ceiling"]["psnr"]
+    assert ceilings["on"] != ceilings["bundle"]
+
+
 def test_perfect_predictor_scores_perfectly(bundle, monkeypatch):
     engine = load_engine(str(bundle))
 

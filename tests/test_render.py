@@ -99,3 +99,63 @@ def test_a_bundle_can_turn_paste_off_and_whole_image_tokenizers_do_not_paste(tmp
     assert not engine.tokenizer.local_codes and not engine.bundle.paste_query
     pairs = [(_image(2, engine.image_size), _image(5, engine.image_size))]
     assert not engine.run(pairs, _image(6, engine.image_size), refine=(), seed=0).pasted
+
+
+def _ramp_pairs(transform, count: int = 2, size: int = 32):
+    rng = np.random.default_rng(3)
+    pairs = []
+    for _ in range(count):
+        x = rng.random((size, size, 3)).astype(np.float32)
+        pairs.append((x, np.clip(transform(x), 0, 1)))
+    return pairs
+
+
+def test_luminance_map_fits_a_per_pixel_brightness_relation_and_refuses_others():
+    from demo_core.render import luminance_map
+    from demo_core.task_family import luminance
+
+    grey = luminance_map(_ramp_pairs(lambda x: np.repeat(luminance(x)[..., None], 3, -1)))   # colour -> grey: y = x
+    assert grey is not None and grey.residual < 0.01
+    np.testing.assert_allclose(grey(np.array([0.2, 0.5, 0.8])), [0.2, 0.5, 0.8], atol=0.03)
+    negative = luminance_map(_ramp_pairs(lambda x: 1.0 - x))
+    np.testing.assert_allclose(negative(np.array([0.2, 0.8])), [0.8, 0.2], atol=0.03)
+    rng = np.random.default_rng(0)                                  # no relation: y's brightness is not x's
+    assert luminance_map(_ramp_pairs(lambda x: rng.random(x.shape).astype(np.float32))) is None
+    assert luminance_map([]) is None
+
+
+def test_carry_takes_the_query_luminance_and_keeps_the_answer_colour():
+    from demo_core.render import carry_luminance, luminance_map
+    from demo_core.task_family import luminance
+
+    identity = luminance_map(_ramp_pairs(lambda x: x))
+    query = _image(5)
+    answer = Image.new("RGB", query.size, (150, 115, 105))            # a flat warm tint: the model's colour, no detail
+    out = np.asarray(carry_luminance(answer, query, identity), np.float32) / 255
+    error = np.abs(luminance(out) - luminance(np.asarray(query, np.float32) / 255))
+    assert np.median(error) < 0.01 and error.mean() < 0.03            # (a few extreme pixels clip)
+    assert (out[..., 0] - out[..., 2]).mean() > 0.1                   # still warm
+    codes = torch.tensor([1, 2, 3, 4])
+    assert render(answer, codes, query, codes, 2, paste=False, luminance=None) is answer
+    with pytest.raises(ValueError, match="cannot carry"):
+        carry_luminance(answer, _image(5, size=16), identity)
+
+
+def test_luma_carry_is_the_bundles_choice_and_renders_every_stage_with_the_query_luminance():
+    from demo_core.task_family import luminance
+
+    assert not _local_engine().bundle.luma_carry                     # off unless a bundle says so
+    engine = _local_engine({"luma_carry": True})
+    query = _image(3)
+    grey = lambda image: Image.fromarray(np.repeat(np.asarray(image.convert("L"))[..., None], 3, -1))   # noqa: E731
+    pairs = [(grey(_image(2)), _image(2)), (grey(_image(7)), _image(7))]   # grey -> colour: the brightness is kept
+    result = engine.run(pairs, grey(query), refine=("scan",), seed=0, temperature=0.0)
+    assert result.luma_carried
+    wanted = luminance(np.asarray(grey(query), np.float32) / 255)
+    for image in (result.draft, result.final):
+        error = np.abs(luminance(np.asarray(image, np.float32) / 255) - wanted)
+        assert np.median(error) < 0.02
+    off = engine.run(pairs, grey(query), refine=(), seed=0, temperature=0.0, luma_carry=False)
+    assert not off.luma_carried
+    unrelated = [(_image(2), _image(8)), (_image(7), _image(9))]     # no brightness relation: nothing carried
+    assert not engine.run(unrelated, query, refine=(), seed=0, temperature=0.0).luma_carried

@@ -235,6 +235,7 @@ def bad_files(tmp_path_factory):
     ("TensorAR without its part", dict(draft_mode="tensor"), "cannot draft"),
     ("unknown quality score", dict(quality_score="entropy"), "quality score"),
     ("unknown paste setting", dict(paste="sometimes"), "paste setting"),
+    ("unknown brightness setting", dict(luma="sometimes"), "brightness setting"),
 ])
 def test_bad_input_raises_gr_error(studio, images, bad_files, case, overrides, message):
     files = {**images, **bad_files}

@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     parser.add_argument("--paste", choices=("bundle", "on", "off"), default="bundle",
                         help="show the query's pixels where an answer keeps its codes (render.py; the ceiling too); "
                              "bundle: the bundle's default (on for local codes)")
+    parser.add_argument("--luma-carry", choices=("bundle", "on", "off"), default="bundle",
+                        help="take the answer's luminance from the query where the pairs show it (render.py; the "
+                             "ceiling too); bundle: the bundle's default")
     parser.add_argument("--pool", choices=("builtin", "debian"), default="builtin",
                         help="validation images: the packaged ones, or + the held-out Debian photos (`data fetch`)")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"))
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     settings = {"temperature": sampling["temperature"] if args.temperature is None else args.temperature,
                 "top_p": sampling["top_p"] if args.top_p is None else args.top_p, "scan_iterations": args.scan_iterations,
                 "scan_cells": args.scan_cells, "quality_score": args.quality_score,
-                "paste_query": engine.bundle.paste_query if args.paste == "bundle" else args.paste == "on"}
+                "paste_query": engine.bundle.paste_query if args.paste == "bundle" else args.paste == "on",
+                "luma_carry": engine.bundle.luma_carry if args.luma_carry == "bundle" else args.luma_carry == "on"}
     labels = stage_labels(engine)
     start = time.time()
     examples: list = []

@@ -52,6 +52,13 @@ def encode_example(engine, example: Example) -> tuple[torch.Tensor, torch.Tensor
     return context_tokens([(codes[2 * i], codes[2 * i + 1]) for i in range(len(example.pairs))], codes[-2]), codes[-1]
 
 
+def example_luminance(engine, example: Example, settings: dict):
+    """The luminance map the engine renders this example's answers with (render.luminance_map of its pairs as the
+    engine sees them, 8-bit), or None: where `settings["luma_carry"]` (None: the bundle's) is off or the pairs show
+    no luminance relation. The eval renders the ceiling and its own decodes with it, as the engine renders a stage."""
+    return engine.luminance_for([(float_to_pil(x), float_to_pil(y)) for x, y in example.pairs], settings.get("luma_carry"))
+
+
 @torch.no_grad()
 def truth_perplexity(engine, context: torch.Tensor, truth: torch.Tensor) -> float:
     """The ground-truth answer tokens' perplexity under the backbone (teacher forced, raster); NaN without one."""
@@ -127,7 +134,8 @@ def evaluate(engine, tasks, n: int, pairs: int, seed: int, labels: list[str], se
             references["identity"].append(pil_to_float(query))
             # the right answer rendered as the engine renders any answer (render.py: the query's pixels where it
             # keeps the query's codes, when paste is on)
-            references["ceiling"].append(pil_to_float(engine.render(truth_codes, query, query_codes, settings.get("paste_query"))))
+            references["ceiling"].append(pil_to_float(engine.render(truth_codes, query, query_codes, settings.get("paste_query"),
+                                                                    luminance=example_luminance(engine, example, settings))))
             kept = code_stability(example, query_codes, truth_codes, engine.grid)
             if kept is not None:
                 stability.append(kept)

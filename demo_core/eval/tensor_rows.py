@@ -94,7 +94,7 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
     same examples (from `pool`) and seeds, rendered with `settings["paste_query"]` (None: the bundle's default)."""
     from tqdm import tqdm
 
-    from .quality import encode_example
+    from .quality import encode_example, example_luminance
     from ..metrics import mean_psnr, psnr, ssim, token_accuracy
 
     rows = []
@@ -121,10 +121,12 @@ def tensor_comparison(engine, tasks, n: int, pairs: int, seed: int, settings: di
             query, query_codes = float_to_pil(example.query), context[-engine.vocab.cells:]
             target = pil_to_float(float_to_pil(example.answer))
             add(IDENTITY, query, target)
-            add(CEILING, engine.render(truth_codes, query, query_codes, paste), target, truth, truth)
+            luminance = example_luminance(engine, example, settings)
+            add(CEILING, engine.render(truth_codes, query, query_codes, paste, luminance=luminance), target, truth, truth)
             for name, (model, _) in variants.items():
                 codes, seconds = draft_codes(engine, model, context, seed + index, settings)
-                add(name, engine.render(codes, query, query_codes, paste), target, codes.numpy(), truth, seconds)
+                add(name, engine.render(codes, query, query_codes, paste, luminance=luminance), target, codes.numpy(), truth,
+                    seconds)
                 bar.update(1)
         for name, value in values.items():
             info = variants[name][1] if name in variants else {}

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..images import float_to_pil, pil_to_float
 from .family import FAMILY_CORE, example_sampler, is_family, validate_spec
-from .quality import encode_example
+from .quality import encode_example, example_luminance
 
 
 def load_variants(items: list[str]) -> dict:
@@ -124,7 +124,9 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
             truth = truth_codes.numpy()
             result = engine.run(pair_images, query, refine=("scan",), seed=seed + index, **settings)
             add("*identity*", query, None, truth, target, None)
-            add("*ceiling*", pil_to_float(engine.render(truth_codes, query, query_codes, settings.get("paste_query"))),
+            luminance = example_luminance(engine, example, settings)
+            add("*ceiling*", pil_to_float(engine.render(truth_codes, query, query_codes, settings.get("paste_query"),
+                                                        luminance=luminance)),
                 truth_codes, truth, target, truth)
             draft_codes = np.asarray(result.codes["draft"]).reshape(-1)
             draft_seconds = result.timings["draft"]
@@ -147,7 +149,7 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
                             new = score_gate(codes_t, new, base_quality, new_scores, score)
                         seconds = time.perf_counter() - start
                         decoded = float_to_pil(engine.tokenizer.decode_latents(latents[:1])[0]) if continuous else None
-                        image = engine.render(new[0], query, query_codes, settings.get("paste_query"), decoded)
+                        image = engine.render(new[0], query, query_codes, settings.get("paste_query"), decoded, luminance)
                         add(prefix + label, image, new[0].cpu().numpy(), truth, target, draft_codes,
                             seconds if base == "draft" else None, draft_seconds)
             bar.update(1)
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
         return 1
     sampling = engine.sampling_defaults
     settings = {"temperature": sampling["temperature"], "top_p": sampling["top_p"], "scan_iterations": 30, "scan_cells": 4,
-                "paste_query": engine.bundle.paste_query}
+                "paste_query": engine.bundle.paste_query, "luma_carry": engine.bundle.luma_carry}
     start = time.time()
     try:
         table = evaluate_variants(engine, variants, tasks, args.n, args.pairs, args.seed, settings, gates, args.pool, args.split,

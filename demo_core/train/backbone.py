@@ -387,7 +387,7 @@ def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int,
         old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         info = manifest(tokenizer, model, name=name, tasks=list(tasks), extra=extra)
         info["parts"] = {**old.get("parts", {}), **info["parts"]}
-        for key in ("sampling", "vsr", "paste_query"):   # measured defaults (tune-sampling, VSR's decode) outlive a re-export
+        for key in ("sampling", "vsr", "paste_query", "luma_carry"):   # measured defaults (tune-sampling, VSR's decode) outlive a re-export
             if key in old:
                 info[key] = old[key]
         write_json(manifest_path, info)
@@ -397,6 +397,32 @@ def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int,
                                        "codes_sha256_16": fingerprint,
                                        "config": backbone_config_dict(config), "vocab": vocab.to_dict(),
                                        "args": {k: str(v) for k, v in vars(args).items()}, "validation": validation})
+
+
+def grown_start(model, source: Path, fingerprint: str, same_codes, logger):
+    """`model` filled from `source`'s exported backbone grown to `model`'s depth (train/grow.py): step 0 of a new
+    schedule, the source's training history kept. SystemExit with one line when the export does not fit."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .grow import grow_depth
+
+    folder = source / "backbone"
+    if not (folder / "training.json").exists():
+        raise SystemExit(f"--grow-from {source}: no backbone/training.json there (a bundle this trainer exported)")
+    info = json.loads((folder / "training.json").read_text())
+    if not same_codes(info):
+        raise SystemExit(f"--grow-from {source}: its backbone was trained on other codes than --bundle's tokenizer")
+    small = LlamaForCausalLM(LlamaConfig.from_pretrained(folder))
+    small.load_state_dict({k: v.float() for k, v in load_file(folder / "model.safetensors").items()}, strict=True)
+    try:
+        grow_depth(small, model)
+    except ValueError as error:
+        raise SystemExit(f"--grow-from {source}: {error}") from None
+    history = [{**record, "grown_from": str(source)} for record in (info.get("history") or [])]
+    logger.info(f"grown from {source} (step {info['step']}, {small.config.num_hidden_layers} layers) to "
+                f"{model.config.num_hidden_layers} layers: step 0 of a new schedule")
+    return model, 0, history
 
 
 NEW_BUNDLE = REPO_ROOT / "checkpoints" / "retouch16"     # the second-generation bundle while it trains
@@ -448,6 +474,10 @@ def main(argv=None):
                         help="do not start from a bundle export made with another --code-init: step 0 unless the "
                              "run's checkpoint or such an export resumes it (so the same command resumes, on a new "
                              "machine too; move both away to start over)")
+    parser.add_argument("--grow-from", type=Path, default=None,
+                        help="a bundle whose backbone (same codes, same width, fewer layers) starts this run, grown to "
+                             "--layers without changing its output (train/grow.py); used only when the run has no "
+                             "checkpoint and --bundle no export of its own")
     parser.add_argument("--context-loss", type=float, default=0.0,
                         help="weight of LVM's plain next-token loss on the context's output images (demonstration "
                              "answers, later frames): more targets per step at little extra cost (0: off)")
@@ -521,6 +551,9 @@ def main(argv=None):
                                                   "from_step": 0, "to_step": step}]
         warm_from = step   # optimizer moments were not saved with the export: re-warm the lr briefly
         logger.info(f"resumed from exported weights at step {step} (optimizer restarted, 100-step re-warm-up)")
+    elif args.grow_from is not None:
+        model, step, history = grown_start(model, args.grow_from, fingerprint, same_codes, logger)
+        warm_from = 0
     if not history or history[-1]["command"] != command:
         history.append({"command": command, "from_step": step, "to_step": step})
     model.to(device)
