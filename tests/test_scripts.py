@@ -31,3 +31,17 @@ def test_the_plot_is_written(tmp_path, capsys):
     assert "2 run(s); last run steps 100-200, token accuracy 5.0 % -> 10.0 %" in capsys.readouterr().out
     (tmp_path / "empty.log").write_text("nothing here\n")
     assert backbone_curves.main(["--log", str(tmp_path / "empty.log"), "--out", str(tmp_path / "x.png")]) == 1
+
+
+def test_lookup_probe_reports_every_kind_beside_identity_and_ceiling(tmp_path):
+    from demo_core.testing import build_tiny_bundle
+    from scripts import lookup_probe
+
+    bundle = build_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "probe.json"
+    assert lookup_probe.main(["--bundle", str(bundle), "--train", "6", "--val", "3", "--pool", "builtin", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["kinds"]) == set(lookup_probe.CASES)
+    for row in report["kinds"].values():
+        assert 0.0 <= row["lookup_token_accuracy"] <= 1.0
+        assert {"lookup_psnr", "identity_psnr", "ceiling_psnr"} <= set(row)

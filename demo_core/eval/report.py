@@ -17,7 +17,10 @@ def markdown(report: dict) -> str:
              "through the tokenizer (the best any token sequence can score)"
              + (", rendered as every answer is: the query's own pixels where it keeps the query's codes (paste on, "
                 "`demo_core/render.py`)." if report.get("settings", {}).get("paste_query") else
-                "; paste off: every answer, the ceiling too, is the tokenizer's decode of its codes."), "",
+                "; paste off: every answer, the ceiling too, is the tokenizer's decode of its codes.")
+             + (" Luminance carry on: where an example's pairs show their answers' luminance following their inputs', "
+                "every answer and the ceiling take the query's luminance (`demo_core/render.py`)."
+                if report.get("settings", {}).get("luma_carry") else ""), "",
              "| task | stage | PSNR ↑ | SSIM ↑ | LPIPS ↓ | token acc ↑ | cos-dist AUC ↓ | FID ↓ | s/image (model, excl. VQ) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task, rows in report["table"].items():
