@@ -11,6 +11,7 @@ Per validation example (eval's examples, K = 2, the bundle's sampling and paste)
   given the draft's prefix (sum_k p_k^(1/t) e_k, normalised), decoded by the VQ decoder unsnapped; cells the draft
   copied from the query keep their code.
 If even the mean of several draws does not beat identity, no decode rule will: the backbone's belief is the limit.
+Every row is rendered as the engine renders answers (paste, and luminance carry where the bundle turns it on).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
             context, truth = encode_example(engine, example)
             query_codes = context[-cells:]
             add("*identity*", query, target)
-            add("*ceiling*", engine.render(truth, query, query_codes), target)
+            add("*ceiling*", engine.render(truth, query, query_codes, None, None, engine.luminance_for(pairs)), target)
             result = engine.run(pairs, query, refine=(), seed=args.seed + index, candidates=args.candidates)
             add("draft", result.final, target)
             if args.candidates > 1:
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
                 latents = torch.softmax(logits / temperature, -1) @ codebook
                 latents[kept] = codebook[query_codes[kept]]
                 decoded = float_to_pil(engine.tokenizer.decode_latents(latents[None])[0])
-                add(f"soft decode t={temperature:g}", engine.render(codes[0], query, query_codes, None, decoded), target)
+                add(f"soft decode t={temperature:g}", engine.render(codes[0], query, query_codes, None, decoded,
+                                                                    engine.luminance_for(pairs)), target)
         report["tasks"][task] = {name: mean_psnr(values) for name, values in rows.items()}
         print(task, {name: round(value, 2) for name, value in report["tasks"][task].items()}, f"{time.time() - start:.0f} s",
               flush=True)
