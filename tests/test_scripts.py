@@ -45,3 +45,17 @@ def test_lookup_probe_reports_every_kind_beside_identity_and_ceiling(tmp_path):
     for row in report["kinds"].values():
         assert 0.0 <= row["lookup_token_accuracy"] <= 1.0
         assert {"lookup_psnr", "identity_psnr", "ceiling_psnr"} <= set(row)
+
+
+def test_luma_probe_carries_on_colorize_and_reports_each_tolerance(tmp_path):
+    from demo_core.testing import build_tiny_bundle
+    from scripts import luma_probe
+
+    bundle = build_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "luma.json"
+    assert luma_probe.main(["--bundle", str(bundle), "--tasks", "colorize,inpaint:fill=grey", "--n", "1",
+                            "--pool", "builtin", "--tolerances", "0.01,0.5", "--out", str(out)]) == 0
+    tasks = json.loads(out.read_text())["tasks"]
+    assert tasks["colorize"]["residual_percentiles_0_50_100"][1] < 0.01       # grey -> colour keeps the luminance
+    assert tasks["inpaint:fill=grey"]["tolerance 0.01"] == tasks["inpaint:fill=grey"]["draft"]   # no relation: unchanged
+    assert {"*identity*", "carried always", "tolerance 0.5"} <= set(tasks["colorize"])
