@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import pil_to_float
+
 
 def kept_cells(codes, query_codes) -> np.ndarray:
     """(N,) codes, (N,) query codes -> (N,) bool: the cells where the answer keeps the query's code."""
@@ -61,7 +63,8 @@ LUMA_TOLERANCE = 0.01       # RMS residual (of [0, 1] luminance) under which the
 
 
 def _luminance(image) -> np.ndarray:
-    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.float32)
+    """HxW luminance in [0, 1] of a PIL image or an HxWx3 array in [0, 1] or [0, 255]."""
+    array = pil_to_float(image) if isinstance(image, Image.Image) else np.asarray(image, np.float32)
     if array.max() > 1.0:
         array = array / 255.0
     return array @ _TO_YCC[0]
@@ -92,9 +95,9 @@ def luminance_map(pairs, bins: int = LUMA_BINS, tolerance: float = LUMA_TOLERANC
     count = np.bincount(index, minlength=bins)
     total = np.bincount(index, ys, minlength=bins)
     have = count > 0
-    fitted = LuminanceMap(((np.arange(bins) + 0.5) / bins)[have], (total[have] / count[have]), 0.0)
-    residual = float(np.sqrt(np.mean((fitted(xs) - ys) ** 2)))
-    return LuminanceMap(fitted.knots, fitted.values, residual) if residual <= tolerance else None
+    knots, values = ((np.arange(bins) + 0.5) / bins)[have], total[have] / count[have]
+    residual = float(np.sqrt(np.mean((np.interp(xs, knots, values) - ys) ** 2)))
+    return LuminanceMap(knots, values, residual) if residual <= tolerance else None
 
 
 def carry_luminance(image: Image.Image, query: Image.Image, luminance: LuminanceMap) -> Image.Image:
@@ -102,7 +105,7 @@ def carry_luminance(image: Image.Image, query: Image.Image, luminance: Luminance
     if image.size != query.size:
         raise ValueError(f"cannot carry a {query.size[0]}x{query.size[1]} query's luminance into a "
                          f"{image.size[0]}x{image.size[1]} answer")
-    ycc = (np.asarray(image.convert("RGB"), np.float32) / 255.0) @ _TO_YCC.T
+    ycc = pil_to_float(image) @ _TO_YCC.T
     ycc[..., 0] = luminance(_luminance(query))
     rgb = np.clip(ycc @ _FROM_YCC.T, 0.0, 1.0)
     return Image.fromarray(np.round(rgb * 255.0).astype(np.uint8))

@@ -179,16 +179,11 @@ class Studio(ModelHolder):
         if not isinstance(quality_score, str) or quality_score not in dict(QUALITY_SCORE_CHOICES).values():
             raise gr.Error(f"Unknown quality score {quality_score!r}; choose combined or head.")
         settings["quality_score"] = quality_score
-        paste = paste or "default"
-        if not isinstance(paste, str) or paste not in dict(PASTE_CHOICES).values():
-            raise gr.Error(f"Unknown paste setting {paste!r}; choose default, on or off.")
-        if paste != "default":
-            settings["paste_query"] = paste == "on"
-        luma = luma or "default"
-        if not isinstance(luma, str) or luma not in dict(LUMA_CHOICES).values():
-            raise gr.Error(f"Unknown brightness setting {luma!r}; choose default, on or off.")
-        if luma != "default":
-            settings["luma_carry"] = luma == "on"
+        for field, value, choices, what in (("paste_query", paste, PASTE_CHOICES, "paste"),
+                                            ("luma_carry", luma, LUMA_CHOICES, "brightness")):
+            chosen = _on_off(value, choices, what)
+            if chosen is not None:
+                settings[field] = chosen
         seed = random.randint(0, MAX_SEED) if randomize_seed else _number(seed, "seed", 0, MAX_SEED, int)
         frame_seconds = _number(frame_ms, "live view pace", 0, 2000, float) / 1000.0
         truth_image = None
@@ -271,6 +266,15 @@ def report(run: RunView | None):
 def _chain(first, rest):
     yield first
     yield from rest
+
+
+def _on_off(value, choices, what: str) -> bool | None:
+    """A default/on/off radio's value as a setting: None for "default" (or nothing), else on -> True, off -> False;
+    gr.Error naming `what` for anything else."""
+    value = value or "default"
+    if not isinstance(value, str) or value not in dict(choices).values():
+        raise gr.Error(f"Unknown {what} setting {value!r}; choose default, on or off.")
+    return None if value == "default" else value == "on"
 
 
 def _number(value, name: str, low, high, kind=float):

@@ -122,7 +122,7 @@ def finish_frame(engine, result: Result, stages, truth_image, elapsed: float, qu
                + (f", SCAN kept {accepted} of {sum(len(s.cells) for s in history)} regenerated tokens" if history else "")
                + (f", VSR changed {len(result.changed['vsr'])} tokens" if "vsr" in result.changed else "")
                + "."
-               + _kept_note(result, query_name)
+               + _kept_note(result, query_name) + _luma_note(result, query_name)
                + (" With your taught adapter; the before/after compares it with the same run without it."
                   if baseline is not None else ""))
     before, after_a = (baseline.final, UNTAUGHT) if baseline is not None else (result.draft, "draft")
@@ -144,14 +144,14 @@ def _kept_note(result: Result, query_name: str) -> str:
         return ""
     kept, cells = int(np.asarray(result.kept).sum()), int(np.asarray(result.kept).size)
     if not kept:
-        return f" Every cell was redrawn (none keeps the {query_name}'s code).{_luma_note(result, query_name)}"
+        return f" Every cell was redrawn (none keeps the {query_name}'s code)."
     shown = (f"they show the {query_name}'s own pixels" if result.pasted else
              "they are shown as the tokenizer decodes them (paste is off)")
-    return f" {kept} of {cells} cells keep the {query_name}'s code: {shown}.{_luma_note(result, query_name)}"
+    return f" {kept} of {cells} cells keep the {query_name}'s code: {shown}."
 
 
 def _luma_note(result: Result, query_name: str) -> str:
-    if not getattr(result, "luma_carried", False):
+    if not result.luma_carried:
         return ""
     return (f" The demonstrations' answers keep their inputs' brightness, so the answer takes its luminance from the "
             f"{query_name} and its colours from the model.")

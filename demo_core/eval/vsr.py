@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..images import float_to_pil, pil_to_float
 from .family import FAMILY_CORE, example_sampler, is_family, validate_spec
-from .quality import encode_example, example_luminance
+from .quality import encode_example
 
 
 def load_variants(items: list[str]) -> dict:
@@ -124,7 +124,7 @@ def evaluate_variants(engine, variants: dict, tasks: list[str], n: int, pairs: i
             truth = truth_codes.numpy()
             result = engine.run(pair_images, query, refine=("scan",), seed=seed + index, **settings)
             add("*identity*", query, None, truth, target, None)
-            luminance = example_luminance(engine, example, settings)
+            luminance = engine.luminance_for(pair_images, settings.get("luma_carry"))
             add("*ceiling*", pil_to_float(engine.render(truth_codes, query, query_codes, settings.get("paste_query"),
                                                         luminance=luminance)),
                 truth_codes, truth, target, truth)

@@ -399,12 +399,10 @@ def export(model, vocab: Vocab, config: BackboneConfig, bundle: Path, step: int,
                                        "args": {k: str(v) for k, v in vars(args).items()}, "validation": validation})
 
 
-def grown_start(model, source: Path, fingerprint: str, same_codes, logger):
+def grown_start(model, source: Path, same_codes, logger):
     """`model` filled from `source`'s exported backbone grown to `model`'s depth (train/grow.py): step 0 of a new
     schedule, the source's training history kept. SystemExit with one line when the export does not fit."""
-    from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from ..bundle import BundleError, load_backbone_part
     from .grow import grow_depth
 
     folder = source / "backbone"
@@ -413,11 +411,10 @@ def grown_start(model, source: Path, fingerprint: str, same_codes, logger):
     info = json.loads((folder / "training.json").read_text())
     if not same_codes(info):
         raise SystemExit(f"--grow-from {source}: its backbone was trained on other codes than --bundle's tokenizer")
-    small = LlamaForCausalLM(LlamaConfig.from_pretrained(folder))
-    small.load_state_dict({k: v.float() for k, v in load_file(folder / "model.safetensors").items()}, strict=True)
     try:
+        small = load_backbone_part(folder)
         grow_depth(small, model)
-    except ValueError as error:
+    except (BundleError, ValueError) as error:
         raise SystemExit(f"--grow-from {source}: {error}") from None
     history = [{**record, "grown_from": str(source)} for record in (info.get("history") or [])]
     logger.info(f"grown from {source} (step {info['step']}, {small.config.num_hidden_layers} layers) to "
@@ -552,8 +549,7 @@ def main(argv=None):
         warm_from = step   # optimizer moments were not saved with the export: re-warm the lr briefly
         logger.info(f"resumed from exported weights at step {step} (optimizer restarted, 100-step re-warm-up)")
     elif args.grow_from is not None:
-        model, step, history = grown_start(model, args.grow_from, fingerprint, same_codes, logger)
-        warm_from = 0
+        model, step, history = grown_start(model, args.grow_from, same_codes, logger)
     if not history or history[-1]["command"] != command:
         history.append({"command": command, "from_step": step, "to_step": step})
     model.to(device)
