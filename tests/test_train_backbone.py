@@ -124,6 +124,19 @@ def test_auroc():
     assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
 
 
+def test_schedule_start_begins_a_leg_with_its_own_warm_up_and_cosine():
+    from types import SimpleNamespace
+
+    whole = SimpleNamespace(steps=1000, lr=1e-3, warmup=10)
+    leg = SimpleNamespace(steps=1000, lr=1e-4, warmup=10, schedule_start=800)
+    assert trainer.leg_lr(5, whole) == pytest.approx(1e-3 * 6 / 10)            # no start: the whole run's schedule
+    assert trainer.leg_lr(800, leg) == pytest.approx(1e-4 / 10)                # the leg warms up again
+    assert trainer.leg_lr(810, leg) == pytest.approx(1e-4)                     # to its own peak
+    assert trainer.leg_lr(1000, leg) == pytest.approx(1e-5)                    # and anneals to a tenth at --steps
+    assert trainer.leg_lr(700, leg) == trainer.leg_lr(800, leg)                # before the start: the start's value
+    assert trainer.leg_lr(900, leg) < trainer.leg_lr(850, leg) < 1e-4
+
+
 def test_trainer_runs_exports_and_resumes(tmp_path):
     bundle = build_tiny_bundle(tmp_path / "b")
     shutil.rmtree(bundle / "backbone")

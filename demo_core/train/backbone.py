@@ -422,6 +422,12 @@ def grown_start(model, source: Path, same_codes, logger):
     return model, 0, history
 
 
+def leg_lr(step: int, args) -> float:
+    """The schedule's lr at `step`: warm-up and cosine from --schedule-start to --steps (0: the whole run)."""
+    start = getattr(args, "schedule_start", 0) or 0
+    return cosine_lr(max(0, step - start), max(1, args.steps - start), args.lr, args.warmup)
+
+
 NEW_BUNDLE = REPO_ROOT / "checkpoints" / "retouch16"     # the second-generation bundle while it trains
 
 
@@ -434,6 +440,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--schedule-start", type=int, default=0,
+                        help="step where the warm-up and cosine begin (a leg resumed from a finished run: "
+                             "--schedule-start 8000 --steps 9000 anneals from --lr to a tenth of it in 1,000 steps)")
     parser.add_argument("--max-refine", type=int, default=16, help="longest appended refinement segment (pairs)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -619,7 +628,7 @@ def main(argv=None):
     bar = tqdm(total=args.steps, initial=step, desc="backbone", dynamic_ncols=True, mininterval=30, disable=not main_process)
     halt = stop if processes == 1 else []       # several processes stop together, at a step they agreed on
     while step < args.steps and not halt:
-        lr = cosine_lr(step, args.steps, args.lr, args.warmup)
+        lr = leg_lr(step, args)
         if warm_from and step - warm_from < 100:
             lr *= (step - warm_from + 1) / 100
         set_lr(optimizer, lr)
