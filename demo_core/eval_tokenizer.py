@@ -63,6 +63,18 @@ def stability(tokenizer, photos: np.ndarray, rng: np.random.Generator, fill: str
     return float((codes_q == codes_a)[keep].mean())
 
 
+def draw_pairs(photos: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[list, np.ndarray, np.ndarray]:
+    """One (x, y) pair of `kind` per photo, each with its own parameters drawn from every value ('any'):
+    (params, xs, ys)."""
+    params, pairs = [], []
+    for photo in photos:
+        p = KINDS[kind].draw(rng, "any")
+        params.append(p)
+        pairs.append(make_pair(photo, kind, p, rng))
+    xs, ys = (np.stack(side) for side in zip(*pairs))
+    return params, xs, ys
+
+
 def tokenizer_report(tokenizer, per_kind: int = 64, seed: int = 0, split: str = "val") -> dict:
     """The figures above as a dict; `summary` holds the ones the acceptance reads."""
     from .metrics import edge_precision_recall, lpips_batch, ssim
@@ -77,12 +89,7 @@ def tokenizer_report(tokenizer, per_kind: int = 64, seed: int = 0, split: str = 
                               "lpips": float(np.mean(lpips_batch(list(photos), list(recon))))}}
     references = {}
     for kind in TRAIN_KINDS:
-        pairs, params = [], []
-        for photo in photos:
-            p = KINDS[kind].draw(rng, "any")
-            params.append(p)
-            pairs.append(make_pair(photo, kind, p, rng))
-        xs, ys = (np.stack(side) for side in zip(*pairs))
+        params, xs, ys = draw_pairs(photos, kind, rng)
         codes_x, recon_x = _round_trip(tokenizer, xs)
         codes_y, recon_y = _round_trip(tokenizer, ys)
         used |= set(np.unique(codes_x).tolist()) | set(np.unique(codes_y).tolist())

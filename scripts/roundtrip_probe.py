@@ -47,19 +47,21 @@ def snap(recon: np.ndarray, target: np.ndarray) -> np.ndarray:
     return values[d.argmin(1)].reshape(target.shape)
 
 
-def decode_unquantized(tokenizer, images: np.ndarray) -> np.ndarray:
-    """The encoder's latents decoded without snapping to codes: what the autoencoder alone can carry."""
-    latents = tokenizer.encode_latents(tokenizer.to_tensor(images))           # (B, D, g, g)
-    return tokenizer.decode_latents(latents.permute(0, 2, 3, 1))
+def decodes(tokenizer, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """From one encode: the round trip through the codes (as eval-tokenizer's) and the encoder's latents
+    decoded without snapping to codes (what the autoencoder alone can carry)."""
+    recon, unquantized = [], []
+    for start in range(0, len(images), batch):
+        latents = tokenizer.encode_latents(tokenizer.to_tensor(images[start:start + batch]))   # (B, D, g, g)
+        recon.append(tokenizer.decode(tokenizer.nearest_codes(latents)))
+        unquantized.append(tokenizer.decode_latents(latents.permute(0, 2, 3, 1)))
+    return np.concatenate(recon), np.concatenate(unquantized)
 
 
 def main(argv=None) -> int:
-    import torch
-
     from demo_core.bundle import load_tokenizer_part
-    from demo_core.eval_tokenizer import _round_trip, photo_sampler
+    from demo_core.eval_tokenizer import draw_pairs, photo_sampler
     from demo_core.metrics import psnr_batch
-    from demo_core.task_family import KINDS as FAMILY, make_pair
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path, default=Path("checkpoints/retouch16/tokenizer"))
@@ -68,7 +70,6 @@ def main(argv=None) -> int:
     parser.add_argument("--sheet", type=Path, default=None, help="PNG of the six worst examples per kind")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = load_tokenizer_part(args.tokenizer)
     budget = float(np.log2(tokenizer.codebook_size))
     sampler = photo_sampler("val", args.seed)
@@ -77,16 +78,10 @@ def main(argv=None) -> int:
     report = {"tokenizer": str(args.tokenizer), "n": args.n, "code_bits": budget, "kinds": {}}
     rows = []
     for kind in KINDS:
-        params, pairs = [], []
-        for photo in photos:
-            p = FAMILY[kind].draw(rng, "any")
-            params.append(p)
-            pairs.append(make_pair(photo, kind, p, rng))
-        targets = np.stack([y for _, y in pairs])
-        _, recon = _round_trip(tokenizer, targets)
+        params, inputs, targets = draw_pairs(photos, kind, rng)
+        recon, unquantized = decodes(tokenizer, targets)
         psnr = psnr_batch(targets, recon)
-        continuous = np.concatenate([psnr_batch(targets[i:i + 64], decode_unquantized(tokenizer, targets[i:i + 64]))
-                                     for i in range(0, len(targets), 64)])
+        continuous = psnr_batch(targets, unquantized)
         row = {"psnr_mean": float(psnr.mean()), "psnr_median": float(np.median(psnr)),
                "share_ge_25": float((psnr >= 25).mean()),
                "unquantized_psnr_mean": float(continuous.mean()), "unquantized_psnr_median": float(np.median(continuous))}
@@ -103,7 +98,7 @@ def main(argv=None) -> int:
         report["kinds"][kind] = row
         print(kind, json.dumps(row))
         order = np.argsort(psnr)[:6]
-        rows.append(np.concatenate([np.concatenate([pairs[i][0], targets[i], recon[i]], 0) for i in order], 1))
+        rows.append(np.concatenate([np.concatenate([inputs[i], targets[i], recon[i]], 0) for i in order], 1))
     report["cells_sampled"] = args.n * tokenizer.grid ** 2
     report["entropy_cap_bits"] = float(np.log2(report["cells_sampled"]))
     if args.sheet:

@@ -3,8 +3,8 @@
     python -m scripts.seed_means NAME=DIR [NAME=DIR ...] [--out table.md]
 
 Each DIR holds seed*/results.json written by `python -m demo_core eval --out DIR/seedS`; every bundle must
-cover the same tasks. Per task: identity and ceiling, then each bundle's draft and best refined stage PSNR
-(means of the seeds' means), the quality AUROC and, for edge tasks, the draft's F1.
+cover the same tasks. Per task and bundle: identity, ceiling, the draft's and each refined stage's PSNR (means of
+the seeds' means), the draft's gap to identity and the quality AUROC.
 """
 from __future__ import annotations
 
